@@ -1,0 +1,55 @@
+# Flowformer reproduction suite. `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+RUNS_DIR ?= experiments/runs
+LAUNCHER ?= basic
+DRY ?=
+SEEDS ?=
+EXTRA ?=
+SOURCE ?=
+WANDB_PROJECT ?=
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install lock test test-all demo tables bench clean data-uea data-lra listops \
+        reproduce-uea reproduce-lra reproduce-imagenet reproduce-wikitext103 reproduce-d4rl
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
+
+install: ## create .venv and install the suite (editable) with dev extras, at the versions in constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --constraint constraints.txt --editable ".[dev]"
+
+lock: ## re-resolve the newest allowed versions and rewrite constraints.txt (then commit it)
+	$(PY) -m pip install --upgrade --editable ".[dev]"
+	$(PY) -m pip freeze --exclude-editable | grep -v '^-e ' > constraints.txt
+
+test: ## the fast CPU test suite (slow, gpu and data tests are skipped with their reason)
+	$(PY) -m pytest -n 2 -m "not slow"
+
+test-all: ## every test, including the slow ones (gpu/data tests still skip when their needs are absent)
+	$(PY) -m pytest -n 2
+
+demo: ## Flowformer on the bundled UEA JapaneseVowels (paper recipe, seed 0), printed beside the paper's 98.9
+	$(PY) -m experiments.train experiment=uea/JapaneseVowels seed=0 $(ARGS)
+	$(PY) -m results.aggregate --runs $(RUNS_DIR) --out results/tables --tables uea
+
+reproduce-%: ## run a table's manifest (uea, lra, imagenet, wikitext103, d4rl); resumable. DRY=1 plans only; LAUNCHER=basic|joblib|submitit; SEEDS='0 1'; EXTRA='trainer=gpu'
+	$(PY) -m experiments.reproduce $* --launcher $(LAUNCHER) --runs-dir $(RUNS_DIR) $(if $(filter 1 yes true,$(DRY)),--dry-run,) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(EXTRA),--extra $(EXTRA),) $(ARGS)
+
+tables: ## rebuild every paper table (Markdown, LaTeX, CSV) and figures from the runs; SOURCE=wandb WANDB_PROJECT=... pulls W&B runs
+	$(PY) -m results.aggregate --runs $(RUNS_DIR) --out results/tables $(if $(SOURCE),--source $(SOURCE),) $(if $(WANDB_PROJECT),--wandb-project $(WANDB_PROJECT),) $(ARGS)
+
+bench: ## the attention efficiency benchmark (JSON, Markdown table and figure in results/)
+	$(PY) -m experiments.bench $(ARGS)
+
+data-uea: ## download and check the paper's 10 UEA datasets into $$DATA_DIR/uea (bundled ones are copied from aeon)
+	$(PY) -m tasks.uea.download $(ARGS)
+
+clean: ## remove caches and debug runs (keeps experiments/runs and data/)
+	rm -rf .pytest_cache $(RUNS_DIR)/debug outputs multirun
+	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +

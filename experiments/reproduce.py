@@ -1,0 +1,368 @@
+"""Run one table's manifest through Hydra multirun, resumably: ``python -m experiments.reproduce <table>``.
+
+For every cell (experiment x attention x seed) of ``experiments/manifests/<table>.yaml`` it looks at the
+deterministic run directory ``$RUNS_DIR/<experiment>/<attention>/<selection>/seed<seed>/``:
+
+- ``done``: metrics.json is complete and its config is the manifest's recipe -> skipped;
+- ``resume``: ``checkpoints/last.ckpt`` exists but the run did not finish -> rerun with ``resume=true``;
+- ``todo``: nothing usable there -> run;
+- ``mismatch``: complete, but another recipe (config differs from the manifest) -> reported, not rerun.
+
+An experiment whose config file ``conf/experiment/<experiment>.yaml`` does not exist is reported as
+"not implemented"; one whose data is absent (per-domain availability hook) as "data absent". Both are
+listed, never silently dropped. The remaining cells run as one multirun per experiment (split only where
+the pending attention x seed cells are not a full grid)::
+
+    python -m experiments.train -m experiment=<exp> model/attention=a,b seed=0,1,2 \
+        selection=<sel> resume=true [pinned overrides] [launcher]
+
+``--dry-run`` (``make reproduce-<table> DRY=1``) prints the plan and the commands and runs nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import importlib
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from results.manifest import MANIFEST_DIR, ExperimentEntry, Manifest, ManifestError, load_manifest
+from results.naming import TABLES, domain_of
+from results.records import METRICS_FILE, check_config, read_metrics_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = Path("checkpoints") / "last.ckpt"
+
+# Launcher names accepted by --launcher; any other name is passed through as hydra/launcher=<name>
+# (e.g. the repo's own conf/hydra/launcher/slurm.yaml or local_parallel.yaml).
+LAUNCHERS: dict[str, list[str]] = {
+    "basic": [],
+    "joblib": ["hydra/launcher=joblib"],
+    "submitit": ["hydra/launcher=submitit_slurm"],
+}
+
+# ------------------------------------------------------------------------------- data availability hooks
+
+AvailabilityFn = Callable[[ExperimentEntry, Path], tuple[bool, str]]
+AVAILABILITY: dict[str, AvailabilityFn] = {}
+
+
+def register_availability(domain: str) -> Callable[[AvailabilityFn], AvailabilityFn]:
+    """Register ``fn(entry, data_dir) -> (available, detail)`` as the data check of ``domain``.
+
+    ``detail`` says where the data was found, or what is missing and the command that fetches it. A
+    domain without a hook is assumed available (its training run reports missing data itself). A manifest
+    may name another hook with ``available_fn: package.module:function``.
+    """
+    def deco(fn: AvailabilityFn) -> AvailabilityFn:
+        AVAILABILITY[domain] = fn
+        return fn
+    return deco
+
+
+def aeon_data_root() -> Path | None:
+    """Folder of the datasets bundled with aeon (found without importing aeon, which is slow)."""
+    spec = importlib.util.find_spec("aeon")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+@register_availability("uea")
+def uea_data_available(entry: ExperimentEntry, data_dir: Path) -> tuple[bool, str]:
+    """A UEA dataset is available as ``<data_dir>/uea/<Name>/<Name>_{TRAIN,TEST}.ts`` or bundled with aeon."""
+    name = entry.dataset_name
+    local = [data_dir / "uea" / name / f"{name}_{split}.ts" for split in ("TRAIN", "TEST")]
+    if all(p.is_file() for p in local):
+        return True, f"found in {local[0].parent}"
+    aeon = aeon_data_root()
+    if aeon is not None and all((aeon / name / f"{name}_{s}.ts").is_file() for s in ("TRAIN", "TEST")):
+        return True, "bundled with aeon"
+    gone = [p.name for p in local if not p.is_file()]
+    shown = f"{name}_{{TRAIN,TEST}}.ts" if len(gone) == 2 else gone[0]
+    return False, f"missing {local[0].parent}/{shown} (not bundled with aeon); fetch it with `make data-uea`"
+
+
+def availability_fn(manifest: Manifest, entry: ExperimentEntry) -> AvailabilityFn | None:
+    """The manifest's ``available_fn`` if set, else the hook registered for the experiment's domain."""
+    if manifest.available_fn:
+        module, _, func = manifest.available_fn.partition(":")
+        try:
+            return getattr(importlib.import_module(module), func)
+        except (ImportError, AttributeError) as exc:
+            raise ManifestError(f"{manifest.path}: available_fn {manifest.available_fn!r} cannot be imported "
+                                f"({exc}); expected 'package.module:function'") from exc
+    return AVAILABILITY.get(domain_of(entry.experiment))
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+@dataclass
+class CellPlan:
+    """One (experiment, attention, seed) cell and what to do with it."""
+
+    experiment: str
+    attention: str
+    seed: int
+    selection: str
+    run_dir: Path
+    state: str  # done | resume | todo | mismatch | skipped
+    note: str = ""
+
+
+@dataclass
+class ExperimentPlan:
+    """One manifest experiment: whether it can run at all, and its cells."""
+
+    entry: ExperimentEntry
+    state: str  # ready | not implemented | data absent
+    detail: str
+    cells: list[CellPlan] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    manifest: Manifest
+    runs_dir: Path
+    conf_dir: Path
+    data_dir: Path
+    experiments: list[ExperimentPlan]
+
+    def cells(self, state: str | None = None) -> list[CellPlan]:
+        return [c for e in self.experiments for c in e.cells if state is None or c.state == state]
+
+
+def run_dir_of(runs_dir: Path, experiment: str, attention: str, selection: str, seed: int) -> Path:
+    """The deterministic run directory of a cell (the engine contract in contracts.md)."""
+    return runs_dir / experiment / attention / selection / f"seed{seed}"
+
+
+def cell_state(run_dir: Path, entry: ExperimentEntry, attention: str, seed: int, selection: str) -> tuple[str, str]:
+    """(state, note) of one cell from what its run directory holds."""
+    metrics = run_dir / METRICS_FILE
+    has_ckpt = (run_dir / CHECKPOINT).is_file()
+    if metrics.is_file():
+        record, problem = read_metrics_file(metrics)
+        if record is not None:
+            identity = (record.experiment, record.attention, record.seed, record.selection)
+            if identity != (entry.experiment, attention, seed, selection):
+                return "mismatch", (f"{metrics} describes {identity}, not this cell; delete {run_dir} to rerun")
+            diffs = check_config(record, entry)
+            if diffs:
+                return "mismatch", "; ".join(diffs) + f"; delete {run_dir} to rerun with the manifest's recipe"
+            return "done", ""
+        if has_ckpt:
+            return "resume", f"{problem.kind} metrics.json; resuming from {CHECKPOINT}"
+        return "todo", f"{problem.kind} metrics.json and no checkpoint; starting over"
+    if has_ckpt:
+        return "resume", f"resuming from {CHECKPOINT}"
+    return "todo", ""
+
+
+def _selection_from(extra: Sequence[str], default: str) -> str:
+    for ov in extra:
+        key, sep, value = ov.lstrip("+").partition("=")
+        if sep and key == "selection":
+            return value
+    return default
+
+
+def _without_selection(extra: Sequence[str]) -> list[str]:
+    """``extra`` minus any ``selection=`` override (the command sets the selection itself)."""
+    return [ov for ov in extra if _selection_from([ov], "") == ""]
+
+
+def make_plan(manifest: Manifest, *, runs_dir: Path, conf_dir: Path, data_dir: Path,
+              seeds: Sequence[int] | None = None, only: Sequence[str] | None = None,
+              extra: Sequence[str] = ()) -> Plan:
+    """Inspect configs, data and run directories; decide the state of every cell of ``manifest``."""
+    plans: list[ExperimentPlan] = []
+    for entry in manifest.entries:
+        if only and not any(fnmatch.fnmatch(entry.experiment, pat) for pat in only):
+            continue
+        selection = _selection_from(extra, entry.selection)
+        cfg_file = conf_dir / "experiment" / f"{entry.experiment}.yaml"
+        if not cfg_file.is_file():
+            state, detail = "not implemented", f"{cfg_file} does not exist"
+        else:
+            check = availability_fn(manifest, entry)
+            ok, detail = check(entry, data_dir) if check else (True, "data not checked (no hook for this domain)")
+            state = "ready" if ok else "data absent"
+        plan = ExperimentPlan(entry, state, detail)
+        for attention in entry.attentions:
+            for seed in (seeds or entry.seeds):
+                rdir = run_dir_of(runs_dir, entry.experiment, attention, selection, seed)
+                if state == "ready":
+                    cstate, note = cell_state(rdir, entry, attention, seed, selection)
+                else:
+                    cstate, note = "skipped", state
+                plan.cells.append(CellPlan(entry.experiment, attention, seed, selection, rdir, cstate, note))
+        plans.append(plan)
+    return Plan(manifest, runs_dir, conf_dir, data_dir, plans)
+
+
+def launcher_overrides(launcher: str) -> list[str]:
+    """Hydra overrides selecting the launcher: basic (Hydra's default), joblib, submitit, or any conf name."""
+    return list(LAUNCHERS.get(launcher, [f"hydra/launcher={launcher}"]))
+
+
+def build_commands(plan: Plan, *, launcher: str = "basic", extra: Sequence[str] = (),
+                   python: str = sys.executable, train_module: str = "experiments.train") -> list[list[str]]:
+    """Multirun commands for the cells still to run (todo or resume).
+
+    One command per experiment sweeps ``model/attention`` x ``seed``; attentions whose pending seeds differ
+    get separate commands so that no finished cell is run again.
+    """
+    commands = []
+    for exp in plan.experiments:
+        pending: dict[str, list[int]] = {}
+        for c in exp.cells:
+            if c.state in ("todo", "resume"):
+                pending.setdefault(c.attention, []).append(c.seed)
+        by_seeds: dict[tuple[int, ...], list[str]] = {}
+        for attention, seeds in pending.items():
+            by_seeds.setdefault(tuple(sorted(seeds)), []).append(attention)
+        for seeds, attentions in by_seeds.items():
+            selection = _selection_from(extra, exp.entry.selection)
+            cmd = [python, "-m", train_module, "-m",
+                   f"experiment={exp.entry.experiment}",
+                   f"model/attention={','.join(attentions)}",
+                   f"seed={','.join(str(s) for s in seeds)}",
+                   f"selection={selection}",
+                   "resume=true",
+                   *exp.entry.overrides,
+                   *launcher_overrides(launcher),
+                   *_without_selection(extra)]
+            commands.append(cmd)
+    return commands
+
+
+def format_command(cmd: Sequence[str]) -> str:
+    """Shell form with ``python`` for the interpreter, for display."""
+    return shlex.join(["python", *cmd[1:]])
+
+
+def format_plan(plan: Plan, commands: Sequence[Sequence[str]], launcher: str) -> str:
+    """Human-readable plan: per experiment, per attention, the state of each seed; then skips and commands."""
+    m = plan.manifest
+    cells = plan.cells()
+    count = lambda s: sum(c.state == s for c in cells)  # noqa: E731
+    absent = [e for e in plan.experiments if e.state == "data absent"]
+    missing = [e for e in plan.experiments if e.state == "not implemented"]
+    lines = [
+        f"Plan for table {m.table} ({m.path})",
+        f"  runs: {plan.runs_dir}   data: {plan.data_dir}   configs: {plan.conf_dir}   launcher: {launcher}",
+        f"  runs (cell x seed): {len(cells)} = {count('done')} done, {count('resume')} to resume, "
+        f"{count('todo')} to start, "
+        f"{count('mismatch')} config mismatch, {count('skipped')} skipped "
+        f"({sum(len(e.cells) for e in missing)} not implemented, {sum(len(e.cells) for e in absent)} data absent)",
+        "",
+    ]
+    width = max((len(e.entry.experiment) for e in plan.experiments), default=10)
+    for exp in plan.experiments:
+        if exp.state != "ready":
+            lines.append(f"{exp.entry.experiment:<{width}}  {exp.state.upper()} (see below)")
+            continue
+        lines.append(f"{exp.entry.experiment:<{width}}  ready: {exp.detail}")
+        by_att: dict[str, list[CellPlan]] = {}
+        for c in exp.cells:
+            by_att.setdefault(c.attention, []).append(c)
+        for att, cs in by_att.items():
+            lines.append(f"    {att:<20s} " + "  ".join(f"seed{c.seed}:{c.state}" for c in cs))
+    lines.append("")
+    if missing:
+        lines.append(f"Not implemented ({len(missing)}): no experiment config")
+        lines += [f"  - {e.entry.experiment}: {e.detail}" for e in missing]
+    if absent:
+        lines.append(f"Skipped because the dataset is absent ({len(absent)}):")
+        lines += [f"  - {e.entry.experiment}: {e.detail}" for e in absent]
+    mism = plan.cells("mismatch")
+    if mism:
+        lines.append(f"Done with another recipe, not rerun ({len(mism)}):")
+        lines += [f"  - {c.experiment} {c.attention} seed{c.seed}: {c.note}" for c in mism]
+    notes = [c for c in cells if c.state in ("resume", "todo") and c.note]
+    if notes:
+        lines.append("Notes:")
+        lines += [f"  - {c.experiment} {c.attention} seed{c.seed}: {c.note}" for c in notes]
+    if commands:
+        lines.append(f"Commands ({len(commands)}):")
+        lines += [f"  {format_command(cmd)}" for cmd in commands]
+    elif any(e.state == "ready" for e in plan.experiments):
+        lines.append("Nothing to run: every runnable cell is done.")
+    else:
+        lines.append("Nothing to run: no experiment of this manifest is both implemented and has its data.")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("table", choices=sorted(TABLES))
+    p.add_argument("--launcher", default="basic",
+                   help="basic (default), joblib, submitit (SLURM), or the name of a conf/hydra/launcher/*.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the manifest's seeds")
+    p.add_argument("--only", nargs="+", metavar="PATTERN", help="only experiments matching these globs")
+    p.add_argument("--extra", nargs="+", default=[], metavar="OVERRIDE",
+                   help="extra Hydra overrides for every run (e.g. trainer=gpu, selection=holdout_val)")
+    p.add_argument("--manifests", default=str(MANIFEST_DIR))
+    p.add_argument("--runs-dir", default=os.environ.get("RUNS_DIR") or "experiments/runs")
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR") or "data")
+    p.add_argument("--conf-dir", default=str(REPO_ROOT / "conf"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *,
+         runner: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> int:
+    """CLI entry point; ``runner`` (default ``subprocess.run``) is injectable for tests."""
+    args = _parser().parse_args(argv)
+    manifest_path = Path(args.manifests) / f"{args.table}.yaml"
+    if not manifest_path.is_file():
+        print(f"error: {manifest_path} not found; every table needs a manifest in {args.manifests}/ "
+              f"(schema: results/manifest.py)", file=sys.stderr)
+        return 2
+    if any(ov.lstrip("+").startswith("seed=") for ov in args.extra):
+        print("error: pass seeds with --seeds (make reproduce-<table> SEEDS='0 1'), not --extra seed=...",
+              file=sys.stderr)
+        return 2
+    try:
+        manifest = load_manifest(manifest_path)
+        plan = make_plan(manifest, runs_dir=Path(args.runs_dir), conf_dir=Path(args.conf_dir),
+                         data_dir=Path(args.data_dir), seeds=args.seeds, only=args.only, extra=args.extra)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    commands = build_commands(plan, launcher=args.launcher, extra=args.extra)
+    print(format_plan(plan, commands, args.launcher), flush=True)
+    if args.dry_run or not commands:
+        return 0
+
+    # The training runs read RUNS_DIR/DATA_DIR themselves (conf/paths); keep them pointing where we looked.
+    env = {**os.environ, "RUNS_DIR": str(args.runs_dir), "DATA_DIR": str(args.data_dir)}
+    failed = []
+    for i, cmd in enumerate(commands, 1):
+        print(f"\n[{i}/{len(commands)}] {format_command(cmd)}", flush=True)
+        rc = runner(cmd, env=env).returncode
+        if rc != 0:
+            failed.append((cmd, rc))
+            print(f"[{i}/{len(commands)}] exited with status {rc}; continuing with the next experiment", flush=True)
+    if failed:
+        print(f"\n{len(failed)} of {len(commands)} command(s) failed:", file=sys.stderr)
+        for cmd, rc in failed:
+            print(f"  status {rc}: {format_command(cmd)}", file=sys.stderr)
+        print(f"Rerun `make reproduce-{args.table}`: finished cells are skipped and interrupted ones resume.",
+              file=sys.stderr)
+        return 1
+    print(f"\nAll {len(commands)} command(s) finished. Build the tables with `make tables`.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""Training entry point: `python -m experiments.train experiment=<domain>/<Name> [overrides]` (also `flowformer-train`).
+
+It composes the Hydra config, builds the datamodule, model, LightningModule and Trainer, fits, tests, and writes
+`metrics.json` atomically into the run directory. Sweeps use `-m`. See README.md for the keys users rely on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from experiments.run_record import git_sha, package_versions, utc_now, write_json_atomic
+
+log = logging.getLogger("flowformer.train")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _instantiate_group(nodes: DictConfig | None) -> list[Any]:
+    """Instantiate every non-null node of a callbacks/logger group (a dict of named nodes)."""
+    if not nodes:
+        return []
+    return [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
+
+
+def _model_checkpoint(trainer: L.Trainer) -> L.pytorch.callbacks.ModelCheckpoint | None:
+    return trainer.checkpoint_callback if trainer.checkpoint_callback else None
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run one training job described by `cfg` in `run_dir`; returns the metrics.json record."""
+    started_at, wall_start = utc_now(), time.perf_counter()
+    run_dir = Path(run_dir).resolve()
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    dims = datamodule.model_dims()
+    model = instantiate(cfg.model, **dims, _convert_="all")
+    module_dims = datamodule.module_dims() if hasattr(datamodule, "module_dims") else {"num_classes": dims["num_classes"]}
+    module = instantiate(cfg.module, model=model, **module_dims)
+
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer = instantiate(
+        cfg.trainer, callbacks=_instantiate_group(cfg.get("callbacks")), logger=loggers or False, default_root_dir=str(run_dir)
+    )
+    last_checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = None
+    if cfg.resume:
+        if last_checkpoint.exists():
+            ckpt_path = str(last_checkpoint)
+            log.info("resuming from %s", last_checkpoint)
+        else:
+            log.warning("resume=true but %s does not exist: starting from scratch", last_checkpoint)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    fit_start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - fit_start
+
+    # Testing loads the best checkpoint, which also reloads its (shorter) evaluation history: read it first.
+    history = list(module.val_history)
+    checkpoint = _model_checkpoint(trainer)
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    test_start = time.perf_counter()
+    test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)[0]
+    test_seconds = time.perf_counter() - test_start
+
+    primary_metric, primary_value, metrics = module.summarize(cfg.selection, history, test_metrics)
+    record = {
+        "experiment": cfg.experiment_name,
+        "task": cfg.task_name,
+        "dataset": cfg.data.get("dataset"),
+        "attention": cfg.model.attention.name,
+        "seed": int(cfg.seed),
+        "selection": cfg.selection,
+        "primary_metric": primary_metric,
+        "primary_value": primary_value,
+        "metrics": metrics,
+        "history": history,
+        "timing": {
+            "fit_s": round(fit_seconds, 3),
+            "test_s": round(test_seconds, 3),
+            "total_s": round(time.perf_counter() - wall_start, 3),
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "resumed_from": ckpt_path,
+        },
+        "data": getattr(datamodule, "data_info", {}),
+        "git_sha": git_sha(),
+        "versions": package_versions(),
+        "started_at": started_at,
+        "finished_at": utc_now(),
+        "status": "complete",
+        "run_dir": str(run_dir),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / "metrics.json", record)
+        # W&B runs carry the same result, so `make tables SOURCE=wandb` aggregates them like local runs
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update({"primary_metric": primary_metric, "primary_value": primary_value, **metrics})
+        log.info(
+            "%s | %s | %s: %s = %.4g  (metrics.json in %s)",
+            cfg.experiment_name, cfg.model.attention.name, cfg.selection, primary_metric, primary_value, run_dir,
+        )
+    return record
+
+
+def _finish_wandb(failed: bool) -> None:
+    """Close any W&B run, also when training failed, so offline runs are synced and online runs are marked."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def run_and_finish(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """`train`, then always close W&B: marked failed (exit code 1) if training raised."""
+    failed = True
+    try:
+        record = train(cfg, run_dir)
+        failed = False
+        return record
+    finally:
+        _finish_wandb(failed)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    return run_and_finish(cfg, Path(HydraConfig.get().runtime.output_dir))["primary_value"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""The paper's per-domain networks, built from `flowformer.nn` blocks and any registered attention."""
+
+from flowformer.models.ts_classifier import TimeSeriesClassifier
+
+__all__ = ["TimeSeriesClassifier"]

@@ -1,0 +1,69 @@
+"""The UEA time-series classifier of the paper (official-settings.md §3.3, after mvts_transformer)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowformer.nn.blocks import Encoder
+from flowformer.nn.embeddings import LearnedPositionalEncoding
+
+
+class TimeSeriesClassifier(nn.Module):
+    """Linear input projection ×√D, learned positions, post-LN encoder, then GELU -> dropout -> mask -> flatten ->
+    Linear(max_len·D -> classes).
+
+    forward(x (B, T, C), padding_mask (B, T) bool, True = padding) -> logits (B, num_classes).
+    The flatten head fixes the input length: series are padded to `max_len`.
+    """
+
+    def __init__(
+        self,
+        feat_dim: int,
+        num_classes: int,
+        max_len: int,
+        d_model: int = 512,
+        n_heads: int = 8,
+        n_layers: int = 2,
+        d_ff: int = 2048,
+        dropout: float = 0.1,
+        attention: dict[str, Any] | str = "flow",
+        activation: str = "gelu",
+        norm_first: bool = False,
+        pos_init_scale: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.max_len, self.d_model = max_len, d_model
+        self.input_proj = nn.Linear(feat_dim, d_model)
+        self.positions = LearnedPositionalEncoding(max_len, d_model, init_scale=pos_init_scale, init="uniform")
+        self.dropout = nn.Dropout(dropout)
+        self.encoder = Encoder(
+            n_layers,
+            final_norm=True,
+            d_model=d_model,
+            n_heads=n_heads,
+            d_ff=d_ff,
+            attention=attention,
+            dropout=dropout,
+            norm_first=norm_first,
+            activation=activation,
+        )
+        self.head_dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(max_len * d_model, num_classes)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        batch, length, _ = x.shape
+        if length != self.max_len:
+            raise ValueError(f"expected series padded to max_len={self.max_len}, got length {length}")
+        h = self.dropout(self.positions(self.input_proj(x) * math.sqrt(self.d_model)))
+        h = self.encoder(h, padding_mask)
+        h = self.head_dropout(F.gelu(h))
+        if padding_mask is not None:
+            h = h * (~padding_mask)[..., None].to(h.dtype)
+        return self.classifier(h.reshape(batch, -1))
+
+
+__all__ = ["TimeSeriesClassifier"]

@@ -1,0 +1,97 @@
+"""Transformer blocks around any registered attention: pre-LN or post-LN, bidirectional or causal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from flowformer.attention.layer import MultiHeadAttention
+
+ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),  # JAX's default GELU, used by the official LRA code
+    "relu": nn.ReLU,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class FeedForward(nn.Sequential):
+    """Linear -> activation -> dropout -> Linear -> dropout (position-wise; equals the official Conv1d k=1)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
+        super().__init__(
+            nn.Linear(d_model, d_ff), make_activation(activation), nn.Dropout(dropout), nn.Linear(d_ff, d_model), nn.Dropout(dropout)
+        )
+
+
+class EncoderBlock(nn.Module):
+    """Self-attention + feed-forward with residuals.
+
+    norm_first=True (pre-LN):  x += drop(attn(LN(x)));  x += ffn(LN(x))
+    norm_first=False (post-LN): x = LN(x + drop(attn(x)));  x = LN(x + ffn(x))
+    causal=True makes it a decoder block (token i attends to tokens <= i).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        attention: dict[str, Any] | str = "flow",
+        dropout: float = 0.1,
+        norm_first: bool = True,
+        activation: str = "gelu",
+        ln_eps: float = 1e-5,
+        causal: bool = False,
+        d_head: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm_first, self.causal = norm_first, causal
+        self.attention = MultiHeadAttention(d_model, n_heads, attention, d_head=d_head)
+        self.norm1 = nn.LayerNorm(d_model, eps=ln_eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=ln_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.ffn = FeedForward(d_model, d_ff, dropout, activation)
+
+    def _attend(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+        return self.dropout(self.attention(x, causal=self.causal, key_padding_mask=padding_mask))
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """x: (B, L, D); padding_mask: (B, L) bool, True = padding. Returns (B, L, D)."""
+        if self.norm_first:
+            x = x + self._attend(self.norm1(x), padding_mask)
+            return x + self.ffn(self.norm2(x))
+        x = self.norm1(x + self._attend(x, padding_mask))
+        return self.norm2(x + self.ffn(x))
+
+
+class CausalDecoderBlock(EncoderBlock):
+    """A causal self-attention block (GPT-style decoder without cross-attention)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["causal"] = True
+        super().__init__(*args, **kwargs)
+
+
+class Encoder(nn.Module):
+    """A stack of `EncoderBlock`s, optionally followed by a final LayerNorm."""
+
+    def __init__(self, n_layers: int, final_norm: bool = True, **block_kwargs: Any) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderBlock(**block_kwargs) for _ in range(n_layers))
+        d_model, ln_eps = block_kwargs["d_model"], block_kwargs.get("ln_eps", 1e-5)
+        self.final_norm = nn.LayerNorm(d_model, eps=ln_eps) if final_norm else nn.Identity()
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, padding_mask)
+        return self.final_norm(x)
+
+
+__all__ = ["CausalDecoderBlock", "Encoder", "EncoderBlock", "FeedForward", "make_activation"]

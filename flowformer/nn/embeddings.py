@@ -1,0 +1,46 @@
+"""Positional encodings added to token embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Fixed sin/cos encoding (Vaswani et al.): x (B, L, D) -> x + PE[:L]."""
+
+    def __init__(self, max_len: int, d_model: int) -> None:
+        super().__init__()
+        position = torch.arange(max_len, dtype=torch.float32)[:, None]
+        frequency = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+        table = torch.zeros(max_len, d_model)
+        table[:, 0::2] = torch.sin(position * frequency)
+        table[:, 1::2] = torch.cos(position * frequency[: d_model // 2])
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.table[: x.shape[1]].to(x.dtype)
+
+
+class LearnedPositionalEncoding(nn.Module):
+    """A learned (max_len, D) table added to x (B, L, D).
+
+    init="normal" draws N(0, init_scale²); init="uniform" draws U(-init_scale, init_scale) (the time-series code).
+    """
+
+    def __init__(self, max_len: int, d_model: int, init_scale: float = 0.02, init: str = "normal") -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.empty(max_len, d_model))
+        if init == "normal":
+            nn.init.normal_(self.table, std=init_scale)
+        elif init == "uniform":
+            nn.init.uniform_(self.table, -init_scale, init_scale)
+        else:
+            raise ValueError(f"unknown positional-encoding init {init!r}; expected 'normal' or 'uniform'")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] > self.table.shape[0]:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds the positional table ({self.table.shape[0]})")
+        return x + self.table[: x.shape[1]]

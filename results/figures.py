@@ -1,0 +1,150 @@
+"""Figures: our numbers against the paper's per table, and learning curves per cell from CSV logs.
+
+matplotlib is imported lazily (Agg backend) so that building tables does not pay for it when figures are
+switched off. Every figure is written atomically.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable
+
+from results.atomic_io import atomic_path
+from results.records import Record
+from results.tables import TableResult
+
+_AXIS_COLUMNS = ("epoch", "step")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+
+
+def plot_table_vs_paper(result: TableResult, out_dir: str | Path) -> list[Path]:
+    """Scatter of ours (mean ± std) against the paper's value, one figure per selection protocol.
+
+    Returns the written paths (none when no cell has both our value and the paper's).
+    """
+    written: list[Path] = []
+    for sel in result.selections:
+        points = [(c.paper, c.mean, c.std or 0.0, c.model) for c in
+                  (result.cells[(sel, r, m)] for r in result.rows for m in result.models)
+                  if c.mean is not None and c.paper is not None]
+        if not points:
+            continue
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for model in dict.fromkeys(p[3] for p in points):
+            xs, ys, es = zip(*[(p[0], p[1], p[2]) for p in points if p[3] == model])
+            ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=3, label=model)
+        lo = min(min(p[0], p[1] - p[2]) for p in points)
+        hi = max(max(p[0], p[1] + p[2]) for p in points)
+        pad = max(1.0, 0.05 * (hi - lo))
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=1, label="ours = paper")
+        ax.fill_between([lo - pad, hi + pad], [lo - pad - 1, hi + pad - 1], [lo - pad + 1, hi + pad + 1],
+                        color="grey", alpha=0.15, label="±1 point")
+        ax.set_xlabel(f"paper ({result.spec.metric_label})")
+        ax.set_ylabel(f"ours ({result.spec.metric_label})")
+        ax.set_title(f"{result.spec.title}\nselection: {sel}")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = Path(out_dir) / f"{result.name}_{sel}_vs_paper.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def read_csv_log(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """Read a Lightning CSVLogger ``metrics.csv`` into {metric: [(x, value), ...]}.
+
+    x is the ``step`` column when present, else ``epoch``, else the line number; empty cells (each line
+    logs only some metrics) are skipped.
+    """
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        for i, line in enumerate(reader):
+            x_text = line.get("step") or line.get("epoch") or ""
+            try:
+                x = float(x_text)
+            except ValueError:
+                x = float(i)
+            for key, text in line.items():
+                if key in _AXIS_COLUMNS or key is None or not text:
+                    continue
+                try:
+                    value = float(text)
+                except ValueError:
+                    continue
+                if math.isfinite(value):
+                    series[key].append((x, value))
+    return dict(series)
+
+
+def _metric_rank(name: str) -> tuple[int, str]:
+    """Validation curves first, then training loss, other training metrics, test (usually one final point),
+    learning rates last."""
+    if name.startswith("val"):
+        return 0, name
+    if name.startswith("test"):
+        return 3, name
+    if name.startswith("lr") or "lr-" in name:
+        return 4, name
+    return (1 if "loss" in name else 2), name
+
+
+def _pick_metrics(names: Iterable[str], limit: int = 4) -> list[str]:
+    """The ``limit`` most telling metrics (see :func:`_metric_rank`)."""
+    return sorted(set(names), key=_metric_rank)[:limit]
+
+
+def plot_learning_curves(records: Iterable[Record], out_dir: str | Path) -> list[Path]:
+    """One figure per (experiment, attention, selection): every seed's curves from ``metrics.csv`` files
+    found anywhere below its run directory. Records without a run directory (W&B) are skipped.
+    """
+    groups: dict[tuple[str, str, str], list[tuple[int, Path]]] = defaultdict(list)
+    for rec in records:
+        if rec.run_dir is None:
+            continue
+        for log in sorted(rec.run_dir.rglob("metrics.csv")):
+            groups[(rec.experiment, rec.attention, rec.selection)].append((rec.seed, log))
+    written: list[Path] = []
+    for (exp, att, sel), logs in sorted(groups.items()):
+        curves = [(seed, read_csv_log(p)) for seed, p in logs]
+        metrics = _pick_metrics(k for _, s in curves for k in s)
+        if not metrics:
+            continue
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            for seed, series in curves:
+                pts = series.get(metric)
+                if pts:
+                    # markers keep sparse series (a validation score every few epochs) visible
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 20 else None,
+                            label=f"seed {seed}")
+            ax.set_title(metric)
+            ax.set_xlabel("step")
+        axes[0][0].legend(fontsize="small")
+        fig.suptitle(f"{exp} · {att} · {sel}")
+        fig.tight_layout()
+        path = Path(out_dir) / "curves" / f"{_slug(exp)}__{_slug(att)}__{_slug(sel)}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,258 @@
+"""Table manifests (``experiments/manifests/<table>.yaml``): the cells of one paper table.
+
+A manifest lists experiments; each experiment is run for every attention x seed, under one selection
+protocol, and fills one or more rows of the table with one metric. Schema (top level; every per-experiment
+key may be overridden inside an ``experiments`` entry)::
+
+    table: uea                      # one of results.naming.TABLES
+    description: free text
+    selection: best_test            # protocol passed as `selection=` and used to group results
+    seeds: [0, 1, 2]
+    attentions: [flow, softmax]     # registered names (conf/model/attention/<name>.yaml)
+    metric: primary_value           # or metrics.<key>, e.g. metrics.test/acc
+    scale: 1.0                      # multiply the metric (e.g. 100 when a metric is a fraction)
+    overrides: []                   # pinned Hydra `key=value` overrides, passed to every run and checked
+    available_fn: null              # optional "module:function" data-availability hook
+    experiments:
+      - experiment: uea/JapaneseVowels
+        row: JapaneseVowels         # default: results.naming.experiment_row
+        rows:                       # instead of row/metric: one experiment filling several rows
+          - {row: top1_acc, metric: primary_value}
+        columns: {flow: DeiT+Flowformer}   # attention -> paper column, for this experiment only
+        dataset: JapaneseVowels     # for the availability hook (default: the experiment's basename)
+
+Both ``experiments/reproduce.py`` (what to run) and ``results/aggregate.py`` (which metric fills which
+cell) read manifests through this module, so the two never disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from results.naming import TABLES, attention_column, experiment_row
+
+MANIFEST_DIR = Path(__file__).resolve().parents[1] / "experiments" / "manifests"
+SELECTIONS = ("best_test", "holdout_val")
+
+_TOP_KEYS = {"table", "description", "selection", "seeds", "attentions", "metric", "scale", "overrides",
+             "available_fn", "experiments"}
+_ENTRY_KEYS = {"experiment", "row", "rows", "selection", "seeds", "attentions", "metric", "scale", "overrides",
+               "columns", "dataset", "note"}
+
+
+class ManifestError(ValueError):
+    """A manifest file does not follow the schema in results/manifest.py; the message names file and key."""
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One table row filled by an experiment: the row label and the metric that fills it."""
+
+    row: str
+    metric: str = "primary_value"
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class ExperimentEntry:
+    """One experiment of a manifest with its resolved (top-level defaults applied) settings."""
+
+    experiment: str
+    rows: tuple[RowSpec, ...]
+    attentions: tuple[str, ...]
+    seeds: tuple[int, ...]
+    selection: str
+    overrides: tuple[str, ...]
+    columns: dict[str, str] = field(default_factory=dict)
+    dataset: str | None = None
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset or self.experiment.rsplit("/", 1)[-1]
+
+
+@dataclass
+class Manifest:
+    """A parsed manifest; ``entries`` keep file order (which is the row order of the rendered table)."""
+
+    table: str
+    path: Path
+    selection: str
+    entries: list[ExperimentEntry]
+    description: str = ""
+    available_fn: str | None = None
+
+    def entry(self, experiment: str) -> ExperimentEntry | None:
+        for e in self.entries:
+            if e.experiment == experiment:
+                return e
+        return None
+
+    def model_column(self, experiment: str, attention: str) -> str:
+        """Our model column label for (experiment, attention) in this table."""
+        entry = self.entry(experiment)
+        return attention_column(self.table, attention, entry.columns if entry else None)
+
+    @property
+    def rows(self) -> list[str]:
+        """Row labels in manifest order (deduplicated)."""
+        out: list[str] = []
+        for e in self.entries:
+            for r in e.rows:
+                if r.row not in out:
+                    out.append(r.row)
+        return out
+
+    @property
+    def models(self) -> list[str]:
+        """Model column labels in manifest order (deduplicated)."""
+        out: list[str] = []
+        for e in self.entries:
+            for a in e.attentions:
+                m = attention_column(self.table, a, e.columns)
+                if m not in out:
+                    out.append(m)
+        return out
+
+    def expected_cells(self) -> list[tuple[str, str, str]]:
+        """(selection, row, model) for every cell the manifest asks for."""
+        out = []
+        for e in self.entries:
+            for r in e.rows:
+                for a in e.attentions:
+                    cell = (e.selection, r.row, attention_column(self.table, a, e.columns))
+                    if cell not in out:
+                        out.append(cell)
+        return out
+
+
+def _fail(path: Path, msg: str) -> ManifestError:
+    return ManifestError(f"{path}: {msg} (schema: see the docstring of results/manifest.py)")
+
+
+def _str_list(path: Path, key: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(path, f"`{key}` must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _seeds(path: Path, key: str, value: Any) -> tuple[int, ...]:
+    ints = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ints or not value:
+        raise _fail(path, f"`{key}` must be a non-empty list of integers, got {value!r}")
+    return tuple(value)
+
+
+def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
+    """Validate and resolve a manifest dict (as loaded from YAML)."""
+    if not isinstance(data, dict):
+        raise _fail(path, "expected a mapping at the top level")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise _fail(path, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    table = data.get("table")
+    if table not in TABLES:
+        raise _fail(path, f"`table` must be one of {sorted(TABLES)}, got {table!r}")
+    selection = data.get("selection", "best_test")
+    if selection not in SELECTIONS:
+        raise _fail(path, f"`selection` must be one of {SELECTIONS}, got {selection!r}")
+    seeds = _seeds(path, "seeds", data.get("seeds", [0, 1, 2]))
+    attentions = _str_list(path, "attentions", data.get("attentions"))
+    metric = data.get("metric", "primary_value")
+    scale = float(data.get("scale", 1.0))
+    overrides = _str_list(path, "overrides", data.get("overrides"))
+    raw_entries = data.get("experiments")
+    if not isinstance(raw_entries, list) or not raw_entries:
+        raise _fail(path, "`experiments` must be a non-empty list")
+
+    entries: list[ExperimentEntry] = []
+    for i, raw in enumerate(raw_entries):
+        where = f"experiments[{i}]"
+        if isinstance(raw, str):
+            raw = {"experiment": raw}
+        if not isinstance(raw, dict) or not isinstance(raw.get("experiment"), str):
+            raise _fail(path, f"{where} needs `experiment: <domain>/<Name>`")
+        unknown = set(raw) - _ENTRY_KEYS
+        if unknown:
+            raise _fail(path, f"{where} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_ENTRY_KEYS)}")
+        exp = raw["experiment"]
+        e_metric = raw.get("metric", metric)
+        e_scale = float(raw.get("scale", scale))
+        if "rows" in raw:
+            if "row" in raw:
+                raise _fail(path, f"{where} ({exp}) gives both `row` and `rows`; use one")
+            rows_raw = raw["rows"]
+            if not isinstance(rows_raw, list) or not rows_raw:
+                raise _fail(path, f"{where} ({exp}): `rows` must be a non-empty list of {{row, metric}}")
+            rows = []
+            for r in rows_raw:
+                if not isinstance(r, dict) or not isinstance(r.get("row"), str):
+                    raise _fail(path, f"{where} ({exp}): each `rows` item needs `row: <label>`")
+                rows.append(RowSpec(r["row"], r.get("metric", e_metric), float(r.get("scale", e_scale))))
+        else:
+            row = raw.get("row") or experiment_row(exp)
+            if row is None:
+                raise _fail(path, f"{where}: no paper row is known for {exp!r}; add `row: <paper row label>`")
+            rows = [RowSpec(row, e_metric, e_scale)]
+        e_sel = raw.get("selection", selection)
+        if e_sel not in SELECTIONS:
+            raise _fail(path, f"{where} ({exp}): `selection` must be one of {SELECTIONS}, got {e_sel!r}")
+        e_att = _str_list(path, f"{where}.attentions", raw["attentions"]) if "attentions" in raw else attentions
+        if not e_att:
+            raise _fail(path, f"{where} ({exp}): no attentions (set top-level `attentions` or the entry's)")
+        columns = raw.get("columns") or {}
+        if not isinstance(columns, dict):
+            raise _fail(path, f"{where} ({exp}): `columns` must map attention -> paper column")
+        entries.append(
+            ExperimentEntry(
+                experiment=exp,
+                rows=tuple(rows),
+                attentions=e_att,
+                seeds=_seeds(path, f"{where}.seeds", raw["seeds"]) if "seeds" in raw else seeds,
+                selection=e_sel,
+                overrides=overrides + _str_list(path, f"{where}.overrides", raw.get("overrides")),
+                columns={str(k): str(v) for k, v in columns.items()},
+                dataset=raw.get("dataset"),
+            )
+        )
+    seen = [e.experiment for e in entries]
+    dups = sorted({x for x in seen if seen.count(x) > 1})
+    if dups:
+        raise _fail(path, f"experiment(s) listed twice: {dups}")
+    return Manifest(
+        table=table,
+        path=path,
+        selection=selection,
+        entries=entries,
+        description=str(data.get("description", "")),
+        available_fn=data.get("available_fn"),
+    )
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Load one manifest file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise _fail(path, f"not valid YAML: {exc}") from exc
+    return parse_manifest(data, path)
+
+
+def load_manifests(directory: str | Path = MANIFEST_DIR) -> dict[str, Manifest]:
+    """Load every ``*.yaml`` in ``directory``, keyed by table. A missing directory gives {}."""
+    out: dict[str, Manifest] = {}
+    directory = Path(directory)
+    if not directory.is_dir():
+        return out
+    for path in sorted(directory.glob("*.yaml")):
+        m = load_manifest(path)
+        if m.table in out:
+            raise _fail(path, f"table {m.table!r} is already described by {out[m.table].path}")
+        out[m.table] = m
+    return out

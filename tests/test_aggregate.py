@@ -1,0 +1,394 @@
+"""Tests of results/: the aggregator's arithmetic, protocols, missing cells, averages, bad input, W&B source.
+
+Every test writes a fake metrics.json tree in tmp_path (no training) and reads the generated files back.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from results import aggregate
+from results.manifest import load_manifests
+from results.naming import experiment_row, paper_column
+from results.paper_tables import load_paper_table
+from results.tables import classify, summarize
+
+REPO_MANIFESTS = Path(__file__).resolve().parents[1] / "experiments" / "manifests"
+
+
+def write_run(root: Path, experiment: str, attention: str, seed: int, value: float, *, selection: str = "best_test",
+              status: str = "complete", config: dict | None = None, metrics: dict | None = None,
+              finished_at: str = "2025-01-01T01:00:00", run_dir: Path | None = None,
+              drop: tuple[str, ...] = ()) -> Path:
+    """Write one metrics.json following the run contract; return its path."""
+    cfg = {"experiment_name": experiment, "task_name": experiment.split("/")[0], "seed": seed,
+           "selection": selection, "model": {"attention": {"name": attention}}, "trainer": {"max_epochs": 100}}
+    cfg.update(config or {})
+    data = {
+        "experiment": experiment, "task": experiment.split("/")[0], "dataset": experiment.split("/")[-1],
+        "attention": attention, "seed": seed, "selection": selection, "primary_metric": "test/acc",
+        "primary_value": value, "metrics": metrics if metrics is not None else {"test/acc": value / 100},
+        "git_sha": "0" * 40, "versions": {"torch": "2"}, "started_at": "2025-01-01T00:00:00",
+        "finished_at": finished_at, "status": status, "config": cfg,
+    }
+    for key in drop:
+        data.pop(key)
+    d = run_dir or root / experiment / attention / selection / f"seed{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.json").write_text(json.dumps(data))
+    return d / "metrics.json"
+
+
+def run_cli(tmp_path: Path, *extra: str, manifests: Path = REPO_MANIFESTS, wandb_api=None,
+            figures: bool = False) -> tuple[int, Path]:
+    out = tmp_path / "tables"
+    argv = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--manifests", str(manifests),
+            "--readme", str(tmp_path / "README.md"), "--figures", str(tmp_path / "figures"), *extra]
+    if not figures:
+        argv.append("--no-figures")
+    return aggregate.main(argv, wandb_api=wandb_api), out
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def csv_row(rows, row, model, selection="best_test"):
+    hits = [r for r in rows if r["row"] == row and r["model"] == model and r["selection"] == selection]
+    assert len(hits) == 1, (row, model, selection, hits)
+    return hits[0]
+
+
+def md_line(md: str, label: str) -> list[str]:
+    """Cells of the markdown table line whose first cell is ``label``."""
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == label:
+            return cells
+    raise AssertionError(f"no table line for {label!r} in\n{md}")
+
+
+# ------------------------------------------------------------------------------------------- arithmetic
+
+def test_summarize_mean_and_sample_std():
+    assert summarize([97.0, 98.0, 99.0]) == (3, 98.0, 1.0)
+    n, mean, std = summarize([1.0, 2.0])
+    assert (n, mean) == (2, 1.5) and std == pytest.approx(math.sqrt(0.5))  # ddof=1, not ddof=0 (0.5)
+    assert summarize([5.0]) == (1, 5.0, None)
+    assert summarize([]) == (0, None, None)
+
+
+def test_csv_mean_std_delta_and_single_seed(tmp_path):
+    for seed, v in enumerate([97.0, 98.0, 99.0]):
+        write_run(tmp_path / "runs", "uea/JapaneseVowels", "flow", seed, v)
+    write_run(tmp_path / "runs", "uea/Heartbeat", "softmax", 0, 80.0)
+    rc, out = run_cli(tmp_path)
+    assert rc == 0
+    rows = read_csv(out / "uea.csv")
+    assert list(rows[0]) == ["table", "row", "model", "selection", "n", "mean", "std", "paper", "delta"]
+    jv = csv_row(rows, "JapaneseVowels", "Flowformer")
+    assert (jv["table"], jv["n"], float(jv["mean"]), float(jv["std"])) == ("uea", "3", 98.0, 1.0)
+    assert float(jv["paper"]) == 98.9
+    assert float(jv["delta"]) == pytest.approx(98.0 - 98.9)
+    hb = csv_row(rows, "Heartbeat", "Transformer")  # softmax -> the paper's "Transformer" column
+    assert (hb["n"], float(hb["mean"]), hb["std"], float(hb["paper"])) == ("1", 80.0, "", 76.1)
+    assert float(hb["delta"]) == pytest.approx(3.9)
+    missing = csv_row(rows, "Heartbeat", "Flowformer")  # asked for by the manifest, no run yet
+    assert (missing["n"], missing["mean"], missing["std"], missing["delta"]) == ("0", "", "", "")
+    assert missing["paper"] == "77.6"
+
+
+def test_selection_protocols_are_never_pooled(tmp_path):
+    for seed, v in enumerate([97.0, 98.0, 99.0]):
+        write_run(tmp_path / "runs", "uea/JapaneseVowels", "flow", seed, v, selection="best_test")
+    for seed, v in enumerate([90.0, 92.0]):
+        write_run(tmp_path / "runs", "uea/JapaneseVowels", "flow", seed, v, selection="holdout_val")
+    rc, out = run_cli(tmp_path)
+    rows = read_csv(out / "uea.csv")
+    best = csv_row(rows, "JapaneseVowels", "Flowformer", "best_test")
+    hold = csv_row(rows, "JapaneseVowels", "Flowformer", "holdout_val")
+    assert (best["n"], float(best["mean"])) == ("3", 98.0)
+    assert (hold["n"], float(hold["mean"]), float(hold["std"])) == ("2", 91.0, pytest.approx(math.sqrt(2)))
+    md = (out / "uea.md").read_text()
+    assert "### Selection `best_test`" in md and "### Selection `holdout_val`" in md
+    assert md.count("| JapaneseVowels | 98.00 ± 1.00 (3) | 98.9 |") == 1
+    assert md.count("| JapaneseVowels | 91.00 ± 1.41 (2) | 98.9 |") == 1
+
+
+def test_demo_run_shows_one_cell_beside_paper_and_everything_else_missing(tmp_path):
+    """The issue's 'done' check: after `make demo`, the UEA table has only our JapaneseVowels Flowformer cell."""
+    write_run(tmp_path / "runs", "uea/JapaneseVowels", "flow", 0, 97.3)
+    rc, out = run_cli(tmp_path)
+    md = (out / "uea.md").read_text()
+    jv = md_line(md, "JapaneseVowels")
+    assert jv[1:3] == ["97.30 (1)", "98.9"]
+    ours = [c for line in md.splitlines() if line.startswith("| ") and not line.startswith("| Dataset")
+            and "Average" not in line for c in [x.strip() for x in line.strip("|").split("|")][1::2]]
+    assert len(ours) == 60 and ours.count("—") == 59
+    assert "0 of 60 cells within" in md and "1 worse" in md and "59 missing" in md  # 97.3 is 1.6 below 98.9
+    readme = (tmp_path / "README.md").read_text()
+    assert "python -m results.aggregate --runs" in readme and "| JapaneseVowels | 97.30 (1) | 98.9 |" in readme
+    # `make demo` aggregates only UEA: only uea.* is written, but the README still shows every table.
+    rc, out2 = run_cli(tmp_path / "only", "--runs", str(tmp_path / "runs"), "--tables", "uea")
+    assert sorted(p.name for p in out2.iterdir()) == ["uea.csv", "uea.md", "uea.tex"]
+    readme = (tmp_path / "only" / "README.md").read_text()
+    assert "## Long Range Arena" in readme and "| JapaneseVowels | 97.30 (1) | 98.9 |" in readme
+
+
+def test_within_better_worse_use_paper_std_and_direction():
+    assert classify(98.0, 98.9, None, False) == "within"            # |d| = 0.9 <= 1 point
+    assert classify(97.8, 98.9, None, False) == "worse"
+    assert classify(100.0, 98.9, None, False) == "better"
+    assert classify(80.0, 93.5, 13.9, False) == "within"            # D4RL: the paper's std widens the band
+    assert classify(29.0, 30.8, None, True) == "better"             # perplexity: lower is better
+    assert classify(33.0, 30.8, None, True) == "worse"
+
+
+def test_lower_is_better_table_status(tmp_path):
+    write_run(tmp_path / "runs", "wikitext103/transformer_lm", "flow", 0, 29.0, selection="holdout_val")
+    write_run(tmp_path / "runs", "wikitext103/transformer_lm", "softmax", 0, 33.5, selection="holdout_val")
+    rc, out = run_cli(tmp_path)
+    md = (out / "wikitext103.md").read_text()
+    assert "↓ lower is better" in md
+    assert "1 of 8 cells within" in md and "1 better (lower)" in md and "0 worse" in md
+
+
+# --------------------------------------------------------------------------------------------- averages
+
+def test_average_only_over_complete_columns(tmp_path):
+    paper = load_paper_table("uea")
+    expected = []
+    for row in paper.rows:  # Flowformer: every dataset, two seeds, paper + 0.5 and paper + 1.5
+        base = paper.value(row, "Flowformer")
+        for seed, bump in enumerate([0.5, 1.5]):
+            write_run(tmp_path / "runs", f"uea/{row}", "flow", seed, base + bump)
+        expected.append(base + 1.0)
+    write_run(tmp_path / "runs", "uea/JapaneseVowels", "softmax", 0, 98.0)  # Transformer: 1 of 10 rows
+    write_run(tmp_path / "runs", "uea/BasicMotions", "flow", 0, 100.0)  # not a paper row: never averaged
+    rc, out = run_cli(tmp_path)
+    rows = read_csv(out / "uea.csv")
+    avg = csv_row(rows, "Average Accuracy", "Flowformer")
+    assert float(avg["mean"]) == pytest.approx(sum(expected) / 10)
+    assert avg["n"] == "2" and float(avg["paper"]) == 73.0
+    assert not [r for r in rows if r["row"] == "Average Accuracy" and r["model"] == "Transformer"]
+    extra = csv_row(rows, "BasicMotions", "Flowformer")
+    assert (extra["n"], extra["paper"], extra["delta"]) == ("1", "", "")
+    md = (out / "uea.md").read_text()
+    line = md_line(md, "**Average Accuracy**")
+    assert line[1] == f"{sum(expected) / 10:.2f} (2)" and line[2] == "73.0"
+    assert line[3] == "— (1/10 rows)" and line[4] == "71.9"
+    assert md_line(md, "BasicMotions *")[1:3] == ["100.00 (1)", "—"]
+    # 10 Flowformer rows (+1.0) and Transformer JapaneseVowels (98.0 vs 98.7); BasicMotions has no paper value
+    assert "11 of 60 cells within" in md and "Our cells without a paper value: 1." in md
+
+
+def test_paper_average_slips_are_detected_exactly():
+    slips = {}
+    for name in ("lra", "uea", "d4rl"):
+        t = load_paper_table(name)
+        for m in t.models:
+            c = t.average_check(m)
+            if not c.agrees:
+                slips[(name, m)] = "mean"
+            if not c.std_agrees:
+                slips[(name, m)] = "std"
+    assert slips == {("lra", "Sinkhorn Trans."): "mean", ("uea", "Longformer"): "mean",
+                     ("uea", "Performer"): "mean", ("d4rl", "cosFormer"): "std"}
+
+
+def test_mismatched_paper_averages_are_footnoted(tmp_path):
+    rc, out = run_cli(tmp_path)
+    uea = (out / "uea.md").read_text()
+    line = md_line(uea, "**Average Accuracy**")
+    header = md_line(uea, "Dataset")
+    assert line[header.index("Performer (paper)")] == "71.9 [1]"
+    assert line[header.index("Flowformer (paper)")] == "73.0"
+    assert "[1] Performer: the paper prints 71.9 as the average, but its own per-row values average 71.68." in uea
+    d4rl = (out / "d4rl.md").read_text()
+    assert "cosFormer: the paper prints ± 7.6 for the average, but its per-row stds average 6.68." in d4rl
+    lra = (out / "lra.md").read_text()
+    assert "Sinkhorn" not in lra  # not one of our columns: no footnote about it
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+def test_malformed_partial_and_mismatched_runs_are_reported_and_skipped(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_run(runs, "uea/JapaneseVowels", "flow", 0, 98.0)
+    bad = runs / "uea/JapaneseVowels/flow/best_test/seed1/metrics.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"experiment": "uea/JapaneseVowels", ')  # truncated
+    partial = write_run(runs, "uea/JapaneseVowels", "flow", 2, 10.0, status="running")
+    no_field = write_run(runs, "uea/JapaneseVowels", "flow", 3, 11.0, drop=("primary_value",))
+    wrong_type = write_run(runs, "uea/JapaneseVowels", "flow", 4, 12.0, config={"seed": "four"})
+    moved = write_run(runs, "uea/JapaneseVowels", "flow", 5, 13.0,
+                      run_dir=runs / "uea/JapaneseVowels/flow/best_test/seed6")
+    rc, out = run_cli(tmp_path)
+    assert rc == 0
+    err = capsys.readouterr().err
+    for path, kind in [(bad, "malformed"), (partial, "partial"), (no_field, "partial"),
+                       (wrong_type, "mismatch"), (moved, "mismatch")]:
+        shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+        assert f"{shown}: {kind}" in err, (kind, err)
+    row = csv_row(read_csv(out / "uea.csv"), "JapaneseVowels", "Flowformer")
+    assert (row["n"], float(row["mean"])) == ("1", 98.0)  # only the good run
+    readme = (tmp_path / "README.md").read_text()
+    assert "## Skipped runs" in readme and "Runs skipped: 5" in readme
+    assert aggregate.main(["--runs", str(runs), "--out", str(out), "--no-figures", "--no-readme",
+                           "--manifests", str(REPO_MANIFESTS), "--strict"]) == 1
+
+
+def test_run_with_another_recipe_than_the_manifest_is_reported(tmp_path, capsys):
+    mdir = tmp_path / "manifests"
+    mdir.mkdir()
+    (mdir / "uea.yaml").write_text(
+        "table: uea\nseeds: [0, 1]\nattentions: [flow]\noverrides: [trainer.max_epochs=100, '+optim.lr=1e-3']\n"
+        "experiments:\n  - experiment: uea/JapaneseVowels\n")
+    runs = tmp_path / "runs"
+    write_run(runs, "uea/JapaneseVowels", "flow", 0, 98.0, config={"optim": {"lr": 0.001}})
+    write_run(runs, "uea/JapaneseVowels", "flow", 1, 50.0,
+              config={"trainer": {"max_epochs": 5}, "optim": {"lr": 0.001}})
+    rc, out = run_cli(tmp_path, manifests=mdir)
+    err = capsys.readouterr().err
+    assert "seed1/metrics.json: mismatch" in err
+    assert "`trainer.max_epochs` = 5; the manifest pins trainer.max_epochs=100" in err
+    assert "seed0" not in err
+    row = csv_row(read_csv(out / "uea.csv"), "JapaneseVowels", "Flowformer")
+    assert (row["n"], float(row["mean"])) == ("1", 98.0)
+
+
+def test_duplicate_cell_keeps_newest(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_run(runs, "uea/JapaneseVowels", "flow", 0, 90.0, run_dir=runs / "old", finished_at="2025-01-01T00:00:00")
+    write_run(runs, "uea/JapaneseVowels", "flow", 0, 95.0, run_dir=runs / "new", finished_at="2025-02-01T00:00:00")
+    rc, out = run_cli(tmp_path)
+    assert "old/metrics.json: duplicate" in capsys.readouterr().err
+    row = csv_row(read_csv(out / "uea.csv"), "JapaneseVowels", "Flowformer")
+    assert (row["n"], float(row["mean"])) == ("1", 95.0)
+
+
+def test_manifest_metric_and_scale_fill_several_rows(tmp_path):
+    mdir = tmp_path / "manifests"
+    mdir.mkdir()
+    (mdir / "imagenet.yaml").write_text(
+        "table: imagenet\nattentions: [flow]\nexperiments:\n  - experiment: imagenet/hierarchical\n    rows:\n"
+        "      - {row: top1_acc, metric: primary_value}\n"
+        "      - {row: top5_acc, metric: metrics.test/acc5, scale: 100}\n")
+    write_run(tmp_path / "runs", "imagenet/hierarchical", "flow", 0, 80.0, metrics={"test/acc5": 0.95})
+    write_run(tmp_path / "runs", "imagenet/hierarchical", "flow", 1, 81.0, metrics={})
+    rc, out = run_cli(tmp_path, manifests=mdir)
+    rows = read_csv(out / "imagenet.csv")
+    top1 = csv_row(rows, "top1_acc", "Flowformer")
+    assert (float(top1["mean"]), top1["n"]) == (80.5, "2")
+    top5 = csv_row(rows, "top5_acc", "Flowformer")
+    assert (top5["n"], float(top5["mean"]), float(top5["paper"])) == ("1", 95.0, 94.9)
+
+
+# ------------------------------------------------------------------------------------------- W&B source
+
+# A recorded `wandb.Api().runs(...)` response, reduced to the attributes the source reads.
+WANDB_RESPONSE = json.loads("""
+[
+ {"id": "a1", "name": "uea/JapaneseVowels/flow/best_test/seed0", "group": "uea/JapaneseVowels",
+  "tags": ["uea", "flow", "best_test"], "state": "finished", "commit": "1111111",
+  "created_at": "2025-03-01T10:00:00", "heartbeat_at": "2025-03-01T10:20:00",
+  "config": {"experiment_name": "uea/JapaneseVowels", "task_name": "uea", "seed": 0, "selection": "best_test",
+             "data": {"dataset": "JapaneseVowels"}, "model": {"attention": {"name": "flow"}}},
+  "summary": {"primary_metric": "test/acc", "primary_value": 98.0, "test/acc": 98.0, "_step": 400, "_runtime": 12.5}},
+ {"id": "a2", "name": "uea/JapaneseVowels/flow/best_test/seed1", "group": "uea/JapaneseVowels",
+  "tags": ["uea", "flow", "best_test"], "state": "finished", "commit": "1111111",
+  "created_at": "2025-03-01T11:00:00", "heartbeat_at": "2025-03-01T11:20:00",
+  "config": {"experiment_name": {"value": "uea/JapaneseVowels"}, "task_name": {"value": "uea"}, "seed": {"value": 1},
+             "selection": {"value": "best_test"}, "data/dataset": {"value": "JapaneseVowels"},
+             "model/attention/name": {"value": "flow"}},
+  "summary": {"primary_metric": "test/acc", "test/acc": 96.0}},
+ {"id": "a3", "name": "uea/JapaneseVowels/flow/best_test/seed2", "group": "uea/JapaneseVowels",
+  "tags": ["uea", "flow", "best_test"], "state": "running", "commit": "1111111",
+  "created_at": "2025-03-01T12:00:00", "heartbeat_at": "2025-03-01T12:05:00",
+  "config": {"experiment_name": "uea/JapaneseVowels", "task_name": "uea", "seed": 2, "selection": "best_test",
+             "data": {"dataset": "JapaneseVowels"}, "model": {"attention": {"name": "flow"}}},
+  "summary": {"test/acc": 40.0}},
+ {"id": "a4", "name": "uea/JapaneseVowels/softmax/best_test/seed0", "group": "uea/JapaneseVowels",
+  "tags": ["uea", "softmax", "best_test", "debug"], "state": "finished", "commit": "1111111",
+  "created_at": "2025-03-01T13:00:00", "heartbeat_at": "2025-03-01T13:20:00",
+  "config": {"experiment_name": "uea/JapaneseVowels", "task_name": "uea", "seed": 0, "selection": "best_test",
+             "data": {"dataset": "JapaneseVowels"}, "model": {"attention": {"name": "softmax"}}},
+  "summary": {"test/acc": 97.0}},
+ {"id": "a5", "name": "other", "group": "uea/Heartbeat", "tags": ["uea", "flow"], "state": "finished",
+  "config": {}, "summary": {}}
+]
+""")
+
+
+class FakeRun:
+    def __init__(self, d: dict, project: str):
+        self.__dict__.update(d)
+        self.path = ["team", project, d["id"]]
+
+
+class FakeApi:
+    """Stands in for wandb.Api(): returns the recorded runs and remembers how it was queried."""
+
+    def __init__(self, response):
+        self.response, self.calls = response, []
+
+    def runs(self, path, filters=None, **kwargs):
+        self.calls.append((path, filters))
+        return [FakeRun(d, path.split("/")[-1]) for d in self.response]
+
+
+def test_wandb_source_from_recorded_response(tmp_path, capsys):
+    api = FakeApi(WANDB_RESPONSE)
+    rc, out = run_cli(tmp_path, "--source", "wandb", "--wandb-project", "flowformer", "--wandb-entity", "team",
+                      "--wandb-group", "uea/JapaneseVowels", "--wandb-tags", "uea,best_test", wandb_api=api)
+    assert rc == 0
+    assert api.calls == [("team/flowformer", {"group": "uea/JapaneseVowels", "tags": {"$in": ["uea", "best_test"]}})]
+    rows = read_csv(out / "uea.csv")
+    flow = csv_row(rows, "JapaneseVowels", "Flowformer")  # a1 (nested config) + a2 (flat, wrapped config)
+    assert (flow["n"], float(flow["mean"]), float(flow["std"])) == ("2", 97.0, pytest.approx(math.sqrt(2)))
+    err = capsys.readouterr().err
+    assert "wandb:team/flowformer/a3: partial" in err  # still running: never averaged
+    assert "wandb:team/flowformer/a4: partial" in err and "primary_value" in err  # no primary value logged
+    assert "a5" not in err  # another group: filtered out, not an error
+    assert "W&B project `team/flowformer`" in (tmp_path / "README.md").read_text()
+
+
+def test_wandb_source_needs_a_project(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    rc, _ = run_cli(tmp_path, "--source", "wandb", wandb_api=FakeApi([]))
+    assert rc == 2 and "WANDB_PROJECT" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- outputs and manifests
+
+def test_tex_readme_and_figures(tmp_path):
+    run = write_run(tmp_path / "runs", "uea/JapaneseVowels", "flow", 0, 98.0).parent
+    log = run / "csv" / "version_0" / "metrics.csv"
+    log.parent.mkdir(parents=True)
+    log.write_text("epoch,step,train/loss,val/acc\n0,10,1.5,\n0,10,,60.0\n1,20,1.0,\n1,20,,80.0\n")
+    rc, out = run_cli(tmp_path, figures=True)
+    tex = (out / "uea.tex").read_text()
+    assert "\\toprule" in tex and "best\\_test" in tex and "$98.00$ & 98.9" in tex
+    assert (tmp_path / "figures" / "uea_best_test_vs_paper.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "curves" / "uea_JapaneseVowels__flow__best_test.png").stat().st_size > 0
+    assert not (tmp_path / "figures" / "lra_best_test_vs_paper.png").exists()  # nothing to plot
+    assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def test_repo_manifests_name_real_paper_rows_and_columns():
+    manifests = load_manifests(REPO_MANIFESTS)
+    assert sorted(manifests) == ["d4rl", "imagenet", "lra", "uea", "wikitext103"]
+    for name, m in manifests.items():
+        paper = load_paper_table(name)
+        assert set(m.rows) <= set(paper.rows), (name, set(m.rows) - set(paper.rows))
+        for model in m.models:
+            assert paper_column(name, model, paper.models), (name, model)
+        assert all(len(e.seeds) == 3 for e in m.entries)
+    assert paper_column("lra", "Flowformer (official LRA code)", load_paper_table("lra").models) == "Flowformer"
+    assert experiment_row("lra/listops") == "ListOps" and experiment_row("uea/JapaneseVowels") == "JapaneseVowels"
+    assert experiment_row("d4rl/walker2d-medium-replay") == "medium-replay/Walker"

@@ -1,0 +1,182 @@
+"""Tests of experiments/reproduce.py on a fake conf/data/runs tree: plan states, DRY output, commands.
+
+Nothing is trained: the subprocess runner is injected and only records the commands.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from experiments import reproduce
+from results.manifest import load_manifest
+
+MANIFEST = """
+table: uea
+selection: best_test
+seeds: [0, 1]
+attentions: [flow, softmax]
+overrides: [trainer.max_epochs=100]
+experiments:
+  - experiment: uea/JapaneseVowels
+  - experiment: uea/Heartbeat
+  - experiment: uea/EthanolConcentration
+  - experiment: uea/FaceDetection
+"""
+
+
+def metrics(experiment, attention, seed, *, status="complete", max_epochs=100, selection="best_test"):
+    return {
+        "experiment": experiment, "task": "uea", "dataset": experiment.split("/")[1], "attention": attention,
+        "seed": seed, "selection": selection, "primary_metric": "test/acc", "primary_value": 97.0,
+        "metrics": {}, "git_sha": None, "versions": {}, "started_at": "t0", "finished_at": "t1", "status": status,
+        "config": {"experiment_name": experiment, "seed": seed, "selection": selection,
+                   "model": {"attention": {"name": attention}}, "trainer": {"max_epochs": max_epochs}},
+    }
+
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    """conf/ with 3 of the 4 experiments; data for Heartbeat only (JapaneseVowels 'bundled with aeon');
+    runs: JV flow seed0 done, JV flow seed1 half-done, JV softmax seed0 done with another recipe."""
+    conf = tmp_path / "conf" / "experiment" / "uea"
+    conf.mkdir(parents=True)
+    for name in ("JapaneseVowels", "Heartbeat", "EthanolConcentration"):
+        (conf / f"{name}.yaml").write_text("# @package _global_\n")
+    data = tmp_path / "data"
+    (data / "uea" / "Heartbeat").mkdir(parents=True)
+    for split in ("TRAIN", "TEST"):
+        (data / "uea" / "Heartbeat" / f"Heartbeat_{split}.ts").write_text("@problemName Heartbeat\n")
+    aeon = tmp_path / "aeon_data" / "JapaneseVowels"
+    aeon.mkdir(parents=True)
+    for split in ("TRAIN", "TEST"):
+        (aeon / f"JapaneseVowels_{split}.ts").write_text("")
+    monkeypatch.setattr(reproduce, "aeon_data_root", lambda: tmp_path / "aeon_data")
+
+    runs = tmp_path / "runs"
+    def put(att, seed, payload=None, ckpt=False):
+        d = runs / "uea/JapaneseVowels" / att / "best_test" / f"seed{seed}"
+        d.mkdir(parents=True)
+        if payload is not None:
+            (d / "metrics.json").write_text(json.dumps(payload))
+        if ckpt:
+            (d / "checkpoints").mkdir()
+            (d / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    put("flow", 0, metrics("uea/JapaneseVowels", "flow", 0))
+    put("flow", 1, metrics("uea/JapaneseVowels", "flow", 1, status="running"), ckpt=True)
+    put("softmax", 0, metrics("uea/JapaneseVowels", "softmax", 0, max_epochs=5))
+    mdir = tmp_path / "manifests"
+    mdir.mkdir()
+    (mdir / "uea.yaml").write_text(MANIFEST)
+    return tmp_path
+
+
+def argv(tree: Path, *extra: str) -> list[str]:
+    return ["uea", "--manifests", str(tree / "manifests"), "--runs-dir", str(tree / "runs"),
+            "--data-dir", str(tree / "data"), "--conf-dir", str(tree / "conf"), *extra]
+
+
+class Recorder:
+    def __init__(self, codes=None):
+        self.calls, self.codes = [], list(codes or [])
+
+    def __call__(self, cmd, env=None):
+        self.calls.append((cmd, env))
+        return subprocess.CompletedProcess(cmd, self.codes.pop(0) if self.codes else 0)
+
+
+def test_plan_states(tree):
+    plan = reproduce.make_plan(load_manifest(tree / "manifests" / "uea.yaml"), runs_dir=tree / "runs",
+                               conf_dir=tree / "conf", data_dir=tree / "data")
+    by_exp = {e.entry.experiment: e for e in plan.experiments}
+    assert {k: e.state for k, e in by_exp.items()} == {
+        "uea/JapaneseVowels": "ready", "uea/Heartbeat": "ready",
+        "uea/EthanolConcentration": "data absent", "uea/FaceDetection": "not implemented"}
+    jv = {(c.attention, c.seed): c.state for c in by_exp["uea/JapaneseVowels"].cells}
+    assert jv == {("flow", 0): "done", ("flow", 1): "resume", ("softmax", 0): "mismatch", ("softmax", 1): "todo"}
+    assert by_exp["uea/JapaneseVowels"].detail == "bundled with aeon"
+    assert {c.state for c in by_exp["uea/Heartbeat"].cells} == {"todo"}
+    assert {c.state for c in by_exp["uea/FaceDetection"].cells} == {"skipped"}
+
+
+def test_dry_run_prints_plan_and_runs_nothing(tree, capsys):
+    runner = Recorder()
+    assert reproduce.main(argv(tree, "--dry-run"), runner=runner) == 0
+    assert runner.calls == []
+    out = capsys.readouterr().out
+    assert "runs (cell x seed): 16 = 1 done, 1 to resume, 5 to start, 1 config mismatch, 8 skipped " \
+           "(4 not implemented, 4 data absent)" in out
+    assert "    flow                 seed0:done  seed1:resume" in out
+    assert "Not implemented (1)" in out and "experiment/uea/FaceDetection.yaml does not exist" in out
+    assert "Skipped because the dataset is absent (1):" in out
+    assert "uea/EthanolConcentration: missing" in out and "EthanolConcentration_{TRAIN,TEST}.ts" in out
+    assert "`make data-uea`" in out
+    assert "Done with another recipe, not rerun (1):" in out and "trainer.max_epochs` = 5" in out
+    # JV: flow and softmax both still need seed 1 -> one multirun; Heartbeat: full 2x2 grid -> one multirun.
+    assert ("python -m experiments.train -m experiment=uea/JapaneseVowels model/attention=flow,softmax seed=1 "
+            "selection=best_test resume=true trainer.max_epochs=100") in out
+    assert ("python -m experiments.train -m experiment=uea/Heartbeat model/attention=flow,softmax seed=0,1 "
+            "selection=best_test resume=true trainer.max_epochs=100") in out
+    assert "Commands (2):" in out
+
+
+def test_pending_cells_that_are_not_a_grid_get_separate_commands(tree):
+    manifest = load_manifest(tree / "manifests" / "uea.yaml")
+    plan = reproduce.make_plan(manifest, runs_dir=tree / "runs", conf_dir=tree / "conf", data_dir=tree / "data",
+                               only=["uea/JapaneseVowels"], seeds=[0, 1, 2])
+    cmds = reproduce.build_commands(plan, python="py")
+    sweeps = sorted((c[5], c[6]) for c in cmds)
+    # flow: 1 resumes, 2 new; softmax: 0 is another recipe (left alone), 1 and 2 new -> same seeds, one command
+    assert sweeps == [("model/attention=flow,softmax", "seed=1,2")]
+    (tree / "runs/uea/JapaneseVowels/softmax/best_test/seed0/metrics.json").unlink()
+    plan = reproduce.make_plan(manifest, runs_dir=tree / "runs", conf_dir=tree / "conf", data_dir=tree / "data",
+                               only=["uea/JapaneseVowels"], seeds=[0, 1, 2])
+    sweeps = sorted((c[5], c[6]) for c in reproduce.build_commands(plan, python="py"))
+    assert sweeps == [("model/attention=flow", "seed=1,2"), ("model/attention=softmax", "seed=0,1,2")]
+
+
+@pytest.mark.parametrize("launcher,expected", [
+    ("basic", []), ("joblib", ["hydra/launcher=joblib"]), ("submitit", ["hydra/launcher=submitit_slurm"]),
+    ("slurm", ["hydra/launcher=slurm"]), ("local_parallel", ["hydra/launcher=local_parallel"])])
+def test_launcher_selection(launcher, expected):
+    assert reproduce.launcher_overrides(launcher) == expected
+
+
+def test_run_executes_commands_and_continues_after_failure(tree, capsys):
+    runner = Recorder(codes=[3, 0])
+    rc = reproduce.main(argv(tree, "--launcher", "joblib", "--extra", "trainer=cpu"), runner=runner)
+    assert rc == 1
+    assert len(runner.calls) == 2  # the second experiment still ran after the first failed
+    cmd, env = runner.calls[0]
+    assert cmd[1:4] == ["-m", "experiments.train", "-m"] and cmd[-2:] == ["hydra/launcher=joblib", "trainer=cpu"]
+    assert env["RUNS_DIR"] == str(tree / "runs") and env["DATA_DIR"] == str(tree / "data")
+    captured = capsys.readouterr()
+    assert "1 of 2 command(s) failed" in captured.err and "make reproduce-uea" in captured.err
+
+
+def test_selection_override_changes_where_runs_are_looked_for(tree, capsys):
+    assert reproduce.main(argv(tree, "--dry-run", "--only", "uea/JapaneseVowels", "--extra", "selection=holdout_val"),
+                          runner=Recorder()) == 0
+    out = capsys.readouterr().out
+    assert "4 to start" in out and "0 done" in out  # the best_test runs do not count for holdout_val
+    line = next(l for l in out.splitlines() if "experiment=uea/JapaneseVowels" in l)
+    assert line.count("selection=") == 1 and "selection=holdout_val" in line and "seed=0,1" in line
+
+
+def test_bad_arguments_are_explained(tree, capsys):
+    assert reproduce.main(argv(tree, "--extra", "seed=3"), runner=Recorder()) == 2
+    assert "--seeds" in capsys.readouterr().err
+    (tree / "manifests" / "uea.yaml").write_text("table: uea\nexperiments:\n  - experiment: uea/X\n    colour: red\n")
+    assert reproduce.main(argv(tree, "--dry-run"), runner=Recorder()) == 2
+    err = capsys.readouterr().err
+    assert "uea.yaml" in err and "colour" in err
+
+
+def test_repo_manifests_plan_without_error(capsys):
+    """Every table of the repo plans; unimplemented domains are reported, not dropped."""
+    for table in ("lra", "uea", "imagenet", "wikitext103", "d4rl"):
+        assert reproduce.main([table, "--dry-run", "--runs-dir", "/nonexistent/runs"], runner=Recorder()) == 0
+    out = capsys.readouterr().out
+    assert "d4rl/hopper-medium-replay" in out and "Not implemented" in out

@@ -1,0 +1,130 @@
+"""The training engine: the metrics.json contract, seeding, resume, bad input and W&B finishing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from experiments import train as train_entry
+from experiments.run_record import REQUIRED_FIELDS
+from tasks.common.classification import NonFiniteLossError
+from tests.helpers import TINY_UEA, compose_config, write_tiny_uea
+
+
+def tiny_config(tmp_path: Path, *extra: str):
+    write_tiny_uea(tmp_path / "data")
+    return compose_config(
+        ["experiment=uea/base", "data.dataset=Tiny", f"paths.data_dir={tmp_path / 'data'}", *TINY_UEA,
+         "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=1", *extra]
+    )
+
+
+def run(tmp_path: Path, run_name: str, *extra: str) -> dict:
+    return train_entry.train(tiny_config(tmp_path, *extra), tmp_path / run_name)
+
+
+def test_metrics_json_contract(tmp_path):
+    record = run(tmp_path, "a", "seed=3")
+    path = tmp_path / "a" / "metrics.json"
+    written = json.loads(path.read_text())
+    assert set(REQUIRED_FIELDS) <= set(written)
+    assert written["experiment"] == "uea/Tiny" and written["task"] == "uea" and written["dataset"] == "Tiny"
+    assert written["attention"] == "flow" and written["seed"] == 3 and written["selection"] == "best_test"
+    assert written["primary_metric"] == "accuracy" and 0 <= written["primary_value"] <= 100
+    # best_test: the reported value is the best accuracy over the evaluations (which ran on the test set)
+    assert written["primary_value"] == pytest.approx(100 * max(h["acc"] for h in written["history"]))
+    assert len(written["history"]) == 4
+    assert written["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert written["config"]["model"]["attention"]["clamp"] is None  # the time-series recipe has no clamp
+    assert record["primary_value"] == written["primary_value"]
+    assert not list(path.parent.glob(".metrics.json.*"))  # the atomic write left no temp file
+    assert (tmp_path / "a" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_same_seed_gives_same_metrics_on_cpu(tmp_path):
+    first, second = run(tmp_path, "a", "seed=1"), run(tmp_path, "b", "seed=1")
+    assert first["history"] == second["history"] and first["metrics"] == second["metrics"]
+    assert run(tmp_path, "c", "seed=2")["metrics"]["test/loss"] != first["metrics"]["test/loss"]
+
+
+def test_holdout_val_reports_test_accuracy_of_the_best_val_checkpoint(tmp_path):
+    write_tiny_uea(tmp_path / "data")
+    record = run(tmp_path, "h", "selection=holdout_val", "data.val_fraction=0.25")
+    assert record["selection"] == "holdout_val" and record["data"]["val_source"] != "TEST"
+    assert record["primary_value"] == pytest.approx(100 * record["metrics"]["test/acc"])
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    uninterrupted = run(tmp_path, "full")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(tmp_path, "resumed", "+callbacks.kill._target_=tests.helpers.InterruptAtEpoch", "+callbacks.kill.epoch=2")
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    resumed = run(tmp_path, "resumed", "resume=true")
+    assert resumed["timing"]["resumed_from"].endswith("last.ckpt")
+    assert resumed["history"] == uninterrupted["history"]
+    assert resumed["metrics"] == uninterrupted["metrics"]
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    again = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(full[key], again[key]) for key in full)
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    run(tmp_path, "r", "trainer.max_epochs=2")
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    before = hashlib.sha256(last.read_bytes()).hexdigest()
+    # 2 batches per epoch: the resumed run starts at global step 4 and is poisoned at step 5
+    with pytest.raises(NonFiniteLossError, match=r"global step 5 .*resume=true"):
+        run(tmp_path, "r", "resume=true", "+callbacks.poison._target_=tests.helpers.PoisonWeights", "+callbacks.poison.at_step=5")
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == before
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["timing"]["epochs"] == 2  # the failed run wrote none
+
+
+def test_config_key_typo_gets_hydra_error(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="datset"):
+        compose_config(["experiment=uea/JapaneseVowels", "data.datset=JapaneseVowels"])
+
+
+def test_unknown_attention_lists_the_registered_ones(tmp_path):
+    with pytest.raises(MissingConfigException, match=r"(?s)Available options.*cosformer.*flow.*softmax"):
+        compose_config(["experiment=uea/JapaneseVowels", "model/attention=flow_v2"])
+    # the registry's own error (Hydra wraps it in an InstantiationException that keeps the message)
+    with pytest.raises(Exception, match="Registered attentions: flow, flow_no_competition"):
+        run(tmp_path, "x", "model.attention.name=flow_v2")
+
+
+def test_unknown_dataset_lists_the_available_ones(tmp_path):
+    with pytest.raises(ValueError, match="JapaneseVowels"):
+        run(tmp_path, "x", "data.dataset=JapaneseVowel")
+
+
+def test_wandb_is_finished_even_when_the_run_fails(tmp_path, monkeypatch):
+    finished = []
+    fake = types.SimpleNamespace(run=object(), finish=lambda exit_code: finished.append(exit_code))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = tiny_config(tmp_path, "+callbacks.poison._target_=tests.helpers.PoisonWeights", "+callbacks.poison.at_step=0")
+    with pytest.raises(NonFiniteLossError):
+        train_entry.run_and_finish(cfg, tmp_path / "w")
+    assert finished == [1]
+
+
+@pytest.mark.slow
+def test_ddp_runs_two_cpu_processes(tmp_path):
+    import subprocess
+
+    write_tiny_uea(tmp_path / "data")
+    command = [
+        sys.executable, "-m", "experiments.train", "experiment=uea/base", "data.dataset=Tiny", "trainer=ddp",
+        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'ddp'}", *TINY_UEA, "trainer.accelerator=cpu",
+        "trainer.max_epochs=2",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert written["config"]["trainer"]["devices"] == 2 and written["config"]["trainer"]["strategy"] == "ddp"
