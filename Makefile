@@ -29,10 +29,10 @@ lock: ## re-resolve the newest allowed versions and rewrite constraints.txt (the
 	$(PY) -m pip freeze --exclude-editable | grep -v '^-e ' > constraints.txt
 
 test: ## the fast CPU test suite (slow, gpu and data tests are skipped with their reason)
-	$(PY) -m pytest -n 2 -m "not slow"
+	$(PY) -m pytest -n 2
 
 test-all: ## every test, including the slow ones (gpu/data tests still skip when their needs are absent)
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 --runslow
 
 demo: ## Flowformer on the bundled UEA JapaneseVowels (paper recipe, seed 0), printed beside the paper's 98.9
 	$(PY) -m experiments.train experiment=uea/JapaneseVowels seed=0 $(ARGS)

@@ -58,3 +58,15 @@ class InterruptAtEpoch(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             raise RuntimeError(f"simulated kill at the start of epoch {self.epoch}")
+
+
+class SleepPerEpoch(L.Callback):
+    """Slows each training epoch down so that a test can kill the process mid-run."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        import time
+
+        time.sleep(self.seconds)

@@ -128,3 +128,34 @@ def test_ddp_runs_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert written["config"]["trainer"]["devices"] == 2 and written["config"]["trainer"]["strategy"] == "ddp"
+
+
+@pytest.mark.slow
+def test_sigkilled_process_resumes_to_the_uninterrupted_result(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    write_tiny_uea(tmp_path / "data")
+    command = [
+        sys.executable, "-m", "experiments.train", "experiment=uea/base", "data.dataset=Tiny",
+        f"paths.data_dir={tmp_path / 'data'}", *TINY_UEA, "trainer.max_epochs=6", "trainer.check_val_every_n_epoch=1",
+    ]
+    subprocess.run([*command, f"hydra.run.dir={tmp_path / 'full'}"], check=True, capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [*command, f"hydra.run.dir={killed}", "+callbacks.slow._target_=tests.helpers.SleepPerEpoch", "+callbacks.slow.seconds=1.0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)  # somewhere in epoch 1 or 2
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    subprocess.run([*command, f"hydra.run.dir={killed}", "resume=true"], check=True, capture_output=True, timeout=600)
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    resumed = json.loads((killed / "metrics.json").read_text())
+    assert resumed["timing"]["resumed_from"] and resumed["history"] == full["history"]
+    assert resumed["metrics"] == full["metrics"]

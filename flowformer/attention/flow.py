@@ -7,14 +7,26 @@ Two deliberate departures from the official code, both invisible on unpadded inp
 - Padding. A padded token is neither a source nor a sink: its features are zeroed before any flow sum, and every
   count that the official code takes from the sequence length (L, S, the causal positions 1..L) is taken from the
   number of *real* tokens instead. Real positions therefore get exactly the output of the unpadded sequence.
-- Causal memory. The official causal path materialises a (B, H, L, d, dv) prefix sum of k_j v_jᵀ. Here only the
-  final aggregation needs that state, and it is computed chunk by chunk (`causal_linear_attention`), so memory is
-  linear in L. Every per-token flow quantity needs only prefix sums of (B, H, L, d) tensors.
+- Causal memory. The official causal path materialises a (B, H, L, d, dv) prefix sum of k_j v_jᵀ. Here nothing
+  larger than (B, H, L, max(d, chunk)) is built, so memory is linear in L.
+
+How it is made fast (the numbers are in results/bench/efficiency.md):
+- Every ε-shifted dot product <x + ε, a + ε> is folded into x·(a + ε) + ε·Σ(a + ε): a matrix-vector product
+  plus a per-head constant, instead of two shifted copies and a broadcast multiply-sum.
+- Non-causal: two of those products share one pass over q (the incoming flow and the conserved sink are both
+  q·(something)), and everything else is a matrix-vector product or the two (d, dv) matmuls of linear attention.
+- Causal: torch.cumsum along the sequence axis runs at ~1 ns per element on CPU, slower than a matmul. So no
+  per-token prefix sum of a (L, d) tensor is ever taken. Every causal flow is a dot product with a prefix sum,
+  q_i·Σ_{j<=i} k_j = Σ_{j<=i} q_i·k_j, which is computed from the chunk's (C, C) score matrix (already needed for
+  the aggregation) plus one chunk-level state; chunk-level states are prefix-summed with small triangular
+  matmuls (`_exclusive_chunk_prefix`). Only (B, H, L) scalars get a real cumsum.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +34,12 @@ from torch import Tensor
 
 KERNELS = ("sigmoid", "relu")
 COMPETITION_AXES = ("keys", "heads")
+BACKENDS = ("eager", "compile", "triton", "auto")
+# Tuned with `python -m experiments.bench --chunk-sweep` (results/bench/chunk_sweep.json): 64 is fastest or within
+# noise of the fastest at every L from 1024 to 16384, forward and forward+backward, on the 2-core CPU machine.
 DEFAULT_CHUNK_SIZE = 64
+# Chunk-level states are prefix-summed in groups of this many chunks (see `_exclusive_chunk_prefix`).
+_PREFIX_GROUP = 16
 # A finite "minus infinity" for masked logits: -inf would turn fully padded rows into NaN (and NaN gradients
 # through torch.where), while exp(-1e30 - x) underflows to an exact 0 in fp32.
 _MASKED_LOGIT = -1e30
@@ -65,6 +82,17 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask, query_paddi
         )
 
 
+def _check_options(kernel: str, competition_over: str, backend: str, chunk_size: int | None) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown flow-attention kernel {kernel!r}; expected one of {KERNELS}")
+    if competition_over not in COMPETITION_AXES:
+        raise ValueError(f"competition_over must be one of {COMPETITION_AXES}, got {competition_over!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown flow-attention backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None (default {DEFAULT_CHUNK_SIZE}), got {chunk_size}")
+
+
 def flow_attention(
     q: Tensor,
     k: Tensor,
@@ -94,42 +122,94 @@ def flow_attention(
             (core code 1, RL 10, NLP 5, time series and LRA none).
         kernel: "sigmoid" (paper) or "relu" (official LRA code).
         competition_over: "keys" (paper) or "heads" (the official LRA code's softmax over the heads axis).
-        chunk_size: chunk length of the causal aggregation (memory ~ L·chunk + L·d·dv/chunk per head).
-        backend: "eager" (pure PyTorch).
+        chunk_size: chunk length of the causal path (memory ~ L·max(d, chunk) per head); default
+            `DEFAULT_CHUNK_SIZE`. Every chunk size gives the same result up to rounding.
+        backend: how the maths is executed; every backend computes the same function.
+            "eager": plain PyTorch ops (default; CPU or GPU).
+            "compile": the same code under `torch.compile(dynamic=True)`; it compiles once per option set and
+                input rank (seconds), then fuses the element-wise work. Falls back to eager, with a warning, when
+                compilation fails (e.g. no C++ compiler).
+            "triton": the causal aggregation Σ_{j<=i} (q_i·k_j) w_j runs in a fused Triton kernel
+                (`triton_causal.py`, forward and backward); needs a CUDA tensor, or TRITON_INTERPRET=1 on CPU
+                (slow, for tests). The per-token flows and the non-causal path stay eager.
+            "auto": "triton" for causal CUDA inputs when Triton is importable, otherwise "eager".
     Returns:
         (B, H, L, dv), in the dtype of q. Outputs at padded query positions are exactly 0.
     """
     _check_inputs(q, k, v, key_padding_mask, query_padding_mask)
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown flow-attention kernel {kernel!r}; expected one of {KERNELS}")
-    if competition_over not in COMPETITION_AXES:
-        raise ValueError(f"competition_over must be one of {COMPETITION_AXES}, got {competition_over!r}")
-    if backend != "eager":
-        raise ValueError(f"unknown flow-attention backend {backend!r}; available: 'eager'")
+    _check_options(kernel, competition_over, backend, chunk_size)
     if causal:
-        if q.shape[-2] != k.shape[-2]:
-            raise NotImplementedError(
-                f"causal flow attention needs self-attention (L == S), got L={q.shape[-2]}, S={k.shape[-2]}; "
-                "use causal=False for cross-attention"
-            )
-        if competition_over == "heads":
-            raise NotImplementedError(
-                "flow attention with competition over heads (flow_lra_official, the official LRA variant) has no causal "
-                "form; use model/attention=flow (competition_over='keys') for causal models"
-            )
+        _check_causal(q, k, competition_over)
         # Causal attention is self-attention: one mask describes both sides.
         if key_padding_mask is None:
             key_padding_mask = query_padding_mask
         if query_padding_mask is None:
             query_padding_mask = key_padding_mask
+    backend = resolve_backend(backend, q, causal)
 
     out_dtype = q.dtype
+    q, k, v, q_real, k_real = _prepare(q, k, v, query_padding_mask, key_padding_mask, kernel)
+    options = dict(competition=competition, allocation=allocation, clamp=clamp, eps=eps)
+    if causal:
+        chunk = int(chunk_size or DEFAULT_CHUNK_SIZE)
+        if backend == "triton":
+            from flowformer.attention.triton_causal import causal_linear_attention_triton
+
+            out, _ = _causal_flow(q, k, v, q_real, k_real, chunk_size=chunk, aggregate=causal_linear_attention_triton, **options)
+        else:
+            core = _compiled("causal", _causal_flow) if backend == "compile" else _causal_flow
+            out, _ = core(q, k, v, q_real, k_real, chunk_size=chunk, **options)
+    else:
+        core = _compiled("noncausal", _noncausal_flow) if backend == "compile" else _noncausal_flow
+        out = core(q, k, v, q_real, k_real, competition_over=competition_over, **options)
+    if q_real is not None:
+        out = out * q_real
+    return out.to(out_dtype)
+
+
+def _check_causal(q: Tensor, k: Tensor, competition_over: str) -> None:
+    if q.shape[-2] != k.shape[-2]:
+        raise NotImplementedError(
+            f"causal flow attention needs self-attention (L == S), got L={q.shape[-2]}, S={k.shape[-2]}; "
+            "use causal=False for cross-attention"
+        )
+    if competition_over == "heads":
+        raise NotImplementedError(
+            "flow attention with competition over heads (flow_lra_official, the official LRA variant) has no causal "
+            "form; use model/attention=flow (competition_over='keys') for causal models"
+        )
+
+
+def resolve_backend(backend: str, q: Tensor, causal: bool) -> str:
+    """The backend that `flow_attention` will actually run for `backend` on inputs like `q`."""
+    if backend == "auto":
+        return "triton" if (causal and q.is_cuda and triton_available()) else "eager"
+    if backend == "triton" and causal:
+        from flowformer.attention.triton_causal import check_triton_usable
+
+        check_triton_usable(q)
+    return backend
+
+
+def triton_available() -> bool:
+    """True when the `triton` package can be imported."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _prepare(q, k, v, query_padding_mask, key_padding_mask, kernel):
+    """Upcast to the compute dtype, apply the feature map and zero padded tokens.
+
+    Returns q, k (feature-mapped), v and the (B, 1, N, 1) real-token weights (None without a mask).
+    """
     # Flows are sums over the whole sequence: accumulate them in fp32 whatever the input precision.
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
     q_real = _real_token_weights(query_padding_mask, q)
     k_real = _real_token_weights(key_padding_mask, k)
-
     q = feature_map(q, kernel)
     k = feature_map(k, kernel)
     if q_real is not None:
@@ -137,82 +217,317 @@ def flow_attention(
     if k_real is not None:
         k = k * k_real
         v = v * k_real
-
-    options = dict(competition=competition, allocation=allocation, clamp=clamp, eps=eps)
-    if causal:
-        out = _causal_flow(q, k, v, q_real, k_real, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, **options)
-    else:
-        out = _noncausal_flow(q, k, v, q_real, k_real, competition_over=competition_over, **options)
-    if q_real is not None:
-        out = out * q_real
-    return out.to(out_dtype)
+    return q, k, v, q_real, k_real
 
 
-def _dot_with(x: Tensor, y: Tensor) -> Tensor:
-    """Row-wise dot product over the last axis: (..., N, d) · (..., N or 1, d) -> (..., N)."""
-    return (x * y).sum(-1)
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled(name: str, fn: Callable) -> Callable:
+    """`fn` under torch.compile (dynamic shapes, so one graph serves every length), or `fn` when that fails."""
+    if name not in _COMPILED:
+        compiled = torch.compile(fn, dynamic=True)
+
+        def run(*args, **kwargs):
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as error:  # a missing compiler or an unsupported op must not stop training
+                warnings.warn(
+                    f"flow_attention(backend='compile') could not compile ({type(error).__name__}: {error}); "
+                    "falling back to backend='eager' for the rest of this process",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                _COMPILED[name] = fn
+                return fn(*args, **kwargs)
+
+        _COMPILED[name] = run
+    return _COMPILED[name]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Non-causal
+# ------------------------------------------------------------------------------------------------------------------
 
 
 def _noncausal_flow(q, k, v, q_real, k_real, *, competition, allocation, clamp, eps, competition_over):
+    """q, k: (B, H, L|S, d) feature-mapped and masked; v: (B, H, S, dv). Returns (B, H, L, dv)."""
     n_sinks = q.new_tensor(q.shape[-2]) if q_real is None else q_real.sum(-2, keepdim=True).squeeze(-1)
     n_sources = k.new_tensor(k.shape[-2]) if k_real is None else k_real.sum(-2, keepdim=True).squeeze(-1)
     n_sinks, n_sources = n_sinks.clamp_min(1), n_sources.clamp_min(1)  # (B,1,1) or scalar
 
-    # (1) incoming flow of each sink and outgoing flow of each source
-    incoming = _dot_with(q + eps, k.sum(-2, keepdim=True) + eps)  # I_i, (B,H,L)
-    outgoing = _dot_with(k + eps, q.sum(-2, keepdim=True) + eps)  # O_j, (B,H,S)
-    # (2) conservation refinement
-    conserved_sink = _dot_with(q + eps, (k / outgoing[..., None]).sum(-2, keepdim=True) + eps)
-    conserved_source = _dot_with(k + eps, (q / incoming[..., None]).sum(-2, keepdim=True) + eps)
-    if clamp is not None:
-        conserved_source = conserved_source.clamp(-clamp, clamp)
-    # (3) allocation of sinks, competition of sources
-    allocation_gate = torch.sigmoid(conserved_sink * (n_sinks / n_sources)) if allocation else 1.0
-    if not competition:
-        weighted_v = v
+    # Column vectors (B, H, d, 1) so that every flow is one matrix-vector product.
+    # <x + ε, a> = x·a + ε·Σa, with a = (Σ k) + ε etc.
+    k_total = k.sum(-2, keepdim=True).transpose(-2, -1) + eps  # Σ_j k_j + ε
+    q_total = q.sum(-2, keepdim=True).transpose(-2, -1) + eps  # Σ_i q_i + ε
+    # (1) outgoing flow O_j of each source, then Σ_j k_j / O_j for the conserved sink
+    outgoing = k @ q_total + eps * q_total.sum(-2, keepdim=True)  # (B,H,S,1)
+    source_scale = 1.0 / outgoing
+    if allocation:
+        # (1)+(2) incoming flow I_i and conserved sink Î_i share one pass over q
+        k_weighted = k.transpose(-2, -1) @ source_scale + eps  # Σ_j k_j / O_j + ε, (B,H,d,1)
+        vectors = torch.cat([k_total, k_weighted], dim=-1)  # (B,H,d,2)
+        flows = q @ vectors + eps * vectors.sum(-2, keepdim=True)  # (B,H,L,2)
+        incoming, conserved_sink = flows[..., 0], flows[..., 1]
     else:
+        incoming = (q @ k_total).squeeze(-1) + eps * k_total.sum((-2, -1))[..., None]
+    sink_scale = 1.0 / incoming  # (B,H,L)
+    # (3) allocation of sinks
+    if allocation:
+        gate_over_incoming = torch.sigmoid(conserved_sink * (n_sinks / n_sources)) * sink_scale
+    else:
+        gate_over_incoming = sink_scale
+    # (2)+(3) conserved source Ô_j and competition of sources
+    if competition:
+        q_weighted = q.transpose(-2, -1) @ sink_scale[..., None] + eps  # Σ_i q_i / I_i + ε, (B,H,d,1)
+        conserved_source = (k @ q_weighted).squeeze(-1) + eps * q_weighted.sum((-2, -1))[..., None]  # (B,H,S)
+        if clamp is not None:
+            conserved_source = conserved_source.clamp(-clamp, clamp)
         if competition_over == "heads":
             weights = torch.softmax(conserved_source, dim=1)
         else:
-            logits = conserved_source
             if k_real is not None:
-                logits = logits.masked_fill(k_real.squeeze(-1) == 0, _MASKED_LOGIT)
-            weights = torch.softmax(logits, dim=-1)
-        weighted_v = v * (weights * n_sources)[..., None]
+                conserved_source = conserved_source.masked_fill(k_real.squeeze(-1) == 0, _MASKED_LOGIT)
+            weights = torch.softmax(conserved_source, dim=-1)
+        v = v * (weights * n_sources)[..., None]
     # (4) aggregation in linear order: (q kᵀ) v computed as q (kᵀ v)
-    kv = k.transpose(-2, -1) @ weighted_v  # (B,H,d,dv)
-    return (q @ kv) * (allocation_gate / incoming)[..., None]
+    kv = k.transpose(-2, -1) @ v  # (B,H,d,dv)
+    return (q @ kv) * gate_over_incoming[..., None]
 
 
-def _causal_flow(q, k, v, q_real, k_real, *, competition, allocation, clamp, eps, chunk_size):
-    length = q.shape[-2]
-    # Counts of real sinks / sources up to each position (the official code's `normal` = 1..L).
-    positions = torch.arange(1, length + 1, device=q.device, dtype=q.dtype)
-    sinks_so_far = positions if q_real is None else q_real.squeeze(-1).cumsum(-1).clamp_min(1)
-    sources_so_far = positions if k_real is None else k_real.squeeze(-1).cumsum(-1).clamp_min(1)
+# ------------------------------------------------------------------------------------------------------------------
+# Causal
+# ------------------------------------------------------------------------------------------------------------------
 
-    # (1) causal incoming / outgoing flow, normalised by the prefix counts
-    incoming = _dot_with(q + eps, k.cumsum(-2) + eps)  # I_i over sources j <= i
-    outgoing = _dot_with(k + eps, q.cumsum(-2) + eps)  # O_j over sinks i <= j
-    sink_scale = sources_so_far / incoming
-    source_scale = sinks_so_far / outgoing
-    # (2) conservation refinement
-    conserved_sink = _dot_with(q + eps, (k * source_scale[..., None]).cumsum(-2) + eps) / sources_so_far
-    conserved_source = _dot_with(k + eps, (q * sink_scale[..., None]).cumsum(-2) + eps) / sinks_so_far
-    if clamp is not None:
-        conserved_source = conserved_source.clamp(-clamp, clamp)
-    # (3) allocation, and competition among the sources seen so far (a prefix softmax).
-    allocation_gate = torch.sigmoid(conserved_sink) if allocation else 1.0
+# Keys of the running sums that carry a causal pass over to the next one (see recurrent.py, `FlowState`).
+STATE_KEYS = ("sinks", "sources", "q_sum", "k_sum", "sq_sum", "ok_sum", "lse", "kv")
+
+
+def _causal_flow(
+    q,
+    k,
+    v,
+    q_real,
+    k_real,
+    *,
+    competition,
+    allocation,
+    clamp,
+    eps,
+    chunk_size,
+    initial: dict[str, Tensor] | None = None,
+    return_state: bool = False,
+    aggregate: Callable | None = None,
+):
+    """Causal flow attention, chunked. q, k: (B, H, L, d) feature-mapped and masked; v: (B, H, L, dv).
+
+    `initial` (keys `STATE_KEYS`, see `recurrent.FlowState`) continues a sequence whose prefix was already
+    processed. `aggregate(q, k, w) -> Σ_{j<=i} (q_i·k_j) w_j` replaces the built-in chunked aggregation (the Triton
+    backend). Returns (out (B, H, L, dv), final state dict or None).
+    """
+    batch, heads, length, dim = q.shape
+    chunk = max(1, min(int(chunk_size), length))
+    n_chunks = math.ceil(length / chunk)
+    padded = n_chunks * chunk
+    tail = padded - length
+    if tail:
+        # Zero tokens at the tail: they add nothing to any prefix; their rows are cropped at the end.
+        pad = (0, 0, 0, tail)
+        q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+
+    def chunked(x: Tensor) -> Tensor:  # (B, H, padded, X) -> (B, H, N, C, X)
+        return x.view(batch, heads, n_chunks, chunk, x.shape[-1])
+
+    def flat(x: Tensor) -> Tensor:  # (B, H, N, C) -> (B, H, padded)
+        return x.reshape(batch, heads, padded)
+
+    def rowdot(x: Tensor, prev: Tensor) -> Tensor:  # x (B,H,N,C,d) · prev (B,H,N,d) -> (B,H,padded)
+        return flat((x @ prev[..., None]).squeeze(-1))
+
+    # Real sinks / sources up to each position (the official code's `normal` = 1..L), shape (B|1, 1|H, padded).
+    sinks_so_far = _running_count(q_real, length, tail, q)
+    sources_so_far = _running_count(k_real, length, tail, q)
+    if initial is not None:
+        sinks_so_far = sinks_so_far + initial["sinks"][:, None, None]
+        sources_so_far = sources_so_far + initial["sources"][:, None, None]
+    sinks_so_far, sources_so_far = sinks_so_far.clamp_min(1), sources_so_far.clamp_min(1)
+
+    def start(key: str) -> Tensor | None:  # the carried-over (B, H, d) sum, as a chunk-level offset
+        return None if initial is None else initial[key]
+
+    qc, kc = chunked(q), chunked(k)
+    scores = qc @ kc.transpose(-2, -1)  # (B,H,N,C,C): scores[t, u] = q_t·k_u within a chunk
+    # sink t sees the sources u <= t; source u counts the sinks t <= u
+    below, above = scores.tril(), scores.triu()
+    del scores
+    q_rows, k_rows = q.sum(-1), k.sum(-1)  # Σ_d q_i, Σ_d k_j: (B,H,padded)
+    shift = dim * eps * eps
+
+    # (1) I_i = <q_i+ε, K_i+ε> = q_i·K_i + ε Σ_d q_i + ε Σ_d K_i + dε², with K_i = Σ_{j<=i} k_j, and
+    # q_i·K_i = Σ_{j<=i in the chunk} q_i·k_j + q_i·(Σ of earlier chunks). O_j likewise over sinks i <= j.
+    k_before = _chunk_offsets(kc.sum(-2), start("k_sum"))  # (B,H,N,d)
+    q_before = _chunk_offsets(qc.sum(-2), start("q_sum"))
+    incoming = flat(below.sum(-1)) + rowdot(qc, k_before) + eps * (q_rows + _scalar_prefix(k_rows, start("k_sum"))) + shift
+    outgoing = flat(above.sum(-2)) + rowdot(kc, q_before) + eps * (k_rows + _scalar_prefix(q_rows, start("q_sum"))) + shift
+    sink_scale = sources_so_far / incoming  # s_i
+    source_scale = sinks_so_far / outgoing  # o_j
+    if tail:
+        # tail rows must add exactly nothing to the running sums below (0 * inf would be NaN when eps = 0)
+        sink_scale, source_scale = _zero_tail(sink_scale, tail), _zero_tail(source_scale, tail)
+
+    state: dict[str, Tensor] = {}
+    # (2)+(3) conserved source Ô_j = <k_j+ε, Σ_{i<=j} s_i q_i + ε> / m_j, clamp, prefix softmax
     if competition:
+        sq_chunks = (sink_scale.view(batch, heads, n_chunks, 1, chunk) @ qc).squeeze(-2)  # Σ_chunk s_i q_i
+        sq_before = _chunk_offsets(sq_chunks, start("sq_sum"))
+        conserved_source = (
+            flat((sink_scale.view(batch, heads, n_chunks, 1, chunk) @ above).squeeze(-2))
+            + rowdot(kc, sq_before)
+            + eps * (k_rows + _scalar_prefix(sink_scale * q_rows, start("sq_sum")))
+            + shift
+        ) / sinks_so_far
+        if clamp is not None:
+            conserved_source = conserved_source.clamp(-clamp, clamp)
         logits = conserved_source
         if k_real is not None:
-            logits = logits.masked_fill(k_real.squeeze(-1) == 0, _MASKED_LOGIT)
+            logits = logits.masked_fill(F.pad(k_real.squeeze(-1), (0, tail), value=1.0) == 0, _MASKED_LOGIT)
         # logcumsumexp keeps the prefix softmax stable without a clamp and exactly causal
-        weights = torch.exp(logits - torch.logcumsumexp(logits, dim=-1))
-        v = v * (weights * sources_so_far)[..., None]
-    # (4) causal aggregation
-    out = causal_linear_attention(q, k, v, chunk_size=chunk_size)
-    return out * (allocation_gate / incoming)[..., None]
+        lse = torch.logcumsumexp(logits, dim=-1)
+        if initial is not None:
+            lse = torch.logaddexp(lse, initial["lse"][..., None])
+        weights = torch.exp(logits - lse) * sources_so_far
+        v = v * weights[..., None]
+        if return_state:
+            state["sq_sum"] = sq_chunks.sum(2) + (0 if initial is None else initial["sq_sum"])
+            state["lse"] = lse[..., length - 1]
+
+    # (2)+(3) conserved sink Î_i = <q_i+ε, Σ_{j<=i} o_j k_j + ε> / n_i; it rides along the aggregation as an
+    # extra value column o_j, since Σ_{j<=i} (q_i·k_j) o_j is exactly q_i·Σ_{j<=i} o_j k_j.
+    if allocation:
+        values = torch.cat([v, source_scale[..., None]], dim=-1)
+    else:
+        values = v
+
+    # (4) aggregation Σ_{j<=i} (q_i·k_j) w_j
+    if aggregate is None:
+        vc = chunked(values)
+        states = kc.transpose(-2, -1) @ vc  # (B,H,N,d,dv') one kᵀw state per chunk
+        before = _chunk_offsets(states.flatten(-2), _flatten_start(start("kv"), start("ok_sum"), allocation))
+        mixed = below @ vc + qc @ before.view_as(states)
+        mixed = mixed.view(batch, heads, padded, -1)
+        if return_state:
+            total = states.sum(2)  # (B,H,d,dv')
+            if initial is not None:
+                total = total + _flatten_start(initial["kv"], initial["ok_sum"], allocation).view_as(total)
+            state["kv"] = total[..., : v.shape[-1]]
+            if allocation:
+                state["ok_sum"] = total[..., -1]
+    else:
+        if initial is not None:
+            raise NotImplementedError("a custom aggregation cannot continue from an initial state; use the eager backend")
+        mixed = aggregate(q, k, values)
+        if return_state:
+            state["kv"] = k.transpose(-2, -1) @ v
+            if allocation:
+                state["ok_sum"] = (k * source_scale[..., None]).sum(-2)
+    out = mixed[..., : v.shape[-1]]
+    if allocation:
+        ok_dot = mixed[..., -1]
+        conserved_sink = (ok_dot + eps * (q_rows + _scalar_prefix(source_scale * k_rows, start("ok_sum"))) + shift) / sources_so_far
+        gate_over_incoming = torch.sigmoid(conserved_sink) / incoming
+    else:
+        gate_over_incoming = 1.0 / incoming
+    out = out * gate_over_incoming[..., None]
+    if tail:
+        out = out[:, :, :length]
+
+    if not return_state:
+        return out, None
+    state["sinks"] = _count_total(q_real, length, batch, q) + (0 if initial is None else initial["sinks"])
+    state["sources"] = _count_total(k_real, length, batch, q) + (0 if initial is None else initial["sources"])
+    state["q_sum"] = q.sum(-2) + (0 if initial is None else initial["q_sum"])
+    state["k_sum"] = k.sum(-2) + (0 if initial is None else initial["k_sum"])
+    state["sq_sum"] = state.get("sq_sum", _carry(initial, "sq_sum", q, (batch, heads, dim)))
+    state["ok_sum"] = state.get("ok_sum", _carry(initial, "ok_sum", q, (batch, heads, dim)))
+    state["lse"] = state.get("lse", _carry(initial, "lse", q, (batch, heads), fill=_MASKED_LOGIT))
+    return out, state
+
+
+def _running_count(real: Tensor | None, length: int, tail: int, like: Tensor) -> Tensor:
+    """Number of real tokens up to each position: (1, 1, padded) without a mask, (B, 1, padded) with one.
+
+    The tail is padded with ones: those rows are cropped, the value only has to be a harmless non-zero count.
+    """
+    if real is None:
+        counts = torch.arange(1, length + 1, device=like.device, dtype=like.dtype)[None, None]
+    else:
+        counts = real.squeeze(-1).cumsum(-1)
+    return F.pad(counts, (0, tail), value=1.0) if tail else counts
+
+
+def _count_total(real: Tensor | None, length: int, batch: int, like: Tensor) -> Tensor:
+    """(B,) number of real tokens."""
+    if real is None:
+        return torch.full((batch,), float(length), device=like.device, dtype=like.dtype)
+    return real.sum((1, 2, 3))
+
+
+def _carry(initial, key, like, shape, fill=0.0):
+    """A running sum this pass did not need (its option is off): carried over unchanged, or its empty value."""
+    if initial is not None:
+        return initial[key]
+    return torch.full(shape, fill, device=like.device, dtype=like.dtype)
+
+
+def _zero_tail(x: Tensor, tail: int) -> Tensor:
+    return torch.cat([x[..., :-tail], x.new_zeros(x.shape[:-1] + (tail,))], dim=-1)
+
+
+def _flatten_start(kv: Tensor | None, ok_sum: Tensor | None, allocation: bool) -> Tensor | None:
+    """The carried (d, dv) state, with the Σ o_j k_j column appended when allocation is on, flattened."""
+    if kv is None:
+        return None
+    if allocation:
+        kv = torch.cat([kv, ok_sum[..., None]], dim=-1)
+    return kv.flatten(-2)
+
+
+def _scalar_prefix(x: Tensor, start: Tensor | None) -> Tensor:
+    """Inclusive prefix sum of (B, H, L) scalars, plus Σ_d of the carried (B, H, d) sum."""
+    out = x.cumsum(-1)
+    return out if start is None else out + start.sum(-1, keepdim=True)
+
+
+def _chunk_offsets(per_chunk: Tensor, start: Tensor | None) -> Tensor:
+    """(B, H, N, M) per-chunk sums -> the sum over all *earlier* chunks (plus the carried `start` (B, H, M))."""
+    out = _exclusive_chunk_prefix(per_chunk)
+    return out if start is None else out + start[:, :, None]
+
+
+def _strict_lower(n: int, like: Tensor) -> Tensor:
+    return torch.ones(n, n, device=like.device, dtype=like.dtype).tril(-1)
+
+
+def _exclusive_chunk_prefix(x: Tensor) -> Tensor:
+    """y[..., n, :] = Σ_{m<n} x[..., m, :] for x (..., N, M).
+
+    Computed with (G, G) strictly-lower-triangular matmuls on groups of G = `_PREFIX_GROUP` chunks and a recursive
+    prefix over the group totals: O(N·M·G) flops. torch.cumsum over a non-last axis is far slower on CPU (it
+    was ~30% of the causal forward before this), and a single (N, N) matmul would be quadratic in N. Entries
+    for chunk n never read chunks > n except as exact zeros, so earlier outputs stay bit-identical when later
+    tokens change.
+    """
+    n = x.shape[-2]
+    if n <= _PREFIX_GROUP:
+        return _strict_lower(n, x) @ x
+    groups = math.ceil(n / _PREFIX_GROUP)
+    if groups * _PREFIX_GROUP != n:
+        x = F.pad(x, (0, 0, 0, groups * _PREFIX_GROUP - n))
+    grouped = x.reshape(x.shape[:-2] + (groups, _PREFIX_GROUP, x.shape[-1]))
+    within = _strict_lower(_PREFIX_GROUP, x) @ grouped
+    before = _exclusive_chunk_prefix(grouped.sum(-2))
+    out = (within + before.unsqueeze(-2)).reshape(x.shape)
+    return out[..., :n, :]
 
 
 def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
@@ -236,12 +551,9 @@ def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int 
     kc = k.reshape(batch, heads, n_chunks, chunk, dim)
     vc = v.reshape(batch, heads, n_chunks, chunk, dim_v)
 
-    future = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-    scores = (qc @ kc.transpose(-2, -1)).masked_fill(future, 0.0)
-    intra = scores @ vc
-
+    intra = (qc @ kc.transpose(-2, -1)).tril() @ vc
     states = kc.transpose(-2, -1) @ vc  # (B,H,N,d,dv): one state per chunk
-    # exclusive prefix: chunk n sees the states of chunks < n (shift, not subtract, so it stays exactly causal)
-    before = torch.cat([torch.zeros_like(states[:, :, :1]), states[:, :, :-1].cumsum(2)], dim=2)
+    # exclusive prefix: chunk n sees the states of chunks < n
+    before = _exclusive_chunk_prefix(states.flatten(-2)).view_as(states)
     inter = qc @ before
     return (intra + inter).reshape(batch, heads, padded, dim_v)[:, :, :length]

@@ -1,0 +1,73 @@
+"""Blocks and the multi-head layer: pre/post-LN, causal decoding, padding, and the time-series classifier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowformer.attention.layer import MultiHeadAttention
+from flowformer.models import TimeSeriesClassifier
+from flowformer.nn.blocks import CausalDecoderBlock, Encoder, EncoderBlock
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("attention", ["flow", "softmax", "linear"])
+def test_encoder_block_ignores_padding(norm_first, attention):
+    torch.manual_seed(0)
+    block = EncoderBlock(16, 2, 32, attention=attention, dropout=0.0, norm_first=norm_first).eval()
+    x = torch.randn(2, 9, 16)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 6:] = True
+    out = block(x, mask)
+    torch.testing.assert_close(out[0, :6], block(x[:1, :6])[0], rtol=1e-5, atol=1e-5)
+    assert out.shape == x.shape
+
+
+def test_pre_and_post_ln_differ():
+    torch.manual_seed(0)
+    pre = EncoderBlock(8, 2, 16, dropout=0.0, norm_first=True).eval()
+    post = EncoderBlock(8, 2, 16, dropout=0.0, norm_first=False).eval()
+    post.load_state_dict(pre.state_dict())
+    x = torch.randn(1, 5, 8)
+    assert not torch.allclose(pre(x), post(x))
+    # post-LN ends with a LayerNorm: every position is normalised
+    torch.testing.assert_close(post(x).mean(-1), torch.zeros(1, 5), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["flow", "softmax", "linear", "cosformer", "performer"])
+def test_causal_decoder_block_is_causal(attention):
+    torch.manual_seed(0)
+    block = CausalDecoderBlock(16, 2, 32, attention=attention, dropout=0.0).eval()
+    x = torch.randn(1, 12, 16)
+    changed = x.clone()
+    changed[:, 7:] = torch.randn(1, 5, 16)
+    torch.testing.assert_close(block(x)[:, :7], block(changed)[:, :7], rtol=1e-6, atol=1e-6)
+
+
+def test_layer_options_and_bias():
+    layer = MultiHeadAttention(16, 4, attention={"name": "flow_lra_official", "proj_bias": False})
+    assert layer.q_proj.bias is None and layer.out_proj.bias is None
+    assert layer.op.options["competition_over"] == "heads" and layer.op.options["kernel"] == "relu"
+    cross = MultiHeadAttention(16, 4, attention={"name": "flow", "clamp": 5.0})
+    assert cross(torch.randn(2, 3, 16), torch.randn(2, 7, 16)).shape == (2, 3, 16)
+    with pytest.raises(ValueError, match="divisible"):
+        MultiHeadAttention(10, 4)
+
+
+def test_encoder_stack_and_final_norm():
+    encoder = Encoder(3, final_norm=True, d_model=8, n_heads=2, d_ff=16, dropout=0.0)
+    assert len(encoder.layers) == 3
+    assert encoder(torch.randn(2, 4, 8)).shape == (2, 4, 8)
+
+
+def test_time_series_classifier_ignores_padded_steps():
+    torch.manual_seed(0)
+    model = TimeSeriesClassifier(3, 4, 10, d_model=16, n_heads=2, n_layers=2, d_ff=32, attention={"name": "flow", "clamp": None}).eval()
+    x = torch.randn(1, 10, 3)
+    mask = torch.zeros(1, 10, dtype=torch.bool)
+    mask[:, 7:] = True
+    noisy = x.clone()
+    noisy[:, 7:] = 100.0
+    torch.testing.assert_close(model(x, mask), model(noisy, mask))
+    with pytest.raises(ValueError, match="max_len=10"):
+        model(torch.randn(1, 9, 3))
