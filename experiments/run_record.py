@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tasks.common.atomic_io import write_text_atomic
+
 # Packages whose versions decide whether a result can be redone; recorded in every metrics.json.
 RECORDED_PACKAGES = (
     "torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "numpy", "pandas", "aeon", "scikit-learn",
     "wandb", "timm", "datasets", "gymnasium", "mujoco", "flowformer-suite",
-)
-REQUIRED_FIELDS = (
-    "experiment", "task", "dataset", "attention", "seed", "selection", "primary_metric", "primary_value",
-    "metrics", "git_sha", "versions", "started_at", "finished_at", "status",
 )
 
 
@@ -49,16 +45,5 @@ def git_sha(cwd: Path | None = None) -> str | None:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to a temp file in the same folder and rename it over `path`: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2, sort_keys=False, default=str)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `payload` as JSON through a temporary file and a rename: readers never see half a file."""
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str))

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from results.atomic_io import write_text_atomic
+from tasks.common.atomic_io import write_text_atomic
 from results.manifest import MANIFEST_DIR, Manifest, ManifestError, load_manifests
 from results.naming import TABLES
 from results.paper_tables import PAPER_DIR, load_paper_table

@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
 
-from results.atomic_io import atomic_path
+from tasks.common.atomic_io import atomic_path
 from results.records import Record
 from results.tables import TableResult
 

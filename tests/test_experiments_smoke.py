@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.run_record import REQUIRED_FIELDS
 from experiments.train import train
+from results.records import validate_metrics
 from tests.helpers import CONF_DIR, compose_config
 
 EXPERIMENTS = sorted(
@@ -37,7 +37,7 @@ def test_experiment_runs_one_step(experiment, tmp_path):
     )
     record = train(cfg, tmp_path / "run")
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert set(REQUIRED_FIELDS) <= set(written)
+    assert validate_metrics(written) == ("", [])  # the aggregator accepts it as a complete run
     assert written["experiment"] == cfg.experiment_name and written["status"] == "complete"
     assert record["primary_value"] == written["primary_value"]
     assert written["primary_value"] == written["primary_value"]  # not NaN

@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader never sees a half-written table, README or figure."""
+"""Atomic file writes: a reader never sees a half-written metrics.json, checkpoint, table or figure."""
 from __future__ import annotations
 
 import os
@@ -22,6 +22,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # flush the data to disk before the rename publishes it, so a crash cannot leave an empty file behind
+        with open(tmp_path, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
