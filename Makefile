@@ -36,7 +36,7 @@ test-all: ## every test, including the slow ones (gpu/data tests still skip when
 
 demo: ## Flowformer on the bundled UEA JapaneseVowels (paper recipe, seed 0), printed beside the paper's 98.9
 	$(PY) -m experiments.train experiment=uea/JapaneseVowels seed=0 $(ARGS)
-	$(PY) -m results.aggregate --runs $(RUNS_DIR) --out results/tables --tables uea
+	$(PY) -m results.aggregate --runs $(RUNS_DIR) --out results/tables --tables uea --show JapaneseVowels
 
 reproduce-%: ## run a table's manifest (uea, lra, imagenet, wikitext103, d4rl); resumable. DRY=1 plans only; LAUNCHER=basic|joblib|submitit; SEEDS='0 1'; EXTRA='trainer=gpu'
 	$(PY) -m experiments.reproduce $* --launcher $(LAUNCHER) --runs-dir $(RUNS_DIR) $(if $(filter 1 yes true,$(DRY)),--dry-run,) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(EXTRA),--extra $(EXTRA),) $(ARGS)

@@ -13,6 +13,8 @@ are listed with their path on stderr and in the README, and never averaged. Exit
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import os
 import shlex
 import sys
@@ -119,7 +121,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb-group", default=None, help="only runs of this W&B group")
     p.add_argument("--wandb-tags", default="", help="comma-separated tags a run must all carry")
     p.add_argument("--strict", action="store_true", help="exit 1 when any run was skipped")
+    p.add_argument("--show", metavar="ROW", help="print our filled cells of this row beside the paper (e.g. JapaneseVowels)")
     return p
+
+
+def describe_row(result: TableResult, row: str) -> list[str]:
+    """One line per filled cell of `row`: ours (mean ± std, n) beside the paper's value and the difference."""
+    lines = []
+    for cell in csv.DictReader(io.StringIO(render_csv(result))):
+        if cell["row"] != row or cell["n"] in ("", "0"):
+            continue
+        spread = f" ± {float(cell['std']):.2f}" if cell["std"] else ""
+        paper = f"paper {float(cell['paper']):.2f} (ours − paper = {float(cell['delta']):+.2f})" if cell["paper"] else "no paper value"
+        lines.append(f"{result.name} · {row} · {cell['model']} · {cell['selection']}: ours {float(cell['mean']):.2f}{spread} "
+                     f"(n={cell['n']}); {paper}")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None, *, wandb_api: Any = None) -> int:
@@ -175,6 +191,9 @@ def main(argv: Sequence[str] | None = None, *, wandb_api: Any = None) -> int:
             st = result.status(sel)
             print(f"{name:12s} {sel:12s} {st.compared:3d} of {st.with_paper:3d} cells filled; "
                   f"{st.within} within max(1 pt, paper std), {st.better} better, {st.worse} worse")
+    if args.show:
+        shown = [line for result in results.values() for line in describe_row(result, args.show)]
+        print("\n".join(shown) if shown else f"no filled cell in row {args.show!r} yet")
     print(f"tables -> {args.out}" + (f"; {len(figures)} figure(s) -> {args.figures}" if figures else "")
           + ("" if args.no_readme else f"; README -> {args.readme}"))
     for p in problems:

@@ -140,6 +140,16 @@ def test_demo_run_shows_one_cell_beside_paper_and_everything_else_missing(tmp_pa
     assert "## Long Range Arena" in readme and "| JapaneseVowels | 97.30 (1) | 98.9 |" in readme
 
 
+def test_show_prints_the_filled_cells_of_a_row_beside_the_paper(tmp_path, capsys):
+    write_run(tmp_path / "runs", "uea/JapaneseVowels", "flow", 0, 97.0)
+    write_run(tmp_path / "runs", "uea/JapaneseVowels", "flow", 1, 99.0)
+    run_cli(tmp_path, "--tables", "uea", "--show", "JapaneseVowels")
+    printed = capsys.readouterr().out
+    assert "uea · JapaneseVowels · Flowformer · best_test: ours 98.00 ± 1.41 (n=2); paper 98.90 (ours − paper = -0.90)" in printed
+    run_cli(tmp_path, "--tables", "uea", "--show", "Heartbeat")
+    assert "no filled cell in row 'Heartbeat' yet" in capsys.readouterr().out
+
+
 def test_within_better_worse_use_paper_std_and_direction():
     assert classify(98.0, 98.9, None, False) == "within"            # |d| = 0.9 <= 1 point
     assert classify(97.8, 98.9, None, False) == "worse"
