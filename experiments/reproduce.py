@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import importlib
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -35,6 +34,7 @@ from typing import Callable, Sequence
 from results.manifest import MANIFEST_DIR, ExperimentEntry, Manifest, ManifestError, load_manifest
 from results.naming import TABLES, domain_of
 from results.records import METRICS_FILE, check_config, read_metrics_file
+from tasks.uea.datasets import aeon_bundled_data_dir, datasets_in, split_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -66,23 +66,14 @@ def register_availability(domain: str) -> Callable[[AvailabilityFn], Availabilit
     return deco
 
 
-def aeon_data_root() -> Path | None:
-    """Folder of the datasets bundled with aeon (found without importing aeon, which is slow)."""
-    spec = importlib.util.find_spec("aeon")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
-
-
 @register_availability("uea")
 def uea_data_available(entry: ExperimentEntry, data_dir: Path) -> tuple[bool, str]:
     """A UEA dataset is available as ``<data_dir>/uea/<Name>/<Name>_{TRAIN,TEST}.ts`` or bundled with aeon."""
     name = entry.dataset_name
-    local = [data_dir / "uea" / name / f"{name}_{split}.ts" for split in ("TRAIN", "TEST")]
+    local = [split_file(data_dir / "uea", name, split) for split in ("TRAIN", "TEST")]
     if all(p.is_file() for p in local):
         return True, f"found in {local[0].parent}"
-    aeon = aeon_data_root()
-    if aeon is not None and all((aeon / name / f"{name}_{s}.ts").is_file() for s in ("TRAIN", "TEST")):
+    if name in datasets_in(aeon_bundled_data_dir()):
         return True, "bundled with aeon"
     gone = [p.name for p in local if not p.is_file()]
     shown = f"{name}_{{TRAIN,TEST}}.ts" if len(gone) == 2 else gone[0]

@@ -52,8 +52,8 @@ def tree(tmp_path, monkeypatch):
     aeon = tmp_path / "aeon_data" / "JapaneseVowels"
     aeon.mkdir(parents=True)
     for split in ("TRAIN", "TEST"):
-        (aeon / f"JapaneseVowels_{split}.ts").write_text("")
-    monkeypatch.setattr(reproduce, "aeon_data_root", lambda: tmp_path / "aeon_data")
+        (aeon / f"JapaneseVowels_{split}.ts").write_text("@problemName JapaneseVowels\n@classLabel true 1 2\n@data\n")
+    monkeypatch.setattr(reproduce, "aeon_bundled_data_dir", lambda: tmp_path / "aeon_data")
 
     runs = tmp_path / "runs"
     def put(att, seed, payload=None, ckpt=False):
