@@ -50,6 +50,12 @@ bench: ## the attention efficiency benchmark (JSON, Markdown table and figure in
 data-uea: ## download and check the paper's 10 UEA datasets into $$DATA_DIR/uea (bundled ones are copied from aeon)
 	$(PY) -m tasks.uea.download $(ARGS)
 
+data-lra: ## download, unpack and check the LRA data (lra_release, aclImdb, CIFAR-10) into $$DATA_DIR/lra; ARGS='--check' only validates
+	$(PY) -m tasks.lra.download $(ARGS)
+
+listops: ## generate ListOps 96k/2k/2k (seeded, official distribution and format) into $$DATA_DIR/lra/listops-1000; SEED=0
+	$(PY) -m tasks.lra.listops --seed $(or $(SEED),0) --num-train 96000 --num-val 2000 --num-test 2000 --out $(or $(DATA_DIR),data)/lra/listops-1000 $(ARGS)
+
 clean: ## remove caches and debug runs (keeps experiments/runs and data/)
 	rm -rf .pytest_cache $(RUNS_DIR)/debug outputs multirun
 	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +

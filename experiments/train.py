@@ -14,6 +14,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
@@ -34,6 +35,22 @@ def _instantiate_group(nodes: DictConfig | None) -> list[Any]:
 
 def _model_checkpoint(trainer: L.Trainer) -> L.pytorch.callbacks.ModelCheckpoint | None:
     return trainer.checkpoint_callback if trainer.checkpoint_callback else None
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    message = str(error).lower()
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in message or "can't allocate memory" in message
+
+
+def _out_of_memory(cfg: DictConfig, error: BaseException) -> MemoryError:
+    """A MemoryError that names the configuration which did not fit and the knobs that make it fit."""
+    return MemoryError(
+        f"out of memory training {cfg.experiment_name} with attention {cfg.model.attention.name!r} "
+        f"(data.batch_size={cfg.data.get('batch_size')}, data.max_len={cfg.data.get('max_len', 'default')}). "
+        "Lower data.batch_size and raise trainer.accumulate_grad_batches by the same factor (same global batch), "
+        "or use a linear-memory attention (flow, linear, performer, cosformer) for long sequences. "
+        f"Original error: {error}"
+    )
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -68,7 +85,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError; the CPU allocator's too
+        if not _is_out_of_memory(error):
+            raise
+        raise _out_of_memory(cfg, error) from error
     fit_seconds = time.perf_counter() - fit_start
 
     # Testing loads the best checkpoint, which also reloads its (shorter) evaluation history: read it first.

@@ -159,3 +159,26 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_result(tmp_path):
     resumed = json.loads((killed / "metrics.json").read_text())
     assert resumed["timing"]["resumed_from"] and resumed["history"] == full["history"]
     assert resumed["metrics"] == full["metrics"]
+
+
+@pytest.mark.parametrize("launcher, key, value", [("local_parallel", "n_jobs", 2), ("slurm", "gpus_per_node", 1)])
+def test_launcher_configs_compose(launcher, key, value):
+    from hydra import compose, initialize_config_dir
+
+    from tests.helpers import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=uea/JapaneseVowels", f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher[key] == value
+    assert "Launcher" in cfg.hydra.launcher._target_
+
+
+def test_out_of_memory_names_the_attention_and_the_fix(tmp_path, monkeypatch):
+    from flowformer.models.ts_classifier import TimeSeriesClassifier
+
+    def explode(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(TimeSeriesClassifier, "forward", explode)
+    with pytest.raises(MemoryError, match=r"attention 'softmax' \(data\.batch_size=16.*accumulate_grad_batches"):
+        run(tmp_path, "oom", "model/attention=softmax")

@@ -252,47 +252,42 @@ def _compiled(name: str, fn: Callable) -> Callable:
 
 def _noncausal_flow(q, k, v, q_real, k_real, *, competition, allocation, clamp, eps, competition_over):
     """q, k: (B, H, L|S, d) feature-mapped and masked; v: (B, H, S, dv). Returns (B, H, L, dv)."""
-    n_sinks = q.new_tensor(q.shape[-2]) if q_real is None else q_real.sum(-2, keepdim=True).squeeze(-1)
-    n_sources = k.new_tensor(k.shape[-2]) if k_real is None else k_real.sum(-2, keepdim=True).squeeze(-1)
-    n_sinks, n_sources = n_sinks.clamp_min(1), n_sources.clamp_min(1)  # (B,1,1) or scalar
+    n_sinks = q.new_tensor(q.shape[-2]) if q_real is None else q_real.sum(-2, keepdim=True)
+    n_sources = k.new_tensor(k.shape[-2]) if k_real is None else k_real.sum(-2, keepdim=True)
+    n_sinks, n_sources = n_sinks.clamp_min(1), n_sources.clamp_min(1)  # (B,1,1,1) or scalar
 
-    # Column vectors (B, H, d, 1) so that every flow is one matrix-vector product.
+    # Every flow is a row vector (B, H, 1, N), computed as (1, d) @ (d, N): a matrix-vector product with the long
+    # axis as the output, which BLAS runs at memory speed (a (N, d) @ (d, 1) product is ~10x slower on CPU).
     # <x + ε, a> = x·a + ε·Σa, with a = (Σ k) + ε etc.
-    k_total = k.sum(-2, keepdim=True).transpose(-2, -1) + eps  # Σ_j k_j + ε
-    q_total = q.sum(-2, keepdim=True).transpose(-2, -1) + eps  # Σ_i q_i + ε
-    # (1) outgoing flow O_j of each source, then Σ_j k_j / O_j for the conserved sink
-    outgoing = k @ q_total + eps * q_total.sum(-2, keepdim=True)  # (B,H,S,1)
-    source_scale = 1.0 / outgoing
+    k_total = k.sum(-2, keepdim=True) + eps  # Σ_j k_j + ε, (B,H,1,d)
+    q_total = q.sum(-2, keepdim=True) + eps  # Σ_i q_i + ε
+    # (1) incoming flow I_i of each sink, outgoing flow O_j of each source
+    incoming = k_total @ q.transpose(-2, -1) + eps * k_total.sum(-1, keepdim=True)  # (B,H,1,L)
+    sink_scale = 1.0 / incoming
+    # (2)+(3) conserved sink Î_i = <q_i+ε, Σ_j k_j/O_j + ε> and the allocation of sinks
     if allocation:
-        # (1)+(2) incoming flow I_i and conserved sink Î_i share one pass over q
-        k_weighted = k.transpose(-2, -1) @ source_scale + eps  # Σ_j k_j / O_j + ε, (B,H,d,1)
-        vectors = torch.cat([k_total, k_weighted], dim=-1)  # (B,H,d,2)
-        flows = q @ vectors + eps * vectors.sum(-2, keepdim=True)  # (B,H,L,2)
-        incoming, conserved_sink = flows[..., 0], flows[..., 1]
-    else:
-        incoming = (q @ k_total).squeeze(-1) + eps * k_total.sum((-2, -1))[..., None]
-    sink_scale = 1.0 / incoming  # (B,H,L)
-    # (3) allocation of sinks
-    if allocation:
+        outgoing = q_total @ k.transpose(-2, -1) + eps * q_total.sum(-1, keepdim=True)  # (B,H,1,S)
+        k_weighted = (1.0 / outgoing) @ k + eps  # (B,H,1,d)
+        conserved_sink = k_weighted @ q.transpose(-2, -1) + eps * k_weighted.sum(-1, keepdim=True)
         gate_over_incoming = torch.sigmoid(conserved_sink * (n_sinks / n_sources)) * sink_scale
     else:
         gate_over_incoming = sink_scale
-    # (2)+(3) conserved source Ô_j and competition of sources
+    # (2)+(3) conserved source Ô_j = <k_j+ε, Σ_i q_i/I_i + ε> and the competition of sources
     if competition:
-        q_weighted = q.transpose(-2, -1) @ sink_scale[..., None] + eps  # Σ_i q_i / I_i + ε, (B,H,d,1)
-        conserved_source = (k @ q_weighted).squeeze(-1) + eps * q_weighted.sum((-2, -1))[..., None]  # (B,H,S)
+        q_weighted = sink_scale @ q + eps  # (B,H,1,d)
+        conserved_source = q_weighted @ k.transpose(-2, -1) + eps * q_weighted.sum(-1, keepdim=True)  # (B,H,1,S)
         if clamp is not None:
             conserved_source = conserved_source.clamp(-clamp, clamp)
         if competition_over == "heads":
             weights = torch.softmax(conserved_source, dim=1)
         else:
             if k_real is not None:
-                conserved_source = conserved_source.masked_fill(k_real.squeeze(-1) == 0, _MASKED_LOGIT)
+                conserved_source = conserved_source.masked_fill(k_real.transpose(-2, -1) == 0, _MASKED_LOGIT)
             weights = torch.softmax(conserved_source, dim=-1)
-        v = v * (weights * n_sources)[..., None]
+        v = v * (weights * n_sources).transpose(-2, -1)
     # (4) aggregation in linear order: (q kᵀ) v computed as q (kᵀ v)
     kv = k.transpose(-2, -1) @ v  # (B,H,d,dv)
-    return (q @ kv) * gate_over_incoming[..., None]
+    return (q @ kv) * gate_over_incoming.transpose(-2, -1)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -341,8 +336,12 @@ def _causal_flow(
     def flat(x: Tensor) -> Tensor:  # (B, H, N, C) -> (B, H, padded)
         return x.reshape(batch, heads, padded)
 
-    def rowdot(x: Tensor, prev: Tensor) -> Tensor:  # x (B,H,N,C,d) · prev (B,H,N,d) -> (B,H,padded)
-        return flat((x @ prev[..., None]).squeeze(-1))
+    def rows(x: Tensor) -> Tensor:  # (B, H, padded) -> (B, H, N, 1, C) row vectors, one per chunk
+        return x.view(batch, heads, n_chunks, 1, chunk)
+
+    def dot_rows(prev: Tensor, x: Tensor) -> Tensor:  # prev (B,H,N,d) · x (B,H,N,C,d) -> (B,H,padded)
+        # (1, d) @ (d, C): the row-vector form runs at memory speed, unlike (C, d) @ (d, 1)
+        return flat(prev.unsqueeze(-2) @ x.transpose(-2, -1))
 
     # Real sinks / sources up to each position (the official code's `normal` = 1..L), shape (B|1, 1|H, padded).
     sinks_so_far = _running_count(q_real, length, tail, q)
@@ -367,8 +366,8 @@ def _causal_flow(
     # q_i·K_i = Σ_{j<=i in the chunk} q_i·k_j + q_i·(Σ of earlier chunks). O_j likewise over sinks i <= j.
     k_before = _chunk_offsets(kc.sum(-2), start("k_sum"))  # (B,H,N,d)
     q_before = _chunk_offsets(qc.sum(-2), start("q_sum"))
-    incoming = flat(below.sum(-1)) + rowdot(qc, k_before) + eps * (q_rows + _scalar_prefix(k_rows, start("k_sum"))) + shift
-    outgoing = flat(above.sum(-2)) + rowdot(kc, q_before) + eps * (k_rows + _scalar_prefix(q_rows, start("q_sum"))) + shift
+    incoming = flat(below.sum(-1)) + dot_rows(k_before, qc) + eps * (q_rows + _scalar_prefix(k_rows, start("k_sum"))) + shift
+    outgoing = flat(above.sum(-2)) + dot_rows(q_before, kc) + eps * (k_rows + _scalar_prefix(q_rows, start("q_sum"))) + shift
     sink_scale = sources_so_far / incoming  # s_i
     source_scale = sinks_so_far / outgoing  # o_j
     if tail:
@@ -378,11 +377,11 @@ def _causal_flow(
     state: dict[str, Tensor] = {}
     # (2)+(3) conserved source Ô_j = <k_j+ε, Σ_{i<=j} s_i q_i + ε> / m_j, clamp, prefix softmax
     if competition:
-        sq_chunks = (sink_scale.view(batch, heads, n_chunks, 1, chunk) @ qc).squeeze(-2)  # Σ_chunk s_i q_i
+        sq_chunks = (rows(sink_scale) @ qc).squeeze(-2)  # Σ_{i in chunk} s_i q_i, (B,H,N,d)
         sq_before = _chunk_offsets(sq_chunks, start("sq_sum"))
         conserved_source = (
-            flat((sink_scale.view(batch, heads, n_chunks, 1, chunk) @ above).squeeze(-2))
-            + rowdot(kc, sq_before)
+            flat(rows(sink_scale) @ above)  # Σ_{i<=j in the chunk} s_i q_i·k_j
+            + dot_rows(sq_before, kc)
             + eps * (k_rows + _scalar_prefix(sink_scale * q_rows, start("sq_sum")))
             + shift
         ) / sinks_so_far
@@ -401,42 +400,37 @@ def _causal_flow(
             state["sq_sum"] = sq_chunks.sum(2) + (0 if initial is None else initial["sq_sum"])
             state["lse"] = lse[..., length - 1]
 
-    # (2)+(3) conserved sink Î_i = <q_i+ε, Σ_{j<=i} o_j k_j + ε> / n_i; it rides along the aggregation as an
-    # extra value column o_j, since Σ_{j<=i} (q_i·k_j) o_j is exactly q_i·Σ_{j<=i} o_j k_j.
+    # (2)+(3) conserved sink Î_i = <q_i+ε, Σ_{j<=i} o_j k_j + ε> / n_i and the allocation of sinks
     if allocation:
-        values = torch.cat([v, source_scale[..., None]], dim=-1)
-    else:
-        values = v
-
-    # (4) aggregation Σ_{j<=i} (q_i·k_j) w_j
-    if aggregate is None:
-        vc = chunked(values)
-        states = kc.transpose(-2, -1) @ vc  # (B,H,N,d,dv') one kᵀw state per chunk
-        before = _chunk_offsets(states.flatten(-2), _flatten_start(start("kv"), start("ok_sum"), allocation))
-        mixed = below @ vc + qc @ before.view_as(states)
-        mixed = mixed.view(batch, heads, padded, -1)
+        ok_chunks = (rows(source_scale) @ kc).squeeze(-2)  # Σ_{j in chunk} o_j k_j, (B,H,N,d)
+        ok_before = _chunk_offsets(ok_chunks, start("ok_sum"))
+        conserved_sink = (
+            flat(rows(source_scale) @ below.transpose(-2, -1))  # Σ_{j<=i in the chunk} o_j q_i·k_j
+            + dot_rows(ok_before, qc)
+            + eps * (q_rows + _scalar_prefix(source_scale * k_rows, start("ok_sum")))
+            + shift
+        ) / sources_so_far
+        gate_over_incoming = torch.sigmoid(conserved_sink) / incoming
         if return_state:
-            total = states.sum(2)  # (B,H,d,dv')
-            if initial is not None:
-                total = total + _flatten_start(initial["kv"], initial["ok_sum"], allocation).view_as(total)
-            state["kv"] = total[..., : v.shape[-1]]
-            if allocation:
-                state["ok_sum"] = total[..., -1]
+            state["ok_sum"] = ok_chunks.sum(2) + (0 if initial is None else initial["ok_sum"])
+    else:
+        gate_over_incoming = 1.0 / incoming
+
+    # (4) aggregation Σ_{j<=i} (q_i·k_j) c_j v_j
+    if aggregate is None:
+        vc = chunked(v)
+        states = kc.transpose(-2, -1) @ vc  # (B,H,N,d,dv): one kᵀ(cv) state per chunk
+        kv_start = None if initial is None else initial["kv"].flatten(-2)
+        before = _chunk_offsets(states.flatten(-2), kv_start).view_as(states)
+        out = (below @ vc + qc @ before).view(batch, heads, padded, -1)
+        if return_state:
+            state["kv"] = states.sum(2) + (0 if initial is None else initial["kv"])
     else:
         if initial is not None:
             raise NotImplementedError("a custom aggregation cannot continue from an initial state; use the eager backend")
-        mixed = aggregate(q, k, values)
+        out = aggregate(q, k, v)
         if return_state:
             state["kv"] = k.transpose(-2, -1) @ v
-            if allocation:
-                state["ok_sum"] = (k * source_scale[..., None]).sum(-2)
-    out = mixed[..., : v.shape[-1]]
-    if allocation:
-        ok_dot = mixed[..., -1]
-        conserved_sink = (ok_dot + eps * (q_rows + _scalar_prefix(source_scale * k_rows, start("ok_sum"))) + shift) / sources_so_far
-        gate_over_incoming = torch.sigmoid(conserved_sink) / incoming
-    else:
-        gate_over_incoming = 1.0 / incoming
     out = out * gate_over_incoming[..., None]
     if tail:
         out = out[:, :, :length]
@@ -481,15 +475,6 @@ def _carry(initial, key, like, shape, fill=0.0):
 
 def _zero_tail(x: Tensor, tail: int) -> Tensor:
     return torch.cat([x[..., :-tail], x.new_zeros(x.shape[:-1] + (tail,))], dim=-1)
-
-
-def _flatten_start(kv: Tensor | None, ok_sum: Tensor | None, allocation: bool) -> Tensor | None:
-    """The carried (d, dv) state, with the Σ o_j k_j column appended when allocation is on, flattened."""
-    if kv is None:
-        return None
-    if allocation:
-        kv = torch.cat([kv, ok_sum[..., None]], dim=-1)
-    return kv.flatten(-2)
 
 
 def _scalar_prefix(x: Tensor, start: Tensor | None) -> Tensor:

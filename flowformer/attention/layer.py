@@ -38,7 +38,7 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; set d_head explicitly")
             d_head = d_model // n_heads
         inner = n_heads * d_head
-        self.n_heads, self.d_head, self.attention_name = n_heads, d_head, name
+        self.n_heads, self.d_head = n_heads, d_head
         self.op = build_attention(name, head_dim=d_head, n_heads=n_heads, **options)
         # Ops that share queries and keys (Reformer's LSH) get no key projection: it would receive no gradient.
         self.shares_qk = bool(getattr(self.op, "shares_qk", False))

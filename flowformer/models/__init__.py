@@ -1,5 +1,6 @@
 """The paper's per-domain networks, built from `flowformer.nn` blocks and any registered attention."""
 
+from flowformer.models.lra import LRADualEncoder, LRASequenceClassifier
 from flowformer.models.ts_classifier import TimeSeriesClassifier
 
-__all__ = ["TimeSeriesClassifier"]
+__all__ = ["LRADualEncoder", "LRASequenceClassifier", "TimeSeriesClassifier"]

@@ -1,0 +1,2 @@
+"""Long Range Arena (official-settings.md §2): data readers and datamodule, the ListOps generator, the official
+tokenisers and learning-rate schedule, and `make data-lra` (tasks.lra.download)."""
