@@ -157,6 +157,25 @@ class _BaselineAttention(nn.Module):
     def _op(self) -> str:
         return f"{type(self).__name__} (attention '{self.registry_name}')"
 
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        query_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q (B, H, L, d), k (B, H, S, d), v (B, H, S, dv) -> (B, H, L, dv); padded queries give exactly 0."""
+        _check_inputs(self._op, q, k, v, causal, key_padding_mask, query_padding_mask)
+        out = self._attend(q, k, v, causal, key_padding_mask, query_padding_mask)
+        return _zero_padded_queries(out, query_padding_mask)
+
+    def _attend(self, q, k, v, causal, key_padding_mask, query_padding_mask) -> torch.Tensor:
+        """The op itself, on validated inputs; outputs at padded queries are zeroed by `forward`."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, n_heads={self.n_heads}"
 
@@ -184,25 +203,14 @@ class SoftmaxAttention(_BaselineAttention):
             raise ValueError(f"{self._op}: option dropout must be in [0, 1); got {dropout!r}.")
         self.dropout = float(dropout)
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool = False,
-        key_padding_mask: torch.Tensor | None = None,
-        query_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """q (B, H, L, d), k (B, H, S, d), v (B, H, S, dv) -> (B, H, L, dv)."""
-        _check_inputs(self._op, q, k, v, causal, key_padding_mask, query_padding_mask)
+    def _attend(self, q, k, v, causal, key_padding_mask, query_padding_mask) -> torch.Tensor:
         l_len, s_len = q.shape[2], k.shape[2]
         dropout_p = self.dropout if self.training else 0.0
         scale = q.shape[-1] ** -0.5
         if key_padding_mask is None:
             # No padding: let SDPA pick its fused causal kernel; no row can be empty.
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
-            return _zero_padded_queries(out, query_padding_mask)
+            return out
 
         # SDPA's bool mask uses True = "may attend", the opposite of our padding convention.
         allowed = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
@@ -215,7 +223,7 @@ class SoftmaxAttention(_BaselineAttention):
         allowed = allowed | empty
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
         out = out.masked_fill(empty, 0.0)
-        return _zero_padded_queries(out, query_padding_mask)
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -245,24 +253,13 @@ class LinearAttention(_BaselineAttention):
         self.eps = float(eps)
         self.chunk_size = int(chunk_size)
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool = False,
-        key_padding_mask: torch.Tensor | None = None,
-        query_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """q (B, H, L, d), k (B, H, S, d), v (B, H, S, dv) -> (B, H, L, dv)."""
-        _check_inputs(self._op, q, k, v, causal, key_padding_mask, query_padding_mask)
+    def _attend(self, q, k, v, causal, key_padding_mask, query_padding_mask) -> torch.Tensor:
         phi_q = F.elu(q) + 1.0
         phi_k = F.elu(k) + 1.0
         if key_padding_mask is not None:
             phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
         out = _kernel_attention(phi_q, phi_k, v, causal=causal, chunk_size=self.chunk_size, eps=self.eps)
-        return _zero_padded_queries(out, query_padding_mask)
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -404,18 +401,7 @@ class PerformerAttention(_BaselineAttention):
         stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab)).detach()
         return torch.exp(logits - stab) * self.nb_features**-0.5, stab
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool = False,
-        key_padding_mask: torch.Tensor | None = None,
-        query_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """q (B, H, L, d), k (B, H, S, d), v (B, H, S, dv) -> (B, H, L, dv)."""
-        _check_inputs(self._op, q, k, v, causal, key_padding_mask, query_padding_mask)
+    def _attend(self, q, k, v, causal, key_padding_mask, query_padding_mask) -> torch.Tensor:
         if self.training and self.redraw_interval:
             if self.calls_since_draw >= self.redraw_interval:
                 self.redraw_projection()
@@ -427,7 +413,7 @@ class PerformerAttention(_BaselineAttention):
         # the keys' kernel mass is negligible against eps, and the output is ~0, as it would be without c).
         eps = torch.exp(math.log(self.eps) - key_stab).clamp_max(torch.finfo(q.dtype).max) if self.eps > 0 else 0.0
         out = _kernel_attention(phi_q, phi_k, v, causal=causal, chunk_size=self.chunk_size, eps=eps)
-        return _zero_padded_queries(out, query_padding_mask)
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -479,18 +465,7 @@ class CosformerAttention(_BaselineAttention):
         self.eps = float(eps)
         self.chunk_size = int(chunk_size)
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool = False,
-        key_padding_mask: torch.Tensor | None = None,
-        query_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """q (B, H, L, d), k (B, H, S, d), v (B, H, S, dv) -> (B, H, L, dv)."""
-        _check_inputs(self._op, q, k, v, causal, key_padding_mask, query_padding_mask)
+    def _attend(self, q, k, v, causal, key_padding_mask, query_padding_mask) -> torch.Tensor:
         l_len, s_len = q.shape[2], k.shape[2]
         # Angles in at least fp32: under autocast, fp16 positions / M would be coarse for long sequences.
         angle_dtype = torch.promote_types(q.dtype, torch.float32)
@@ -509,7 +484,7 @@ class CosformerAttention(_BaselineAttention):
         if key_padding_mask is not None:
             phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
         out = _kernel_attention(phi_q, phi_k, v, causal=causal, chunk_size=self.chunk_size, eps=self.eps)
-        return _zero_padded_queries(out, query_padding_mask)
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -629,18 +604,8 @@ class ReformerAttention(_BaselineAttention):
             f"eval_seed={self.eval_seed}, allow_causal_hash_leak={self.allow_causal_hash_leak}"
         )
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool = False,
-        key_padding_mask: torch.Tensor | None = None,
-        query_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """q (B, H, L, d) used as shared query/key, k ignored (shape-checked), v (B, H, L, dv) -> (B, H, L, dv)."""
-        _check_inputs(self._op, q, k, v, causal, key_padding_mask, query_padding_mask)
+    def _attend(self, q, k, v, causal, key_padding_mask, query_padding_mask) -> torch.Tensor:
+        """q (B, H, L, d) is the shared query/key; k is ignored (its shape is checked); v (B, H, L, dv)."""
         b, h, length, d = q.shape
         dv = v.shape[-1]
         if k.shape[2] != length:
@@ -711,4 +676,4 @@ class ReformerAttention(_BaselineAttention):
             inverse = torch.argsort(order, dim=-1)
             out = full.gather(2, inverse[:, None, :, None].expand(b, h, length, dv))
             out = out.masked_fill(pad[:, None, :, None], 0.0)
-        return _zero_padded_queries(out, query_padding_mask)
+        return out
