@@ -13,11 +13,13 @@ WANDB_PROJECT ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test test-all demo tables bench clean data-uea data-lra listops \
-        reproduce-uea reproduce-lra reproduce-imagenet reproduce-wikitext103 reproduce-d4rl
+TABLES := uea lra imagenet wikitext103 d4rl
+REPRODUCE := $(addprefix reproduce-,$(TABLES))
+.PHONY: help install lock test test-all demo tables bench clean data-uea data-lra listops $(REPRODUCE)
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[^#[:space:]].*:.*## ' $(MAKEFILE_LIST) | sed 's/^$$(REPRODUCE): reproduce-%:/reproduce-<table>:/' \
+		| awk 'BEGIN {FS = ":.*## "}; {printf "  %-20s %s\n", $$1, $$2}'
 
 install: ## create .venv and install the suite (editable) with dev extras, at the versions in constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +40,7 @@ demo: ## Flowformer on the bundled UEA JapaneseVowels (paper recipe, seed 0), pr
 	$(PY) -m experiments.train experiment=uea/JapaneseVowels seed=0 $(ARGS)
 	$(PY) -m results.aggregate --runs $(RUNS_DIR) --out results/tables --tables uea --show JapaneseVowels
 
-reproduce-%: ## run a table's manifest (uea, lra, imagenet, wikitext103, d4rl); resumable. DRY=1 plans only; LAUNCHER=basic|joblib|submitit; SEEDS='0 1'; EXTRA='trainer=gpu'
+$(REPRODUCE): reproduce-%: ## run a table's manifest (uea, lra, imagenet, wikitext103, d4rl); resumable. DRY=1 plans only; LAUNCHER=basic|joblib|submitit; SEEDS='0 1'; EXTRA='trainer=gpu'
 	$(PY) -m experiments.reproduce $* --launcher $(LAUNCHER) --runs-dir $(RUNS_DIR) $(if $(filter 1 yes true,$(DRY)),--dry-run,) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(EXTRA),--extra $(EXTRA),) $(ARGS)
 
 tables: ## rebuild every paper table (Markdown, LaTeX, CSV) and figures from the runs; SOURCE=wandb WANDB_PROJECT=... pulls W&B runs
@@ -47,13 +49,13 @@ tables: ## rebuild every paper table (Markdown, LaTeX, CSV) and figures from the
 bench: ## the attention efficiency benchmark (JSON, Markdown table and figure in results/)
 	$(PY) -m experiments.bench $(ARGS)
 
-data-uea: ## download and check the paper's 10 UEA datasets into $$DATA_DIR/uea (bundled ones are copied from aeon)
+data-uea: ## download and check the paper's 10 UEA datasets into DATA_DIR/uea (bundled ones are copied from aeon)
 	$(PY) -m tasks.uea.download $(ARGS)
 
-data-lra: ## download, unpack and check the LRA data (lra_release, aclImdb, CIFAR-10) into $$DATA_DIR/lra; ARGS='--check' only validates
+data-lra: ## download, unpack and check the LRA data (lra_release, aclImdb, CIFAR-10) into DATA_DIR/lra; ARGS='--check' only validates
 	$(PY) -m tasks.lra.download $(ARGS)
 
-listops: ## generate ListOps 96k/2k/2k (seeded, official distribution and format) into $$DATA_DIR/lra/listops-1000; SEED=0
+listops: ## generate ListOps 96k/2k/2k (seeded, official distribution and format) into DATA_DIR/lra/listops-1000; SEED=0
 	$(PY) -m tasks.lra.listops --seed $(or $(SEED),0) --num-train 96000 --num-val 2000 --num-test 2000 --out $(or $(DATA_DIR),data)/lra/listops-1000 $(ARGS)
 
 clean: ## remove caches and debug runs (keeps experiments/runs and data/)

@@ -80,6 +80,19 @@ def uea_data_available(entry: ExperimentEntry, data_dir: Path) -> tuple[bool, st
     return False, f"missing {local[0].parent}/{shown} (not bundled with aeon); fetch it with `make data-uea`"
 
 
+@register_availability("lra")
+def lra_data_available(entry: ExperimentEntry, data_dir: Path) -> tuple[bool, str]:
+    """An LRA task is available when its official layout under ``<data_dir>/lra`` passes the download check."""
+    from tasks.lra.download import validate_task
+
+    problems = validate_task(data_dir / "lra", entry.dataset_name)
+    if not problems:
+        return True, f"found under {data_dir / 'lra'}"
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    fix = "`make listops` (generate) or `make data-lra`" if entry.dataset_name == "listops" else "`make data-lra`"
+    return False, f"{problems[0]}{more}; fetch it with {fix}"
+
+
 def availability_fn(manifest: Manifest, entry: ExperimentEntry) -> AvailabilityFn | None:
     """The manifest's ``available_fn`` if set, else the hook registered for the experiment's domain."""
     if manifest.available_fn:

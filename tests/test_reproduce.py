@@ -180,3 +180,16 @@ def test_repo_manifests_plan_without_error(capsys):
         assert reproduce.main([table, "--dry-run", "--runs-dir", "/nonexistent/runs"], runner=Recorder()) == 0
     out = capsys.readouterr().out
     assert "d4rl/hopper-medium-replay" in out and "Not implemented" in out
+
+
+def test_lra_availability_hook_checks_the_official_layout(tmp_path):
+    from results.manifest import ExperimentEntry
+
+    entry = ExperimentEntry("lra/listops", rows=(), attentions=("flow",), seeds=(0,), selection="best_test", overrides=(), dataset="listops")
+    ok, detail = reproduce.lra_data_available(entry, tmp_path)
+    assert not ok and "basic_train.tsv: missing" in detail and "make listops" in detail
+    folder = tmp_path / "lra" / "listops-1000"
+    folder.mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        (folder / f"basic_{split}.tsv").write_text("Source\tTarget\n( [MAX 1 2 ] )\t2\n")
+    assert reproduce.lra_data_available(entry, tmp_path) == (True, f"found under {tmp_path / 'lra'}")
