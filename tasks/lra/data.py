@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.common.sampling import seeded_loader
 from tasks.lra import datasets as lra
 from tasks.lra.tokenize import BYTE_VOCAB_SIZE, PAD_ID, bytes_to_ids
 
@@ -265,10 +266,12 @@ class LRADataModule(L.LightningDataModule):
             return Collate(("tokens1", "tokens2"), self.max_len, self.pad_to, masked=True)
         return Collate(("tokens",), self.max_len, self.pad_to, masked=self.dataset in ("listops", "text"))
 
-    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, **kwargs: Any) -> DataLoader:
+        return seeded_loader(
             dataset,
             batch_size=batch_size,
+            seed=self.seed,
+            shuffle=shuffle,
             collate_fn=self._collate(),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -277,23 +280,16 @@ class LRADataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        from tasks.common.sampling import EpochSeededSampler
-
         train = self.splits["train"]
         # Full batches only, as the official input pipelines (drop_remainder); a tiny set keeps its one partial batch.
-        return self._loader(
-            train,
-            self.batch_size,
-            sampler=EpochSeededSampler(len(train), self.seed),
-            drop_last=len(train) >= self.batch_size,
-        )
+        return self._loader(train, self.batch_size, shuffle=True, drop_last=len(train) >= self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         split = "test" if self.selection == "best_test" else "val"
-        return self._loader(self.splits[split], self.eval_batch_size, shuffle=False)
+        return self._loader(self.splits[split], self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.splits["test"], self.eval_batch_size, shuffle=False)
+        return self._loader(self.splits["test"], self.eval_batch_size)
 
 
 __all__ = ["Collate", "LRADataModule", "PairDataset", "PixelDataset", "TokenDataset", "pad_sequences"]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.common.sampling import EpochSeededSampler
+from tasks.common.sampling import seeded_loader
 from tasks.uea.datasets import (
     KNOWN_DATASETS,
     aeon_bundled_data_dir,
@@ -526,23 +526,19 @@ class UEADataModule(pl.LightningDataModule):
             raise RuntimeError(f"UEADataModule: call setup() before asking for the {name} loader")
         return self._splits[name]
 
-    def _loader(self, dataset: UEACaseDataset, sampler=None) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: UEACaseDataset, shuffle: bool = False) -> DataLoader:
+        return seeded_loader(
             dataset,
             batch_size=self.batch_size,
-            sampler=sampler,
-            shuffle=False,
+            seed=self.seed,
+            shuffle=shuffle,
             drop_last=False,  # as in the official code
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            # Its own generator keeps iterator creation from drawing on the global RNG, so the sanity check of a
-            # resumed run does not shift the dropout masks that follow (see tasks.common.callbacks).
-            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self._split("train")
-        return self._loader(dataset, sampler=EpochSeededSampler(len(dataset), self.seed))
+        return self._loader(self._split("train"), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         # best_test: the paper selects its reported number on the TEST set, so validation *is* the test set.
