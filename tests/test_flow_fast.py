@@ -1,0 +1,282 @@
+"""The fast Flow-Attention paths against the dense reference: hand-written backward, chunk-level prefix sums, every
+backend and chunk size, causality, and half-precision numerics at long lengths."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+import flowformer.attention.flow as flow_module
+from flowformer.attention.flow import (
+    _blocked_exclusive_prefix,
+    _exclusive_chunk_prefix,
+    _ExclusiveScan,
+    causal_linear_attention,
+    flow_attention,
+    resolve_backend,
+)
+from flowformer.attention.reference import flow_attention_reference
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def random_inputs(batch, heads, length, dim, *, source_length=None, value_dim=None, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    source_length = source_length or length
+    shapes = [(batch, heads, length, dim), (batch, heads, source_length, dim), (batch, heads, source_length, value_dim or dim)]
+    return [torch.randn(shape, generator=generator, dtype=dtype) for shape in shapes]
+
+
+def gradients(fn, inputs, weights):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    (out * weights).sum().backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+OPTION_SETS = [
+    {},
+    {"competition": False},
+    {"allocation": False},
+    {"competition": False, "allocation": False},
+    {"clamp": None},
+    {"clamp": 25.0},
+    {"kernel": "relu", "clamp": None},
+    {"eps": 1e-3},
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS + [{"competition_over": "heads", "kernel": "relu", "clamp": None}])
+@pytest.mark.parametrize("masked", [False, True])
+def test_noncausal_hand_written_backward_matches_reference(options, masked):
+    q, k, v = random_inputs(2, 3, 13, 5, source_length=17, value_dim=4)
+    masks = {}
+    if masked:
+        key_mask = torch.zeros(2, 17, dtype=torch.bool)
+        key_mask[0, 12:] = True
+        query_mask = torch.zeros(2, 13, dtype=torch.bool)
+        query_mask[1, 9:] = True
+        masks = {"key_padding_mask": key_mask, "query_padding_mask": query_mask}
+    weights = torch.randn(2, 3, 13, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    out, grads = gradients(lambda *t: flow_attention(*t, **options, **masks), (q, k, v), weights)
+    ref, ref_grads = gradients(lambda *t: flow_attention_reference(*t, **options, **masks), (q, k, v), weights)
+    assert relative_error(out, ref) < 1e-12
+    for got, expected in zip(grads, ref_grads):
+        assert relative_error(got, expected) < 1e-10
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("chunk_size", [1, 4, 16])
+def test_causal_gradients_match_reference_with_padding(options, chunk_size):
+    q, k, v = random_inputs(2, 2, 23, 6, value_dim=3, seed=1)
+    mask = torch.zeros(2, 23, dtype=torch.bool)
+    mask[0, :5] = True  # left padding
+    mask[1, 17:] = True  # right padding
+    weights = torch.randn(2, 2, 23, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    run = lambda *t: flow_attention(*t, causal=True, key_padding_mask=mask, chunk_size=chunk_size, **options)
+    out, grads = gradients(run, (q, k, v), weights)
+    ref, ref_grads = gradients(
+        lambda *t: flow_attention_reference(*t, causal=True, key_padding_mask=mask, **options), (q, k, v), weights
+    )
+    assert relative_error(out, ref) < 1e-12
+    for got, expected in zip(grads, ref_grads):
+        assert relative_error(got, expected) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"clamp": None}, {"competition": False}, {"allocation": False}, {"competition_over": "heads"}]
+)
+def test_noncausal_blocked_passes_match_reference(monkeypatch, options):
+    # the smallest block is 256 rows: 700 queries and 600 keys take 3 blocks each, the last one partial
+    monkeypatch.setattr(flow_module, "_BLOCK_BYTES", 1)
+    q, k, v = random_inputs(2, 2, 700, 6, source_length=600, value_dim=5, seed=13)
+    key_mask = torch.zeros(2, 600, dtype=torch.bool)
+    key_mask[1, 450:] = True
+    masks = {"key_padding_mask": key_mask}
+    weights = torch.randn(2, 2, 700, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    out, grads = gradients(lambda *t: flow_attention(*t, **options, **masks), (q, k, v), weights)
+    ref, ref_grads = gradients(lambda *t: flow_attention_reference(*t, **options, **masks), (q, k, v), weights)
+    assert relative_error(out, ref) < 1e-12
+    for got, expected in zip(grads, ref_grads):
+        assert relative_error(got, expected) < 1e-10
+
+
+def test_hand_written_backward_passes_gradcheck():
+    q, k, v = (t.requires_grad_() for t in random_inputs(1, 2, 6, 3, source_length=7, value_dim=2, seed=3))
+    assert torch.autograd.gradcheck(lambda *t: flow_attention(*t), (q, k, v))
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 160, 1100])
+def test_exclusive_chunk_prefix_forms_agree(length):
+    x = torch.randn(2, 3, length, 5, dtype=torch.float64)
+    expected = torch.cat([torch.zeros_like(x[..., :1, :]), x[..., :-1, :].cumsum(-2)], dim=-2)
+    torch.testing.assert_close(_blocked_exclusive_prefix(x), expected)
+    torch.testing.assert_close(_ExclusiveScan.apply(x), expected)
+    torch.testing.assert_close(_exclusive_chunk_prefix(x), expected)
+
+
+def test_exclusive_scan_gradient():
+    x = torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_ExclusiveScan.apply, (x,))
+
+
+def test_wide_chunk_states_take_the_scan_and_stay_exactly_causal():
+    # d·dv = 1024 >= _SCAN_MIN_WIDTH, so the (d, dv) chunk states go through _ExclusiveScan
+    assert 32 * 32 >= flow_module._SCAN_MIN_WIDTH
+    q, k, v = random_inputs(1, 2, 300, 32, dtype=torch.float32, seed=4)
+    out = flow_attention(q, k, v, causal=True, chunk_size=16)
+    changed = [t.clone() for t in (q, k, v)]
+    for t in changed:
+        t[:, :, 200:] = torch.randn_like(t[:, :, 200:]) * 5
+    assert torch.equal(out[:, :, :200], flow_attention(*changed, causal=True, chunk_size=16)[:, :, :200])
+    reference = flow_attention_reference(q.double(), k.double(), v.double(), causal=True)
+    assert relative_error(out.double(), reference) < 1e-5
+
+
+def test_causal_linear_attention_with_wide_states_equals_masked_dense():
+    q, k, v = random_inputs(1, 2, 70, 24, value_dim=40)
+    dense = torch.tril(q @ k.transpose(-2, -1)) @ v
+    torch.testing.assert_close(causal_linear_attention(q, k, v, chunk_size=8), dense)
+
+
+@pytest.mark.parametrize("clamp", [1.0, 10.0, 25.0, None, 1e6])
+def test_prefix_softmax_forms_agree(clamp):
+    # clamp <= 30: exp + float64 cumsum; larger or None: logcumsumexp
+    q, k, v = random_inputs(2, 2, 40, 8, seed=6)
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[0, :7] = True
+    expected = flow_attention_reference(q, k, v, causal=True, key_padding_mask=mask, clamp=clamp)
+    got = flow_attention(q, k, v, causal=True, key_padding_mask=mask, clamp=clamp, chunk_size=8)
+    assert relative_error(got, expected) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Backends
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_auto_backend_is_eager_on_cpu():
+    q = torch.zeros(1, 1, 4, 2)
+    assert resolve_backend("auto", q, causal=True) == "eager"
+    assert resolve_backend("auto", q, causal=False) == "eager"
+    q, k, v = random_inputs(1, 2, 30, 8)
+    torch.testing.assert_close(flow_attention(q, k, v, causal=True, backend="auto"), flow_attention(q, k, v, causal=True))
+
+
+def test_triton_backend_without_gpu_or_interpreter_says_what_to_do(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = random_inputs(1, 1, 8, 4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        flow_attention(q, k, v, causal=True, backend="triton")
+
+
+def test_compile_backend_falls_back_to_eager_with_a_warning(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(flow_module, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    q, k, v = random_inputs(1, 2, 20, 8)
+    with pytest.warns(RuntimeWarning, match="falling back to backend='eager'"):
+        out = flow_attention(q, k, v, backend="compile")
+    torch.testing.assert_close(out, flow_attention(q, k, v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback is remembered: no second warning
+        flow_attention(q, k, v, backend="compile")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True])
+def test_compile_backend_matches_reference(causal):
+    q, k, v = random_inputs(2, 2, 37, 8, dtype=torch.float32, seed=7)
+    mask = torch.zeros(2, 37, dtype=torch.bool)
+    mask[1, 30:] = True
+    weights = torch.randn(2, 2, 37, 8, generator=torch.Generator().manual_seed(8))
+    for length in (37, 21):  # a second length must reuse the dynamic-shape graph and still be right
+        args = [t[:, :, :length].contiguous() for t in (q, k, v)]
+        m = mask[:, :length]
+        out, grads = gradients(
+            lambda *t, m=m: flow_attention(*t, causal=causal, key_padding_mask=m, backend="compile"),
+            args, weights[:, :, :length],
+        )
+        ref, ref_grads = gradients(
+            lambda *t, m=m: flow_attention_reference(*t, causal=causal, key_padding_mask=m),
+            [t.double() for t in args], weights[:, :, :length].double(),
+        )
+        assert relative_error(out.double(), ref) < 1e-5
+        for got, expected in zip(grads, ref_grads):
+            assert relative_error(got.double(), expected) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 64])
+def test_triton_backend_in_the_interpreter_matches_reference(monkeypatch, chunk_size):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = random_inputs(2, 2, 45, 16, value_dim=20, dtype=torch.float32, seed=9)
+    mask = torch.zeros(2, 45, dtype=torch.bool)
+    mask[0, :6] = True
+    weights = torch.randn(2, 2, 45, 20, generator=torch.Generator().manual_seed(10))
+    run = lambda *t: flow_attention(*t, causal=True, key_padding_mask=mask, chunk_size=chunk_size, backend="triton")
+    out, grads = gradients(run, (q, k, v), weights)
+    ref, ref_grads = gradients(
+        lambda *t: flow_attention_reference(*t, causal=True, key_padding_mask=mask), [t.double() for t in (q, k, v)],
+        weights.double(),
+    )
+    assert relative_error(out.double(), ref) < 1e-5
+    for got, expected in zip(grads, ref_grads):
+        assert relative_error(got.double(), expected) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_kernel_in_the_interpreter_matches_masked_dense(monkeypatch, reverse):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from flowformer.attention.triton_causal import _launch
+
+    q, k, w = random_inputs(1, 3, 100, 24, value_dim=70, dtype=torch.float32, seed=11)
+    scores = q @ k.transpose(-2, -1)
+    dense = (scores.triu() if reverse else scores.tril()) @ w
+    torch.testing.assert_close(_launch(q, k, w, reverse=reverse, block_t=32), dense, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Numerics
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _finite_outputs_and_gradients(dtype, causal, length, heads, dim):
+    generator = torch.Generator().manual_seed(12)
+    inputs = [torch.randn(1, heads, length, dim, generator=generator).to(dtype).requires_grad_() for _ in range(3)]
+    out = flow_attention(*inputs, causal=causal)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    # a sum, not a mean: with 2^18 outputs a mean's gradients would underflow fp16 (loss scaling's job, not ours)
+    out.float().square().sum().backward()
+    for t in inputs:
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+    return inputs, out
+
+
+@pytest.mark.parametrize("dtype, causal", list(itertools.product([torch.bfloat16, torch.float16], [False, True])))
+def test_half_precision_at_8192_is_finite_and_accurate(dtype, causal):
+    inputs, out = _finite_outputs_and_gradients(dtype, causal, 8192, 2, 16)
+    # flows are accumulated in fp32: the error against a float64 run of the same inputs is the input/output
+    # rounding of the half type, not a sum growing with L
+    exact = flow_attention(*(t.detach().double() for t in inputs), causal=causal)
+    assert relative_error(out.double(), exact) < 2e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, causal", list(itertools.product([torch.bfloat16, torch.float16], [False, True])))
+def test_half_precision_at_65536_is_finite(dtype, causal):
+    _finite_outputs_and_gradients(dtype, causal, 65536, 8, 64)
