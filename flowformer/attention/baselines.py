@@ -180,6 +180,19 @@ class _BaselineAttention(nn.Module):
         return f"head_dim={self.head_dim}, n_heads={self.n_heads}"
 
 
+class _NormalisedKernelAttention(_BaselineAttention):
+    """Base of the feature-map attentions with a normaliser: options `eps` and the causal `chunk_size`."""
+
+    def __init__(
+        self, head_dim: int, n_heads: int, eps: float = 1e-6, chunk_size: int = _DEFAULT_CHUNK_SIZE
+    ) -> None:
+        super().__init__(head_dim, n_heads)
+        _check_positive(self._op, "eps", eps, allow_zero=True)
+        _check_positive(self._op, "chunk_size", chunk_size)
+        self.eps = float(eps)
+        self.chunk_size = int(chunk_size)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Softmax
 # --------------------------------------------------------------------------------------------------------------
@@ -231,7 +244,7 @@ class SoftmaxAttention(_BaselineAttention):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class LinearAttention(_BaselineAttention):
+class LinearAttention(_NormalisedKernelAttention):
     """Linear attention with feature map ``elu(x) + 1`` (Katharopoulos et al. 2020).
 
     ``out_i = phi(q_i)^T sum_j phi(k_j) v_j^T / (phi(q_i)^T sum_j phi(k_j) + eps)``; the sums run over real keys
@@ -243,15 +256,6 @@ class LinearAttention(_BaselineAttention):
     """
 
     registry_name = "linear"
-
-    def __init__(
-        self, head_dim: int, n_heads: int, eps: float = 1e-6, chunk_size: int = _DEFAULT_CHUNK_SIZE
-    ) -> None:
-        super().__init__(head_dim, n_heads)
-        _check_positive(self._op, "eps", eps, allow_zero=True)
-        _check_positive(self._op, "chunk_size", chunk_size)
-        self.eps = float(eps)
-        self.chunk_size = int(chunk_size)
 
     def _attend(self, q, k, v, causal, key_padding_mask, query_padding_mask) -> torch.Tensor:
         phi_q = F.elu(q) + 1.0
@@ -437,7 +441,7 @@ def _real_positions(
     return positions, real.sum(dim=-1)
 
 
-class CosformerAttention(_BaselineAttention):
+class CosformerAttention(_NormalisedKernelAttention):
     """cosFormer: ReLU features with cos-based re-weighting (Qin et al. 2022).
 
     ``sim(i, j) = relu(q_i) . relu(k_j) * cos(pi/2 * (i - j) / M)``, computed in linear form through
@@ -455,15 +459,6 @@ class CosformerAttention(_BaselineAttention):
     """
 
     registry_name = "cosformer"
-
-    def __init__(
-        self, head_dim: int, n_heads: int, eps: float = 1e-6, chunk_size: int = _DEFAULT_CHUNK_SIZE
-    ) -> None:
-        super().__init__(head_dim, n_heads)
-        _check_positive(self._op, "eps", eps, allow_zero=True)
-        _check_positive(self._op, "chunk_size", chunk_size)
-        self.eps = float(eps)
-        self.chunk_size = int(chunk_size)
 
     def _attend(self, q, k, v, causal, key_padding_mask, query_padding_mask) -> torch.Tensor:
         l_len, s_len = q.shape[2], k.shape[2]
