@@ -574,8 +574,12 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "time_budget": args.time_budget,
         "gemm_size": args.gemm_size,
     }
+    from experiments.run_record import git_sha
+
     records: list[dict[str, Any]] = []
     started = time.time()
+    # the code the workers run is the code at the start (the zygote imports it once)
+    sha_at_start = git_sha(REPO)
 
     zygote = Zygote() if args.isolation == "fork" else None
 
@@ -649,13 +653,13 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     if zygote is not None:
         zygote.close()
 
-    from experiments.run_record import git_sha
-
+    sha_at_end = git_sha(REPO)
     return {
         "command": "python -m experiments.bench " + " ".join(shlex.quote(a) for a in args.argv),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "wall_s": time.time() - started,
-        "git_sha": git_sha(REPO),
+        "git_sha": sha_at_start,
+        "git_sha_at_end": sha_at_end if sha_at_end != sha_at_start else None,
         "machine": machine_info(args.device),
         "allocator_env": ALLOCATOR_ENV,
         "settings": {

@@ -40,7 +40,8 @@ KERNELS = ("sigmoid", "relu")
 COMPETITION_AXES = ("keys", "heads")
 BACKENDS = ("eager", "compile", "triton", "auto")
 # Tuned on CPU with `python -m experiments.bench --variants flow_causal:16,flow_causal:32,...,flow_causal:256
-# --lengths 1024,4096,16384 --tag chunk_sweep` (results/bench/chunk_sweep.md).
+# --lengths 1024,4096,16384 --tag chunk_sweep` (results/bench/chunk_sweep.md): 32 and 64 are within noise of each
+# other, forward and forward+backward; 16, 128 and 256 are 1.2-2x slower. 64 has the lower forward memory.
 DEFAULT_CHUNK_SIZE = 64
 # Narrow chunk-level sums are prefix-summed in groups of this many chunks (see `_blocked_exclusive_prefix`).
 _PREFIX_GROUP = 16
