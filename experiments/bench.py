@@ -775,13 +775,21 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
-def _format_time(record: dict[str, Any] | None) -> str:
+def _missing_cell(record: dict[str, Any] | None) -> str | None:
+    """The table text for a configuration without a measurement ("—", "skip" or "fail"), else None."""
     if record is None:
         return "—"
     if "skipped" in record:
         return "skip"
     if "error" in record:
         return "fail"
+    return None
+
+
+def _format_time(record: dict[str, Any] | None) -> str:
+    missing = _missing_cell(record)
+    if missing is not None:
+        return missing
     value = record["time_ms"]
     shown = f"{value:.3g}" if value < 100 else f"{value:.0f}"
     calls = record.get("timed_calls")
@@ -790,12 +798,9 @@ def _format_time(record: dict[str, Any] | None) -> str:
 
 
 def _format_memory(record: dict[str, Any] | None) -> str:
-    if record is None:
-        return "—"
-    if "skipped" in record:
-        return "skip"
-    if "error" in record:
-        return "fail"
+    missing = _missing_cell(record)
+    if missing is not None:
+        return missing
     return f"{record['peak_mib']:.3g}" if record["peak_mib"] < 100 else f"{record['peak_mib']:.0f}"
 
 
