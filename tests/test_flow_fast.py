@@ -89,7 +89,15 @@ def test_causal_gradients_match_reference_with_padding(options, chunk_size):
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"clamp": None}, {"competition": False}, {"allocation": False}, {"competition_over": "heads"}]
+    "options",
+    [
+        {},
+        {"clamp": None},
+        {"competition": False},
+        {"allocation": False},
+        {"competition_over": "heads"},
+        {"kernel": "relu", "clamp": None},  # the feature map and its gradient are applied block by block
+    ],
 )
 def test_noncausal_blocked_passes_match_reference(monkeypatch, options):
     # the smallest block is 256 rows: 700 queries and 600 keys take 3 blocks each, the last one partial
@@ -97,7 +105,9 @@ def test_noncausal_blocked_passes_match_reference(monkeypatch, options):
     q, k, v = random_inputs(2, 2, 700, 6, source_length=600, value_dim=5, seed=13)
     key_mask = torch.zeros(2, 600, dtype=torch.bool)
     key_mask[1, 450:] = True
-    masks = {"key_padding_mask": key_mask}
+    query_mask = torch.zeros(2, 700, dtype=torch.bool)
+    query_mask[0, 600:] = True  # a padded tail that spans a block boundary
+    masks = {"key_padding_mask": key_mask, "query_padding_mask": query_mask}
     weights = torch.randn(2, 2, 700, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
     out, grads = gradients(lambda *t: flow_attention(*t, **options, **masks), (q, k, v), weights)
     ref, ref_grads = gradients(lambda *t: flow_attention_reference(*t, **options, **masks), (q, k, v), weights)
