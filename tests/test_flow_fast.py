@@ -13,6 +13,7 @@ import flowformer.attention.flow as flow_module
 from flowformer.attention.flow import (
     _blocked_exclusive_prefix,
     _exclusive_chunk_prefix,
+    _exclusive_scan_,
     _ExclusiveScan,
     causal_linear_attention,
     flow_attention,
@@ -130,20 +131,55 @@ def test_exclusive_chunk_prefix_forms_agree(length):
     torch.testing.assert_close(_exclusive_chunk_prefix(x), expected)
 
 
+@pytest.mark.parametrize("with_start", [False, True])
+def test_in_place_exclusive_scan_returns_the_prefixes_and_the_total(with_start):
+    x = torch.randn(2, 3, 11, 600, dtype=torch.float64)
+    start = torch.randn(2, 3, 600, dtype=torch.float64) if with_start else None
+    offset = 0.0 if start is None else start[:, :, None]
+    expected = torch.cat([torch.zeros_like(x[..., :1, :]), x[..., :-1, :].cumsum(-2)], dim=-2) + offset
+    total = x.sum(-2) + (0.0 if start is None else start)
+    scanned = x.clone()
+    got_total = _exclusive_scan_(scanned, start)
+    torch.testing.assert_close(scanned, expected)
+    torch.testing.assert_close(got_total, total)
+
+
+@pytest.mark.parametrize("options", [{}, {"competition": False}, {"allocation": False}, {"clamp": None}])
+def test_causal_inference_path_equals_the_training_path(options):
+    # without gradients the causal path keeps nothing for a backward and scans the (d, dv) chunk states in place
+    # (d·dv = 1024 >= _SCAN_MIN_WIDTH); it must give the training path's output, padding included
+    q, k, v = random_inputs(2, 2, 150, 32, seed=8)
+    mask = torch.zeros(2, 150, dtype=torch.bool)
+    mask[1, 120:] = True
+    run = lambda *t: flow_attention(*t, causal=True, key_padding_mask=mask, chunk_size=16, **options)
+    with torch.no_grad():
+        inference = run(q, k, v)
+    training = run(*(t.clone().requires_grad_() for t in (q, k, v)))
+    assert relative_error(inference, training.detach()) < 1e-13
+    reference = flow_attention_reference(q, k, v, causal=True, key_padding_mask=mask, **options)
+    assert relative_error(inference, reference) < 1e-12
+
+
 def test_exclusive_scan_gradient():
     x = torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_ExclusiveScan.apply, (x,))
 
 
-def test_wide_chunk_states_take_the_scan_and_stay_exactly_causal():
-    # d·dv = 1024 >= _SCAN_MIN_WIDTH, so the (d, dv) chunk states go through _ExclusiveScan
+@pytest.mark.parametrize("grad", [False, True])
+def test_wide_chunk_states_take_the_scan_and_stay_exactly_causal(grad):
+    # d·dv = 1024 >= _SCAN_MIN_WIDTH, so the (d, dv) chunk states go through _ExclusiveScan (with gradients) or
+    # the in-place scan (inference)
     assert 32 * 32 >= flow_module._SCAN_MIN_WIDTH
     q, k, v = random_inputs(1, 2, 300, 32, dtype=torch.float32, seed=4)
-    out = flow_attention(q, k, v, causal=True, chunk_size=16)
-    changed = [t.clone() for t in (q, k, v)]
-    for t in changed:
-        t[:, :, 200:] = torch.randn_like(t[:, :, 200:]) * 5
-    assert torch.equal(out[:, :, :200], flow_attention(*changed, causal=True, chunk_size=16)[:, :, :200])
+    with torch.set_grad_enabled(grad):
+        inputs = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+        out = flow_attention(*inputs, causal=True, chunk_size=16).detach()
+        changed = [t.clone() for t in (q, k, v)]
+        for t in changed:
+            t[:, :, 200:] = torch.randn_like(t[:, :, 200:]) * 5
+        changed = [t.requires_grad_(grad) for t in changed]
+        later = flow_attention(*changed, causal=True, chunk_size=16).detach()
+    assert torch.equal(out[:, :, :200], later[:, :, :200])
     reference = flow_attention_reference(q.double(), k.double(), v.double(), causal=True)
     assert relative_error(out.double(), reference) < 1e-5
 

@@ -14,16 +14,19 @@ How it is made fast (measurements: results/bench/efficiency.md; method: experime
 - Every ε-shifted dot product <x + ε, a + ε> is folded into x·(a + ε) + ε·Σ(a + ε): a matrix-vector product plus
   a per-head constant, instead of shifted copies and a broadcast multiply-sum. Matrix-vector products are written
   as (1, d) @ (d, N), the form BLAS runs at memory speed ((N, d) @ (d, 1) is ~10x slower on CPU).
-- Non-causal: a custom autograd Function (`_NonCausalFlow`) whose forward makes three passes over cache-sized
-  blocks of the sequence (q, then k and v, then q), and whose hand-written backward saves only q, k, v and
-  (B, H, 1, N) flow vectors and gathers the rank-1 gradient terms into one small matmul.
+- Non-causal: a custom autograd Function (`_NonCausalFlow`) whose forward makes four passes over cache-sized
+  blocks of the sequence (k, q, k and v, q), applying the feature map inside the first two, and whose hand-written
+  backward saves only φ(q), φ(k), v and (B, H, 1, N) flow vectors and gathers the rank-1 gradient terms into one
+  small matmul.
 - Causal: torch.cumsum along the sequence axis runs at ~1 ns per element on CPU, slower than a matmul, so no
   per-token prefix sum of a (L, d) tensor is ever taken. Each causal flow is a dot product with a prefix sum,
   q_i·Σ_{j<=i} k_j = Σ_{j<=i} q_i·k_j, read off the chunk's (C, C) score matrix (needed for the aggregation
   anyway) plus a chunk-level state; chunk-level states are prefix-summed by small triangular matmuls or, for the
-  wide (d, dv) states, a sequential scan (`_exclusive_chunk_prefix`). Only (B, H, L) scalars get a real cumsum.
-  The result is exactly causal: earlier outputs are bit-identical whatever the later tokens. A hand-written
-  chunked backward (`_CausalFlow`) replaces autograd through all of this.
+  wide (d, dv) states, a sequential in-place scan (`_exclusive_chunk_prefix`, `_exclusive_scan_`). Only (B, H, L)
+  scalars get a real cumsum. Flows that read the same tensor are computed in one stacked product. The result is
+  exactly causal: earlier outputs are bit-identical whatever the later tokens. A hand-written chunked backward
+  (`_CausalFlow`) replaces autograd through all of this; without gradients (inference) nothing is kept for it and
+  each large intermediate is freed as soon as it has been used.
 """
 
 from __future__ import annotations
