@@ -291,7 +291,9 @@ def _feature_map_grad(mapped: Tensor, kernel: str) -> Tensor:
     """dφ/dx from φ(x) itself (0 at padding, where the mapped value was zeroed)."""
     if kernel == "sigmoid":
         return mapped * (1.0 - mapped)
-    return (mapped > 1e-6).to(mapped.dtype)  # relu(x) + 1e-6 exceeds 1e-6 exactly where x > 0
+    # relu(x) + 1e-6 exceeds 1e-6 where x > 0, except for x below ~1e-13 in fp32 (the sum rounds back to 1e-6),
+    # where the gradient is taken as 0: a difference autograd through `feature_map` would not make, and negligible
+    return (mapped > 1e-6).to(mapped.dtype)
 
 
 class _NonCausalFlow(torch.autograd.Function):
