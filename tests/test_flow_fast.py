@@ -40,6 +40,16 @@ def gradients(fn, inputs, weights):
     return out.detach(), [t.grad for t in leaves]
 
 
+def assert_output_and_gradients_match_reference(inputs, weights, **kwargs):
+    """flow_attention(**kwargs) against the dense reference: outputs to 1e-12, input gradients to 1e-10."""
+    reference_kwargs = {key: value for key, value in kwargs.items() if key != "chunk_size"}
+    out, grads = gradients(lambda *t: flow_attention(*t, **kwargs), inputs, weights)
+    ref, ref_grads = gradients(lambda *t: flow_attention_reference(*t, **reference_kwargs), inputs, weights)
+    assert relative_error(out, ref) < 1e-12
+    for got, expected in zip(grads, ref_grads):
+        assert relative_error(got, expected) < 1e-10
+
+
 OPTION_SETS = [
     {},
     {"competition": False},
@@ -64,11 +74,7 @@ def test_noncausal_hand_written_backward_matches_reference(options, masked):
         query_mask[1, 9:] = True
         masks = {"key_padding_mask": key_mask, "query_padding_mask": query_mask}
     weights = torch.randn(2, 3, 13, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    out, grads = gradients(lambda *t: flow_attention(*t, **options, **masks), (q, k, v), weights)
-    ref, ref_grads = gradients(lambda *t: flow_attention_reference(*t, **options, **masks), (q, k, v), weights)
-    assert relative_error(out, ref) < 1e-12
-    for got, expected in zip(grads, ref_grads):
-        assert relative_error(got, expected) < 1e-10
+    assert_output_and_gradients_match_reference((q, k, v), weights, **options, **masks)
 
 
 @pytest.mark.parametrize("options", OPTION_SETS)
@@ -79,14 +85,9 @@ def test_causal_gradients_match_reference_with_padding(options, chunk_size):
     mask[0, :5] = True  # left padding
     mask[1, 17:] = True  # right padding
     weights = torch.randn(2, 2, 23, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    run = lambda *t: flow_attention(*t, causal=True, key_padding_mask=mask, chunk_size=chunk_size, **options)
-    out, grads = gradients(run, (q, k, v), weights)
-    ref, ref_grads = gradients(
-        lambda *t: flow_attention_reference(*t, causal=True, key_padding_mask=mask, **options), (q, k, v), weights
+    assert_output_and_gradients_match_reference(
+        (q, k, v), weights, causal=True, key_padding_mask=mask, chunk_size=chunk_size, **options
     )
-    assert relative_error(out, ref) < 1e-12
-    for got, expected in zip(grads, ref_grads):
-        assert relative_error(got, expected) < 1e-10
 
 
 @pytest.mark.parametrize(
@@ -110,11 +111,7 @@ def test_noncausal_blocked_passes_match_reference(monkeypatch, options):
     query_mask[0, 600:] = True  # a padded tail that spans a block boundary
     masks = {"key_padding_mask": key_mask, "query_padding_mask": query_mask}
     weights = torch.randn(2, 2, 700, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
-    out, grads = gradients(lambda *t: flow_attention(*t, **options, **masks), (q, k, v), weights)
-    ref, ref_grads = gradients(lambda *t: flow_attention_reference(*t, **options, **masks), (q, k, v), weights)
-    assert relative_error(out, ref) < 1e-12
-    for got, expected in zip(grads, ref_grads):
-        assert relative_error(got, expected) < 1e-10
+    assert_output_and_gradients_match_reference((q, k, v), weights, **options, **masks)
 
 
 def test_hand_written_backward_passes_gradcheck():
