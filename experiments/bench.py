@@ -71,6 +71,10 @@ class Variant:
     forward_only: bool = False
     flops: Callable[[int, int, int, int], float] | None = None
     device: str | None = None  # only on this device type
+    dtypes: tuple[str, ...] | None = None  # only in these dtypes
+
+    def runs_on(self, device: str, dtype: str | None = None) -> bool:
+        return self.device in (None, device) and (dtype is None or self.dtypes is None or dtype in self.dtypes)
 
 
 def _noncausal_matmul_flops(length: int, dim: int, dim_v: int, chunk: int) -> float:
@@ -93,6 +97,13 @@ VARIANTS: dict[str, Variant] = {
     "flow_causal_materialised": Variant("official causal maths, materialised (B,H,L,d,dv) cumsum (baseline)", True),
     "softmax": Variant("softmax attention, SDPA", False),
     "softmax_causal": Variant("softmax attention, SDPA, causal", True),
+    # SDPA picks its own kernel (cuDNN, flash, memory-efficient); these pin FlashAttention, the GPU yardstick
+    "softmax_flash": Variant(
+        "softmax attention, SDPA pinned to FlashAttention", False, device="cuda", dtypes=("bfloat16", "float16")
+    ),
+    "softmax_flash_causal": Variant(
+        "softmax attention, SDPA pinned to FlashAttention, causal", True, device="cuda", dtypes=("bfloat16", "float16")
+    ),
     "linear": Variant("linear attention (elu+1)", False),
     "linear_causal": Variant("linear attention (elu+1), causal", True),
     "performer": Variant("Performer (FAVOR+)", False),
@@ -115,8 +126,9 @@ VARIANTS: dict[str, Variant] = {
 }
 # flow_compile is left out by default: on the 2-core CPU it was no faster than eager, its first call at each new
 # size class can recompile for seconds, and its workers pay 5-20 s of compilation (`--variants` can add it).
-DEFAULT_VARIANTS = (  # flow_causal_triton runs only with --device cuda
+DEFAULT_VARIANTS = (  # flow_causal_triton and softmax_flash* run only with --device cuda
     "flow", "flow_official", "flow_causal", "flow_causal_triton", "flow_causal_materialised", "softmax", "softmax_causal",
+    "softmax_flash", "softmax_flash_causal",
     "linear", "linear_causal", "performer", "cosformer", "reformer", "matmul", "matmul_causal",
 )
 DEFAULT_LENGTHS = tuple(2**p for p in range(8, 17))  # 256 ... 65536
@@ -214,6 +226,8 @@ def build_op(name: str, chunk: int | None, head_dim: int, n_heads: int) -> Calla
         from flowformer.attention.flow import DEFAULT_CHUNK_SIZE
 
         return lambda q, k, v: chunked_causal_matmuls(q, k, v, chunk or DEFAULT_CHUNK_SIZE)
+    if name.startswith("softmax_flash"):
+        return _flash_attention(causal)
     if name.startswith("flow"):
         backend = {"compile": "compile", "triton": "triton"}.get(name.rsplit("_", 1)[-1], "eager")
         return lambda q, k, v: flow_attention(q, k, v, causal=causal, chunk_size=chunk, backend=backend)
@@ -221,6 +235,17 @@ def build_op(name: str, chunk: int | None, head_dim: int, n_heads: int) -> Calla
     op = build_attention(base, head_dim, n_heads)
     op.eval()  # e.g. Reformer: fixed hash rotations, so every repeat does the same work
     return lambda q, k, v: op(q, k, v, causal=causal)
+
+
+def _flash_attention(causal: bool) -> Callable:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def op(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # an error, not a silent fallback, where flash cannot run
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return op
 
 
 class MemoryProbe:
@@ -559,7 +584,7 @@ def machine_info(device: str) -> dict[str, Any]:
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
-    variants = [spec for spec in args.variants if VARIANTS[parse_variant(spec)[0]].device in (None, args.device)]
+    variants = [spec for spec in args.variants if VARIANTS[parse_variant(spec)[0]].runs_on(args.device)]
     settings = {
         "batch": args.batch,
         "n_heads": args.heads,
@@ -602,6 +627,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         history: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = {}
         for length in args.lengths:
             for spec in variants:  # interleaved: every variant at this L before the next L
+                if not VARIANTS[parse_variant(spec)[0]].runs_on(args.device, dtype):
+                    continue
                 for mode in args.modes:
                     if mode == "backward" and VARIANTS[parse_variant(spec)[0]].forward_only:
                         continue
@@ -760,6 +787,21 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
             add(f"{variant} overtakes softmax SDPA ({MODE_TITLES[mode]}) from L =", str(overtakes), "report", None)
 
+    # on a GPU: ours against FlashAttention at the lengths, in each half dtype measured
+    for half in ("bfloat16", "float16"):
+        for variant in ("flow_causal_triton", "flow_causal"):
+            for mode in MODES:
+                cells = []
+                for length in (4096, 16384, 65536):
+                    ours = found.get((variant, mode, half, length))
+                    flash = found.get(("softmax_flash_causal", mode, half, length))
+                    if ours and flash:
+                        cells.append(f"{length}: {flash['time_ms'] / ours['time_ms']:.2f}x "
+                                     f"({ours['time_ms']:.3g} vs {flash['time_ms']:.3g} ms)")
+                if cells:
+                    add(f"{variant} vs SDPA flash (causal), {half}, {MODE_TITLES[mode]}: flash time / ours",
+                        ", ".join(cells), "report", None)
+
     ceiling = gemm_gflops(records, dtype)
     for variant in ("flow", "flow_compile", "flow_causal", "matmul", "matmul_causal"):
         rates = [(length, get(variant, "forward", length)) for length in lengths if length >= 4096]
@@ -898,8 +940,9 @@ def render_figure(results: dict[str, Any], path: Path) -> None:
     variants = list(results["variants"])
     palette = plt.get_cmap("tab20").colors
     # a hue per maths: ours (dark) beside the official formulation of the same attention (light)
-    hues = {"flow": 0, "flow_compile": 0, "flow_official": 1, "flow_causal": 6, "flow_causal_triton": 6,
-            "flow_causal_materialised": 7, "softmax": 4, "softmax_causal": 5, "linear": 8, "linear_causal": 9,
+    hues = {"flow": 0, "flow_compile": 0, "flow_official": 1, "flow_causal": 6, "flow_causal_triton": 12,
+            "flow_causal_materialised": 7, "softmax": 4, "softmax_causal": 5, "softmax_flash": 14,
+            "softmax_flash_causal": 15, "linear": 8, "linear_causal": 9,
             "performer": 2, "performer_causal": 3, "cosformer": 10, "cosformer_causal": 11, "reformer": 16}
 
     def style(variant: str) -> dict[str, Any]:

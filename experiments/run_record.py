@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -40,7 +41,8 @@ def git_sha(cwd: Path | None = None) -> str | None:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return None
+        # a copy of the tree without .git (e.g. shipped to a GPU machine) can name its commit through the environment
+        return os.environ.get("FLOWFORMER_GIT_SHA")
     return sha.strip() + ("-dirty" if dirty.strip() else "")
 
 

@@ -31,6 +31,7 @@ How it is made fast (measurements: results/bench/efficiency.md; method: experime
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -166,7 +167,10 @@ def flow_attention(
         if backend == "triton":
             from flowformer.attention.triton_causal import causal_linear_attention_triton
 
-            out, _ = _causal_flow(q, k, v, q_real, k_real, chunk_size=chunk, aggregate=causal_linear_attention_triton, **options)
+            # TF32 products only where the inputs were already coarser than TF32 (bf16, fp16)
+            precision = "ieee" if torch.finfo(out_dtype).bits >= 32 else "tf32"
+            aggregate = functools.partial(causal_linear_attention_triton, precision=precision)
+            out, _ = _causal_flow(q, k, v, q_real, k_real, chunk_size=chunk, aggregate=aggregate, **options)
         else:
             # backend="compile" leaves the causal path eager: dynamo specialises on L through the chunk arithmetic,
             # so it recompiled for every length, at ~1 min each on CPU, for an op that is already matmul-bound.
