@@ -15,7 +15,7 @@ ARGS ?=
 .DEFAULT_GOAL := help
 TABLES := uea lra imagenet wikitext103 d4rl
 REPRODUCE := $(addprefix reproduce-,$(TABLES))
-.PHONY: help install lock test test-all demo tables bench clean data-uea data-lra listops $(REPRODUCE)
+.PHONY: help install lock test test-all demo tables bench bench-gpu clean data-uea data-lra listops $(REPRODUCE)
 
 help: ## list the targets
 	@grep -hE '^[^#[:space:]].*:.*## ' $(MAKEFILE_LIST) | sed 's/^$$(REPRODUCE): reproduce-%:/reproduce-<table>:/' \
@@ -48,6 +48,10 @@ tables: ## rebuild every paper table (Markdown, LaTeX, CSV) and figures from the
 
 bench: ## the attention efficiency benchmark (JSON, Markdown table and figure in results/)
 	$(PY) -m experiments.bench $(ARGS)
+
+bench-gpu: ## on a CUDA GPU: the gpu tests, then the benchmark in fp32 and bf16 with backend='triton' and FlashAttention
+	$(PY) -m pytest -m gpu tests/test_flow_gpu.py
+	$(PY) -m experiments.bench --device cuda --tag efficiency_cuda $(ARGS)
 
 data-uea: ## download and check the paper's 10 UEA datasets into DATA_DIR/uea (bundled ones are copied from aeon)
 	$(PY) -m tasks.uea.download $(ARGS)

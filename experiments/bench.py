@@ -599,12 +599,35 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "time_budget": args.time_budget,
         "gemm_size": args.gemm_size,
     }
-    from experiments.run_record import git_sha
+    from experiments.run_record import git_sha, write_json_atomic
 
     records: list[dict[str, Any]] = []
     started = time.time()
     # the code the workers run is the code at the start (the zygote imports it once)
     sha_at_start = git_sha(REPO)
+    header = {
+        "command": "python -m experiments.bench " + " ".join(shlex.quote(a) for a in args.argv),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "git_sha": sha_at_start,
+        "machine": machine_info(args.device),
+        "allocator_env": ALLOCATOR_ENV,
+        "settings": {
+            **settings,
+            "dtypes": args.dtypes,
+            "modes": list(args.modes),
+            "lengths": list(args.lengths),
+            "variants": variants,
+            "memory_budget_gib": args.memory_budget,
+            "time_budget_s": args.time_budget,
+            "isolation": args.isolation,
+            "rounds": args.rounds,
+            "recheck_max_s": args.recheck_max,
+        },
+        "variants": {spec: VARIANTS[parse_variant(spec)[0]].description for spec in variants},
+    }
+    # every measurement so far, rewritten atomically after each one: a run that is killed keeps what it measured
+    # (`--from-json <tag>.partial.json` renders it)
+    partial = partial_path(args.out, args.tag)
 
     zygote = Zygote() if args.isolation == "fork" else None
 
@@ -613,6 +636,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         record = zygote.run(config, timeout) if zygote is not None else launch_spawn(config, timeout)
         if keep:
             records.append(record)
+            write_json_atomic(partial, {**header, "wall_s": time.time() - started, "records": records})
         shown = "error: " + record["error"] if "error" in record else f"{record['time_ms']:10.2f} ms {record['peak_mib']:9.1f} MiB"
         print(f"L={config['length']:>6} {config['dtype']:>8} {config['mode']:>8} {config['variant']:<26} {shown}", flush=True)
         return record
@@ -682,28 +706,15 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
 
     sha_at_end = git_sha(REPO)
     return {
-        "command": "python -m experiments.bench " + " ".join(shlex.quote(a) for a in args.argv),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        **header,
         "wall_s": time.time() - started,
-        "git_sha": sha_at_start,
         "git_sha_at_end": sha_at_end if sha_at_end != sha_at_start else None,
-        "machine": machine_info(args.device),
-        "allocator_env": ALLOCATOR_ENV,
-        "settings": {
-            **settings,
-            "dtypes": args.dtypes,
-            "modes": list(args.modes),
-            "lengths": list(args.lengths),
-            "variants": variants,
-            "memory_budget_gib": args.memory_budget,
-            "time_budget_s": args.time_budget,
-            "isolation": args.isolation,
-            "rounds": args.rounds,
-            "recheck_max_s": args.recheck_max,
-        },
-        "variants": {spec: VARIANTS[parse_variant(spec)[0]].description for spec in variants},
         "records": records,
     }
+
+
+def partial_path(out_dir: Path, tag: str) -> Path:
+    return out_dir / f"{tag}.partial.json"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1027,7 +1038,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--time-budget", type=float, default=5.0, help="seconds per call; slower variants stop growing L")
-    parser.add_argument("--memory-budget", type=float, default=8.0, help="GiB above baseline; larger variants stop growing L")
+    parser.add_argument(
+        "--memory-budget", type=float, default=None,
+        help="GiB above baseline; larger variants stop growing L (default 8 on CPU, 48 on CUDA)",
+    )
     parser.add_argument("--repeats", type=int, default=11, help="most timed calls per configuration")
     parser.add_argument("--min-repeats", type=int, default=5, help="fewest timed calls per configuration")
     parser.add_argument("--min-time", type=float, default=1.5, help="timed calls continue (up to --repeats) until this many seconds")
@@ -1039,7 +1053,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--recheck-max", type=float, default=0.5, help="seconds per call; see --rounds")
     parser.add_argument("--warmup-length", type=int, default=256, help="length of the warm-up calls before the memory probe")
-    parser.add_argument("--gemm-size", type=int, default=2048, help="square GEMM for the machine ceiling (0 = skip)")
+    parser.add_argument(
+        "--gemm-size", type=int, default=None,
+        help="square GEMM for the machine ceiling (0 = skip; default 2048 on CPU, 8192 on CUDA, where a 2048 GEMM is "
+        "too short to fill the card or to time from the host)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds per worker process (default from the time budget)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     parser.add_argument("--figure", type=Path, default=None, help="default results/figures/<tag>.png")
@@ -1072,7 +1090,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.variants = args.variants or list(DEFAULT_VARIANTS)
     for spec in args.variants:
         parse_variant(spec)
-    args.dtypes = args.dtypes or (["float32"] if args.device == "cpu" else ["float32", "bfloat16"])
+    on_cpu = args.device == "cpu"
+    args.dtypes = args.dtypes or (["float32"] if on_cpu else ["float32", "bfloat16"])
+    args.memory_budget = args.memory_budget if args.memory_budget is not None else (8.0 if on_cpu else 48.0)
+    args.gemm_size = args.gemm_size if args.gemm_size is not None else (2048 if on_cpu else 8192)
     if args.from_json is not None and args.tag == "efficiency":
         args.tag = args.from_json.stem
     if args.figure is None and not args.no_figure:
@@ -1102,6 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_suite(args)
     for path in write_outputs(results, args.out, args.tag, args.figure):
         print(f"wrote {path}")
+    partial_path(args.out, args.tag).unlink(missing_ok=True)  # superseded by the complete JSON
     for target in results["targets"]:
         print(f"  [{ {True: 'met', False: 'NOT MET', None: '-'}[target['met']] }] {target['target']}: {target['measured']} (goal {target['goal']})")
     return 0
