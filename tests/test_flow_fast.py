@@ -323,3 +323,15 @@ def test_half_precision_at_8192_is_finite_and_accurate(dtype, causal):
 @pytest.mark.parametrize("dtype, causal", list(itertools.product([torch.bfloat16, torch.float16], [False, True])))
 def test_half_precision_at_65536_is_finite(dtype, causal):
     _finite_outputs_and_gradients(dtype, causal, 65536, 8, 64)
+
+
+def test_triton_block_size_and_precision_are_checked(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from flowformer.attention.triton_causal import causal_linear_attention_triton
+
+    q, k, w = random_inputs(1, 1, 32, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        causal_linear_attention_triton(q, k, w, block_size=128)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        causal_linear_attention_triton(q, k, w, precision="fp8")

@@ -53,7 +53,7 @@ def test_cuda_backends_match_the_reference(backend, causal, length):
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("precision, tolerance", [("ieee", 1e-5), ("tf32", 5e-3)])
-@pytest.mark.parametrize("block_t", [16, 64, 128])
+@pytest.mark.parametrize("block_t", [16, 32, 64])
 def test_triton_kernels_match_the_masked_dense_product(reverse, precision, tolerance, block_t):
     pytest.importorskip("triton")
     from flowformer.attention.triton_causal import _launch

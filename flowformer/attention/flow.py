@@ -514,7 +514,11 @@ _BLOCK_BYTES = 2 * 2**20
 
 
 def _row_blocks(x: Tensor) -> list[slice]:
-    """Slices of the sequence axis of x (B, H, N, d) into cache-sized blocks."""
+    """Slices of the sequence axis of x (B, H, N, d) into cache-sized blocks; one block on a GPU, where every block
+    costs a dozen kernel launches and the caches are not what limits the passes (measured on an H100, bf16 at
+    L = 65536: 41 ms in 2 MiB blocks against 1.3 ms for the official einsum)."""
+    if x.is_cuda:
+        return [slice(0, x.shape[-2])]
     per_row = max(1, x.shape[0] * x.shape[1] * x.shape[-1] * x.element_size())
     size = max(256, _BLOCK_BYTES // per_row)
     return [slice(start, min(start + size, x.shape[-2])) for start in range(0, x.shape[-2], size)]
