@@ -333,6 +333,7 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         def call(_inputs) -> None:
             torch.mm(a, b)
+            sync()  # CUDA runs asynchronously: without this the host clock times the launch alone
 
         make_inputs = lambda length: None
         flops = 2.0 * size**3
