@@ -888,6 +888,9 @@ def render_markdown(results: dict[str, Any], targets: list[dict[str, Any]], figu
     ]
     if figure is not None:
         lines += [f"Figure: `{figure.as_posix()}`.", ""]
+    # notes added to the JSON by hand after a run (e.g. a record replaced, and why) are shown, never dropped
+    if results.get("notes"):
+        lines += ["Notes on this run:", ""] + [f"- {note}" for note in results["notes"]] + [""]
     lines += ["## Targets", "", "| target | measured (this run) | goal | met |", "|---|---|---|---|"]
     for target in targets:
         met = {True: "yes", False: "**no**", None: "—"}[target["met"]]

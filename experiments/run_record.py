@@ -35,14 +35,18 @@ def package_versions() -> dict[str, str]:
 
 
 def git_sha(cwd: Path | None = None) -> str | None:
-    """The checkout's commit, with '-dirty' when tracked files have uncommitted changes; None outside git."""
+    """The checkout's commit, with '-dirty' when tracked files have uncommitted changes; None outside git.
+
+    FLOWFORMER_GIT_SHA, when set, wins: a copy of the tree shipped to another machine (a GPU box) may carry a stale
+    or no .git, and the sender knows which commit it sent."""
+    if os.environ.get("FLOWFORMER_GIT_SHA"):
+        return os.environ["FLOWFORMER_GIT_SHA"]
     cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        # a copy of the tree without .git (e.g. shipped to a GPU machine) can name its commit through the environment
-        return os.environ.get("FLOWFORMER_GIT_SHA")
+        return None
     return sha.strip() + ("-dirty" if dirty.strip() else "")
 
 

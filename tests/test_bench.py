@@ -59,12 +59,12 @@ class _FakeZygote:
         pass
 
 
-def test_budgets_stop_a_variant_and_record_why(monkeypatch):
+def test_budgets_stop_a_variant_and_record_why(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "Zygote", _FakeZygote)
     _FakeZygote.calls = []
     args = bench.parse_args([
         "--lengths", "256,512,1024,2048,4096", "--variants", "flow,softmax", "--modes", "forward",
-        "--time-budget", "1.0", "--memory-budget", "100", "--gemm-size", "0", "--no-figure", "--rounds", "1",
+        "--time-budget", "1.0", "--memory-budget", "100", "--gemm-size", "0", "--no-figure", "--rounds", "1", "--out", str(tmp_path),
     ])
     results = bench.run_suite(args)
     measured = {(c["variant"], c["length"]) for c in _FakeZygote.calls}
@@ -76,12 +76,12 @@ def test_budgets_stop_a_variant_and_record_why(monkeypatch):
     assert "time budget" in skipped[0]["skipped"]
 
 
-def test_predicted_memory_over_budget_is_skipped(monkeypatch):
+def test_predicted_memory_over_budget_is_skipped(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "Zygote", _FakeZygote)
     _FakeZygote.calls = []
     args = bench.parse_args([
         "--lengths", "256,512,1024", "--variants", "softmax", "--modes", "forward", "--time-budget", "100",
-        "--memory-budget", "0.9", "--gemm-size", "0", "--no-figure", "--rounds", "1",
+        "--memory-budget", "0.9", "--gemm-size", "0", "--no-figure", "--rounds", "1", "--out", str(tmp_path),
     ])
     results = bench.run_suite(args)
     # 100 MiB at 256, 400 MiB at 512 -> predicted 1600 MiB at 1024, over 1.25 x 0.9 GiB
@@ -99,12 +99,12 @@ class _NoisyZygote(_FakeZygote):
         return {**record, "timed_calls": 5, "times_ms": [record["time_ms"]]}
 
 
-def test_later_rounds_keep_the_least_contended_median(monkeypatch):
+def test_later_rounds_keep_the_least_contended_median(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "Zygote", _NoisyZygote)
     _FakeZygote.calls = []
     args = bench.parse_args([
         "--lengths", "256,4096", "--variants", "flow", "--modes", "forward", "--gemm-size", "0", "--no-figure",
-        "--rounds", "2", "--recheck-max", "1.0",
+        "--rounds", "2", "--recheck-max", "1.0", "--out", str(tmp_path),
     ])
     records = bench.run_suite(args)["records"]
     # round 1: 300 ms (burst) and 1.6 s; round 2 re-times only the quick one, which now takes 100 ms
@@ -112,6 +112,29 @@ def test_later_rounds_keep_the_least_contended_median(monkeypatch):
     quick = next(r for r in records if r["length"] == 256)
     assert quick["round_medians_ms"] == [300.0, 100.0] and quick["time_ms"] == 100.0
     assert "round_medians_ms" not in next(r for r in records if r["length"] == 4096)
+
+
+def test_every_measurement_is_saved_as_it_comes_and_a_killed_run_keeps_them(monkeypatch, tmp_path):
+    class _KilledZygote(_FakeZygote):
+        def run(self, config, timeout):
+            if len(_FakeZygote.calls) == 3:
+                raise KeyboardInterrupt  # the run is killed during its fourth measurement
+            return super().run(config, timeout)
+
+    monkeypatch.setattr(bench, "Zygote", _KilledZygote)
+    _FakeZygote.calls = []
+    args = bench.parse_args([
+        "--lengths", "256,512,1024", "--variants", "flow,softmax", "--modes", "forward", "--gemm-size", "0",
+        "--no-figure", "--rounds", "1", "--out", str(tmp_path), "--tag", "killed",
+    ])
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_suite(args)
+    saved = json.loads((tmp_path / "killed.partial.json").read_text())
+    assert [(r["variant"], r["length"]) for r in saved["records"]] == [("flow", 256), ("softmax", 256), ("flow", 512)]
+    assert saved["settings"]["lengths"] == [256, 512, 1024]
+    # the partial file renders like a finished run
+    assert bench.main(["--from-json", str(tmp_path / "killed.partial.json"), "--out", str(tmp_path), "--no-figure"]) == 0
+    assert "| 512 |" in (tmp_path / "killed.partial.md").read_text()
 
 
 def _record(variant, mode, length, time_ms, peak_mib, gflops=None):

@@ -203,7 +203,7 @@ def test_prefix_softmax_forms_agree(clamp):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def test_auto_backend_is_eager_on_cpu():
+def test_auto_backend_resolves_to_the_measured_fastest_which_is_eager():
     q = torch.zeros(1, 1, 4, 2)
     assert resolve_backend("auto", q, causal=True) == "eager"
     assert resolve_backend("auto", q, causal=False) == "eager"

@@ -143,7 +143,9 @@ def flow_attention(
             "triton": the causal aggregation Σ_{j<=i} (q_i·k_j) w_j runs in a fused Triton kernel
                 (`triton_causal.py`, forward and backward); needs a CUDA tensor, or TRITON_INTERPRET=1 on CPU
                 (slow, for tests). The per-token flows and the non-causal path stay eager.
-            "auto": "triton" for causal CUDA inputs when Triton is importable, otherwise "eager".
+            "auto": the backend measured fastest for the inputs, which so far is "eager" everywhere: on an H100
+                the Triton aggregation was within 10% of eager in bf16 and 4x slower in fp32, because the
+                per-token flows, not the aggregation, set the time (results/bench/efficiency_cuda_*.md).
     Returns:
         (B, H, L, dv), in the dtype of q. Outputs at padded query positions are exactly 0.
     """
@@ -199,21 +201,12 @@ def _check_causal(q: Tensor, k: Tensor, competition_over: str) -> None:
 def resolve_backend(backend: str, q: Tensor, causal: bool) -> str:
     """The backend that `flow_attention` will actually run for `backend` on inputs like `q`."""
     if backend == "auto":
-        return "triton" if (causal and q.is_cuda and triton_available()) else "eager"
+        return "eager"
     if backend == "triton" and causal:
         from flowformer.attention.triton_causal import check_triton_usable
 
         check_triton_usable(q)
     return backend
-
-
-def triton_available() -> bool:
-    """True when the `triton` package can be imported."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _prepare(q, k, v, query_padding_mask, key_padding_mask, kernel, *, map_features: bool = True):
