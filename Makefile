@@ -49,9 +49,10 @@ tables: ## rebuild every paper table (Markdown, LaTeX, CSV) and figures from the
 bench: ## the attention efficiency benchmark (JSON, Markdown table and figure in results/)
 	$(PY) -m experiments.bench $(ARGS)
 
-bench-gpu: ## on a CUDA GPU: the gpu tests, then the benchmark in fp32 and bf16 with backend='triton' and FlashAttention
+bench-gpu: ## on a CUDA GPU: the gpu tests, then the benchmark in bf16 and in fp32 (backend='triton', FlashAttention)
 	$(PY) -m pytest -m gpu tests/test_flow_gpu.py
-	$(PY) -m experiments.bench --device cuda --tag efficiency_cuda $(ARGS)
+	$(PY) -m experiments.bench --device cuda --dtypes bfloat16 --tag efficiency_cuda_bf16 $(ARGS)
+	$(PY) -m experiments.bench --device cuda --dtypes float32 --tag efficiency_cuda_fp32 $(ARGS)
 
 data-uea: ## download and check the paper's 10 UEA datasets into DATA_DIR/uea (bundled ones are copied from aeon)
 	$(PY) -m tasks.uea.download $(ARGS)

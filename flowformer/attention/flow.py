@@ -509,7 +509,7 @@ _BLOCK_BYTES = 2 * 2**20
 def _row_blocks(x: Tensor) -> list[slice]:
     """Slices of the sequence axis of x (B, H, N, d) into cache-sized blocks; one block on a GPU, where every block
     costs a dozen kernel launches and the caches are not what limits the passes (measured on an H100, bf16 at
-    L = 65536: 41 ms in 2 MiB blocks against 1.3 ms for the official einsum)."""
+    L = 65536: 41 ms in 2 MiB blocks, 6.1 ms in one)."""
     if x.is_cuda:
         return [slice(0, x.shape[-2])]
     per_row = max(1, x.shape[0] * x.shape[1] * x.shape[-1] * x.element_size())
