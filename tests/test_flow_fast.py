@@ -99,6 +99,7 @@ def test_causal_gradients_match_reference_with_padding(options, chunk_size):
         {"allocation": False},
         {"competition_over": "heads"},
         {"kernel": "relu", "clamp": None},  # the feature map and its gradient are applied block by block
+        {"competition": False, "allocation": False},
     ],
 )
 def test_noncausal_blocked_passes_match_reference(monkeypatch, options):
