@@ -24,7 +24,8 @@ Tested on CPU through the Triton interpreter (TRITON_INTERPRET=1, slow tests in 
 CUDA GPU (tests/test_flow_gpu.py, marked gpu); timed by `make bench-gpu`. Measured on an H100 (B=1, H=8, d=64,
 results/bench/efficiency_cuda_*.md): in bf16 (TF32 products) it is within 10% of the eager backend, e.g. 4.7 vs
 5.1 ms forward and 13.7 vs 12.8 ms forward+backward at L=65536, because the per-token flows around it, not the
-aggregation, set the time; in fp32 its IEEE products are 4x slower than cuBLAS (20.9 vs 4.8 ms forward at 65536).
+aggregation, set the time; in fp32, with IEEE products, the whole call is 4x slower than eager (20.9 vs 4.8 ms
+forward at 65536).
 So it stays off by default, and backend="auto" picks eager.
 """
 
