@@ -435,8 +435,8 @@ class _NonCausalFlow(torch.autograd.Function):
         grad_out = grad_out.contiguous()
 
         def accumulate(total, rows: list[Tensor], x: Tensor):  # total + Σ_j rows_j x_j, rows stacked as (r, n)
-            part = torch.cat(rows, -2) @ x
-            return part if isinstance(total, float) else total.add_(part)
+            stacked = torch.cat(rows, -2)
+            return stacked @ x if total is None else _add_matmul_(total, stacked, x)
 
         def with_eps(total: Tensor, rows: list[Tensor]) -> list[Tensor]:  # a = Σ_j row_j x_j + ε Σ_j row_j, per row
             return [total[..., i : i + 1, :] + eps * row.sum(-1, keepdim=True) for i, row in enumerate(rows)]
@@ -491,7 +491,7 @@ class _NonCausalFlow(torch.autograd.Function):
         # pass over q: ∂s (through b' = Σ s_i q_i, and through w = α s), ∂Î (allocation), then ∂I from s = 1/I;
         # accumulates ∂b = Σ ∂Î_i q_i and Σ ∂I_i q_i, the q-side sums of the rank-1 terms of ∂k
         gate, ratio = (t["gate"], t["ratio"]) if allocation else (None, None)
-        grad_incoming, grad_conserved_sink, q_sums = [], [], 0.0
+        grad_incoming, grad_conserved_sink, q_sums = [], [], None
         for rows in q_blocks:
             block, scale, grad_scale = q[..., rows, :], sink_scale[..., rows], grad_row_scale[..., rows]
             grad_sink_scale = grad_q_weighted @ block.transpose(-2, -1) if competition else 0.0
@@ -516,7 +516,7 @@ class _NonCausalFlow(torch.autograd.Function):
         # pass over k: with allocation, ∂o from Î (b = Σ o_j k_j + ε) and ∂O from o = 1/O; then ∂k gets its rank-1
         # terms (rows ⊗ vectors) and the feature map's derivative
         ones = torch.ones_like(sink_scale[..., :1, :1])
-        outgoing_sum, grad_outgoing = 0.0, []
+        outgoing_sum, grad_outgoing = None, []
         for rows in k_blocks:
             block = k[..., rows, :]
             block_rows, block_vectors = [], []
@@ -1135,5 +1135,4 @@ def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int 
     # exclusive prefix: chunk n sees the states of chunks < n
     before = _exclusive_chunk_prefix(states.flatten(-2)).view_as(states)
     # intra-chunk masked scores, added onto the inter-chunk part inside the GEMM
-    out = _add_matmul_(qc @ before, (qc @ kc.transpose(-2, -1)).tril_(), vc)
-    return out.reshape(batch, heads, padded, dim_v)[:, :, :length]
+    return _chunk_aggregate(qc, before, (qc @ kc.transpose(-2, -1)).tril_(), vc)[:, :, :length]
