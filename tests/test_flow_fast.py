@@ -158,6 +158,59 @@ def test_causal_inference_path_equals_the_training_path(options):
     assert relative_error(inference, reference) < 1e-12
 
 
+@pytest.mark.parametrize("options", OPTION_SETS)
+def test_causal_inference_in_segments_matches_reference(monkeypatch, options):
+    # _BLOCK_BYTES = 1 makes the segments as short as allowed: 8 chunks of 4 = 32 tokens, so 150 tokens run in five
+    # segments, the last one (22 tokens) with a padded tail inside its last chunk
+    monkeypatch.setattr(flow_module, "_BLOCK_BYTES", 1)
+    calls = []
+    one_piece = flow_module._causal_flow
+    monkeypatch.setattr(flow_module, "_causal_flow", lambda *a, **kw: calls.append(a[0].shape[-2]) or one_piece(*a, **kw))
+    # (seed 21 makes the dense reference itself overflow to NaN for relu without a clamp)
+    q, k, v = random_inputs(2, 2, 150, 6, value_dim=5, seed=22)
+    mask = torch.zeros(2, 150, dtype=torch.bool)
+    mask[0, :40] = True  # left padding across the first segment boundary
+    mask[1, 100:] = True  # right padding across the last boundaries
+    run = lambda *t: flow_attention(*t, causal=True, key_padding_mask=mask, chunk_size=4, **options)
+    with torch.no_grad():
+        segmented = run(q, k, v)
+    assert calls == [32, 32, 32, 32, 22]
+    reference = flow_attention_reference(q, k, v, causal=True, key_padding_mask=mask, **options)
+    assert relative_error(segmented, reference) < 1e-12
+    assert torch.equal(segmented[1, :, 100:], torch.zeros_like(segmented[1, :, 100:]))
+    # with autograd the sequence runs in one piece (the hand-written backward needs all of it), to the same output
+    calls.clear()
+    training = run(*(t.clone().requires_grad_() for t in (q, k, v)))
+    assert calls == [150]
+    assert relative_error(segmented, training.detach()) < 1e-12
+
+
+def test_causal_inference_in_segments_stays_exactly_causal_in_float32(monkeypatch):
+    monkeypatch.setattr(flow_module, "_BLOCK_BYTES", 1)
+    q, k, v = random_inputs(1, 2, 300, 16, dtype=torch.float32, seed=22)
+    assert flow_module._inference_segment(q, k, v, 16) == 128
+    with torch.no_grad():
+        out = flow_attention(q, k, v, causal=True, chunk_size=16)
+        changed = [t.clone() for t in (q, k, v)]
+        for t in changed:
+            t[:, :, 200:] = torch.randn_like(t[:, :, 200:]) * 5
+        later = flow_attention(*changed, causal=True, chunk_size=16)
+    assert torch.equal(out[:, :, :200], later[:, :, :200])
+    reference = flow_attention_reference(q.double(), k.double(), v.double(), causal=True)
+    assert relative_error(out.double(), reference) < 1e-5
+
+
+def test_causal_segments_only_for_cpu_inference_longer_than_a_segment():
+    q, k, v = random_inputs(1, 8, 4096, 64, dtype=torch.float32)
+    assert flow_module._inference_segment(q, k, v, 64) == 1024  # (1, 8, 1024, 64) fp32 = 2 MiB
+    assert flow_module._inference_segment(q[:, :, :1024], k[:, :, :1024], v[:, :, :1024], 64) is None
+    assert flow_module._inference_segment(q.requires_grad_(), k, v, 64) is None
+    with torch.no_grad():
+        assert flow_module._inference_segment(q, k, v, 64) == 1024
+    wide = random_inputs(16, 8, 4096, 64, dtype=torch.float32)
+    assert flow_module._inference_segment(*wide, 64) == 8 * 64  # never fewer than _MIN_SEGMENT_CHUNKS chunks
+
+
 def test_exclusive_scan_gradient():
     x = torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_ExclusiveScan.apply, (x,))
