@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import flowformer.attention.flow as flow_module
 from flowformer.attention.flow import flow_attention
 from flowformer.attention.recurrent import FlowOptions, FlowState, flow_attention_prefill, flow_attention_step
 
@@ -74,6 +75,39 @@ def test_prefill_then_steps_and_segmented_prefill_equal_full_causal(options, mas
     # both routes end in the same state
     for name, value in step_state.tensors().items():
         torch.testing.assert_close(segment_state.tensors()[name], value, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+def test_prefill_without_autograd_in_segments_equals_the_one_piece_prefill(monkeypatch, options):
+    # _BLOCK_BYTES = 1: segments of 8 chunks of 2 = 16 tokens, so a 37-token prompt after a 6-token one runs in
+    # three segments, the last with a padded tail, and continues the first prompt's state
+    monkeypatch.setattr(flow_module, "_BLOCK_BYTES", 1)
+    q, k, v = random_inputs(length=43, seed=4)
+    mask = torch.zeros(2, 43, dtype=torch.bool)
+    mask[0, :4] = True
+    mask[1, 15:20] = True  # a gap across the first segment boundary of the second prompt
+
+    def prefill(lo, hi, state):
+        return flow_attention_prefill(
+            q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], state=state, padding_mask=mask[:, lo:hi], chunk_size=2,
+            **options,
+        )
+
+    first, state = prefill(0, 6, None)
+    calls = []
+    one_piece_pass = flow_module._causal_flow
+    monkeypatch.setattr(
+        flow_module, "_causal_flow", lambda *a, **kw: calls.append(a[0].shape[-2]) or one_piece_pass(*a, **kw)
+    )
+    with torch.no_grad():
+        segmented, segmented_state = prefill(6, 43, state)
+    assert calls == [16, 16, 5]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    q, k, v = leaves  # with autograd: one piece
+    one_piece, one_piece_state = prefill(6, 43, state)
+    torch.testing.assert_close(segmented, one_piece.detach(), rtol=1e-12, atol=1e-12)
+    for name, value in one_piece_state.tensors().items():
+        torch.testing.assert_close(segmented_state.tensors()[name], value.detach(), rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_padded_step_leaves_the_state_exactly_unchanged():

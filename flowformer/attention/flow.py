@@ -171,7 +171,7 @@ def flow_attention(
     options = {"competition": competition, "allocation": allocation, "clamp": clamp, "eps": eps}
     if causal:
         if segment is not None:
-            out = _causal_flow_in_segments(
+            out, _ = _causal_flow_in_segments(
                 q, k, v, q_real, k_real, kernel=kernel, segment=segment, chunk_size=chunk, **options
             )
         elif backend == "triton":
@@ -846,16 +846,19 @@ def _inference_segment(q: Tensor, k: Tensor, v: Tensor, chunk: int) -> int | Non
     return segment if q.shape[-2] > segment else None
 
 
-def _causal_flow_in_segments(q, k, v, q_real, k_real, *, kernel: str, segment: int, **options) -> Tensor:
+def _causal_flow_in_segments(
+    q, k, v, q_real, k_real, *, kernel: str, segment: int, initial=None, return_state: bool = False, **options
+):
     """Causal flow attention without autograd, `segment` tokens at a time (see `_inference_segment`).
 
     q, k: (B, H, L, d) *before* the feature map, which is applied here segment by segment; v: (B, H, L, dv), padding
-    zeroed. Segment boundaries are multiples of the chunk size, so only the last segment has a padded tail, and the
-    result equals the one-piece pass up to rounding (the running sums are added in a different order).
+    zeroed; `initial` / `return_state` as in `_causal_flow`. Segment boundaries are multiples of the chunk size, so
+    only the last segment has a padded tail, and the result equals the one-piece pass up to rounding (the running
+    sums are added in a different order). Returns (out (B, H, L, dv), final state dict or None).
     """
     length = q.shape[-2]
     out = v.new_empty(q.shape[:-1] + v.shape[-1:])
-    state = None
+    state = initial
     for start in range(0, length, segment):
         rows = slice(start, min(start + segment, length))
         q_part, k_part = feature_map(q[..., rows, :], kernel), feature_map(k[..., rows, :], kernel)
@@ -865,11 +868,12 @@ def _causal_flow_in_segments(q, k, v, q_real, k_real, *, kernel: str, segment: i
             q_part.mul_(q_real_part)
         if k_real_part is not None:
             k_part.mul_(k_real_part)
-        last = rows.stop == length
+        more = rows.stop < length
         out[..., rows, :], state = _causal_flow(
-            q_part, k_part, v[..., rows, :], q_real_part, k_real_part, initial=state, return_state=not last, **options
+            q_part, k_part, v[..., rows, :], q_real_part, k_real_part, initial=state, return_state=more or return_state,
+            **options,
         )
-    return out
+    return out, state
 
 
 def _causal_flow_with_backward(q, k, v, q_real, k_real, **options) -> Tensor:

@@ -32,6 +32,8 @@ from flowformer.attention.flow import (
     DEFAULT_CHUNK_SIZE,
     KERNELS,
     _causal_flow,
+    _causal_flow_in_segments,
+    _inference_segment,
     _prepare,
     feature_map,
 )
@@ -171,12 +173,21 @@ def flow_attention_prefill(
     if state is not None:
         _check_state(state, options, batch, heads, dim, v.shape[-1])
     out_dtype = q.dtype
-    q, k, v, q_real, k_real = _prepare(q, k, v, padding_mask, padding_mask, kernel)
-    initial = None if state is None else {name: t.to(q.dtype) for name, t in state.tensors().items()}
-    out, sums = _causal_flow(
-        q, k, v, q_real, k_real, chunk_size=int(chunk_size or DEFAULT_CHUNK_SIZE), initial=initial, return_state=True,
-        **options.core,
-    )
+    chunk = int(chunk_size or DEFAULT_CHUNK_SIZE)
+    # a long prompt without autograd runs in cache-sized segments, as in flow_attention
+    segment = _inference_segment(q, k, v, chunk)
+    q, k, v, q_real, k_real = _prepare(q, k, v, padding_mask, padding_mask, kernel, map_features=segment is None)
+    compute_dtype = q.dtype
+    initial = None if state is None else {name: t.to(compute_dtype) for name, t in state.tensors().items()}
+    if segment is None:
+        out, sums = _causal_flow(
+            q, k, v, q_real, k_real, chunk_size=chunk, initial=initial, return_state=True, **options.core
+        )
+    else:
+        out, sums = _causal_flow_in_segments(
+            q, k, v, q_real, k_real, kernel=kernel, segment=segment, chunk_size=chunk, initial=initial,
+            return_state=True, **options.core,
+        )
     if q_real is not None:
         out = out * q_real
     return out.to(out_dtype), FlowState(**sums, options=options)
