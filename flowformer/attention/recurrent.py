@@ -177,8 +177,7 @@ def flow_attention_prefill(
     # a long prompt without autograd runs in cache-sized segments, as in flow_attention
     segment = _inference_segment(q, k, v, chunk)
     q, k, v, q_real, k_real = _prepare(q, k, v, padding_mask, padding_mask, kernel, map_features=segment is None)
-    compute_dtype = q.dtype
-    initial = None if state is None else {name: t.to(compute_dtype) for name, t in state.tensors().items()}
+    initial = None if state is None else {name: t.to(q.dtype) for name, t in state.tensors().items()}
     if segment is None:
         out, sums = _causal_flow(
             q, k, v, q_real, k_real, chunk_size=chunk, initial=initial, return_state=True, **options.core
