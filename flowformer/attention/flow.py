@@ -280,13 +280,13 @@ def _noncausal_flow(q, k, v, q_real, k_real, *, competition, allocation, clamp, 
     return _NonCausalFlow.apply(q, k, v, q_real, k_real, n_sinks, n_sources, key_is_pad, options)
 
 
-def _map_block(raw: Tensor, mapped: Tensor, rows: slice, kernel: str, real: Tensor | None) -> Tensor:
-    """mapped[rows] = φ(raw[rows]) (zeroed at padding), written in place; returns that block of `mapped`."""
-    block = mapped[..., rows, :]
+def _map_rows(raw: Tensor, rows: slice, kernel: str, real: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """φ(raw[rows]), zeroed at padding, written into `out` when given (else into a fresh tensor). It works in place,
+    so it serves only where autograd does not trace it; the autograd path maps with `feature_map`."""
     if kernel == "sigmoid":
-        torch.sigmoid(raw[..., rows, :], out=block)
+        block = torch.sigmoid(raw[..., rows, :], out=out)
     else:  # relu(x) + 1e-6, as `feature_map`
-        torch.clamp_min(raw[..., rows, :], 0.0, out=block).add_(1e-6)
+        block = torch.clamp_min(raw[..., rows, :], 0.0, out=out).add_(1e-6)
     if real is not None:
         block.mul_(real[..., rows, :])
     return block
@@ -327,13 +327,13 @@ class _NonCausalFlow(torch.autograd.Function):
         # pass over k: φ(k), and a = Σ_j φ(k_j) + ε
         k_total = 0.0
         for rows in k_blocks:
-            k_total = k_total + _map_block(k_raw, k, rows, kernel, k_real).sum(-2, keepdim=True)
+            k_total = k_total + _map_rows(k_raw, rows, kernel, k_real, out=k[..., rows, :]).sum(-2, keepdim=True)
         k_total = k_total + eps  # (B,H,1,d)
         # pass over q: φ(q); (1) I_i = <q_i+ε, a>, s_i = 1/I_i; the sums Σ_i q_i and Σ_i s_i q_i in one product
         k_shift = eps * k_total.sum(-1, keepdim=True)
         scales, q_stats = [], 0.0
         for rows in q_blocks:
-            block = _map_block(q_raw, q, rows, kernel, q_real)
+            block = _map_rows(q_raw, rows, kernel, q_real, out=q[..., rows, :])
             scale = torch.reciprocal_((k_total @ block.transpose(-2, -1)).add_(k_shift))
             scales.append(scale)
             weights = ([torch.ones_like(scale)] if allocation else []) + ([scale] if competition else [])
@@ -824,6 +824,11 @@ def _chunk_aggregate(qc: Tensor, before: Tensor, below: Tensor, vc: Tensor) -> T
     return out
 
 
+def _needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd will record an op on these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 # A causal inference pass runs in segments of at least this many chunks (see `_inference_segment`).
 _MIN_SEGMENT_CHUNKS = 8
 
@@ -839,7 +844,7 @@ def _inference_segment(q: Tensor, k: Tensor, v: Tensor, chunk: int) -> int | Non
     Not with autograd (the hand-written backward needs the whole sequence's intermediates) and not on a GPU (there
     the passes are bound by kernel launches, which segments multiply).
     """
-    if q.is_cuda or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+    if q.is_cuda or _needs_grad(q, k, v):
         return None
     per_row = q.shape[0] * q.shape[1] * q.shape[-1] * torch.finfo(torch.promote_types(q.dtype, torch.float32)).bits // 8
     segment = max(_MIN_SEGMENT_CHUNKS, _BLOCK_BYTES // max(1, per_row) // chunk) * chunk
@@ -861,13 +866,9 @@ def _causal_flow_in_segments(
     state = initial
     for start in range(0, length, segment):
         rows = slice(start, min(start + segment, length))
-        q_part, k_part = feature_map(q[..., rows, :], kernel), feature_map(k[..., rows, :], kernel)
+        q_part, k_part = _map_rows(q, rows, kernel, q_real), _map_rows(k, rows, kernel, k_real)
         q_real_part = None if q_real is None else q_real[..., rows, :]
         k_real_part = None if k_real is None else k_real[..., rows, :]
-        if q_real_part is not None:
-            q_part.mul_(q_real_part)
-        if k_real_part is not None:
-            k_part.mul_(k_real_part)
         more = rows.stop < length
         out[..., rows, :], state = _causal_flow(
             q_part, k_part, v[..., rows, :], q_real_part, k_real_part, initial=state, return_state=more or return_state,
@@ -880,8 +881,7 @@ def _causal_flow_with_backward(q, k, v, q_real, k_real, **options) -> Tensor:
     """`_causal_flow` with the hand-written backward of `_CausalFlow` wherever it applies (every option set except
     competition with no clamp or a clamp above 30, whose logcumsumexp form is left to autograd)."""
     clamp = options["clamp"]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not needs_grad or (options["competition"] and (clamp is None or clamp > _EXP_PREFIX_MAX_CLAMP)):
+    if not _needs_grad(q, k, v) or (options["competition"] and (clamp is None or clamp > _EXP_PREFIX_MAX_CLAMP)):
         # inference keeps nothing for a backward, so every intermediate is freed as soon as it is used
         return _causal_flow(q, k, v, q_real, k_real, **options)[0]
     return _CausalFlow.apply(q, k, v, q_real, k_real, options)
