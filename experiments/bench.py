@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,10 @@ def _causal_matmul_flops(length: int, dim: int, dim_v: int, chunk: int) -> float
 VARIANTS: dict[str, Variant] = {
     "flow": Variant("Flow-Attention, non-causal (ours, backend='eager')", False, flops=_noncausal_matmul_flops),
     "flow_compile": Variant("Flow-Attention, non-causal (ours, backend='compile')", False, flops=_noncausal_matmul_flops),
+    "flow_fused": Variant(
+        "Flow-Attention, non-causal (ours, backend='fused': compiled CPU loops)", False, flops=_noncausal_matmul_flops,
+        device="cpu",
+    ),
     "flow_official": Variant("official non-causal maths as plain einsum (baseline)", False, flops=_noncausal_matmul_flops),
     "flow_causal": Variant("Flow-Attention, causal, chunked (ours, backend='eager')", True, flops=_causal_matmul_flops),
     "flow_causal_triton": Variant(
@@ -127,7 +132,7 @@ VARIANTS: dict[str, Variant] = {
 # flow_compile is left out by default: on the 2-core CPU it was no faster than eager, its first call at each new
 # size class can recompile for seconds, and its workers pay 5-20 s of compilation (`--variants` can add it).
 DEFAULT_VARIANTS = (  # flow_causal_triton and softmax_flash* run only with --device cuda
-    "flow", "flow_official", "flow_causal", "flow_causal_triton", "flow_causal_materialised", "softmax", "softmax_causal",
+    "flow", "flow_fused", "flow_official", "flow_causal", "flow_causal_triton", "flow_causal_materialised", "softmax", "softmax_causal",
     "softmax_flash", "softmax_flash_causal",
     "linear", "linear_causal", "performer", "cosformer", "reformer", "matmul", "matmul_causal",
 )
@@ -229,12 +234,24 @@ def build_op(name: str, chunk: int | None, head_dim: int, n_heads: int) -> Calla
     if name.startswith("softmax_flash"):
         return _flash_attention(causal)
     if name.startswith("flow"):
-        backend = {"compile": "compile", "triton": "triton"}.get(name.rsplit("_", 1)[-1], "eager")
+        backend = {"compile": "compile", "triton": "triton", "fused": "fused"}.get(name.rsplit("_", 1)[-1], "eager")
+        if backend == "fused":
+            _require_fused_loops()
         return lambda q, k, v: flow_attention(q, k, v, causal=causal, chunk_size=chunk, backend=backend)
     base = name.removesuffix("_causal")
     op = build_attention(base, head_dim, n_heads)
     op.eval()  # e.g. Reformer: fixed hash rotations, so every repeat does the same work
     return lambda q, k, v: op(q, k, v, causal=causal)
+
+
+def _require_fused_loops() -> None:
+    """flow_fused must time the compiled loops, never the eager fallback: fail the configuration instead."""
+    from flowformer.attention import cpu_fused
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the failure is reported below, as the configuration's error
+        if cpu_fused.load() is None:
+            raise RuntimeError(f"backend='fused' could not build its CPU loops: {cpu_fused.failure()}")
 
 
 def _flash_attention(causal: bool) -> Callable:
@@ -630,6 +647,13 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     # (`--from-json <tag>.partial.json` renders it)
     partial = partial_path(args.out, args.tag)
 
+    if any(parse_variant(spec)[0] == "flow_fused" for spec in variants):
+        # build (or find in the cache) the compiled loops once, here, so that no worker's warm-up pays for it
+        print("flow_fused: building the compiled CPU loops (cached after the first build)", flush=True)
+        try:
+            _require_fused_loops()
+        except RuntimeError as error:
+            print(f"flow_fused: {error}; its configurations will record the error", flush=True)
     zygote = Zygote() if args.isolation == "fork" else None
 
     def measure(config: dict[str, Any], keep: bool = True) -> dict[str, Any]:
@@ -765,7 +789,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     add("causal flow, L=65536, forward: peak memory",
         f"{long['peak_mib'] / 1024:.2f} GiB" if long else "not measured", "< 4 GiB", (long["peak_mib"] < 4096) if long else None)
 
-    for variant in ("flow", "flow_causal"):
+    for variant in ("flow", "flow_fused", "flow_causal"):
         for mode in MODES:
             short, longer = get(variant, mode, 4096), get(variant, mode, 16384)
             if short and longer:
@@ -775,7 +799,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 add(f"{variant}, {MODE_TITLES[mode]}: time(16384)/time(4096)", "not measured", "<= 4.5", None)
 
     lengths = sorted({r["length"] for r in records if r["variant"] != "gemm"})
-    for variant in ("flow", "flow_compile"):
+    for variant in ("flow", "flow_fused", "flow_compile"):
         for mode in MODES:
             ratios = [
                 (length, get("flow_official", mode, length)["time_ms"] / get(variant, mode, length)["time_ms"])
@@ -815,7 +839,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                         ", ".join(cells), "report", None)
 
     ceiling = gemm_gflops(records, dtype)
-    for variant in ("flow", "flow_compile", "flow_causal", "matmul", "matmul_causal"):
+    for variant in ("flow", "flow_fused", "flow_compile", "flow_causal", "matmul", "matmul_causal"):
         rates = [(length, get(variant, "forward", length)) for length in lengths if length >= 4096]
         rates = [(length, r["gflops"]) for length, r in rates if r and r.get("gflops")]
         if ceiling and rates:
@@ -955,7 +979,7 @@ def render_figure(results: dict[str, Any], path: Path) -> None:
     variants = list(results["variants"])
     palette = plt.get_cmap("tab20").colors
     # a hue per maths: ours (dark) beside the official formulation of the same attention (light)
-    hues = {"flow": 0, "flow_compile": 0, "flow_official": 1, "flow_causal": 6, "flow_causal_triton": 12,
+    hues = {"flow": 0, "flow_compile": 0, "flow_fused": 13, "flow_official": 1, "flow_causal": 6, "flow_causal_triton": 12,
             "flow_causal_materialised": 7, "softmax": 4, "softmax_causal": 5, "softmax_flash": 14,
             "softmax_flash_causal": 15, "linear": 8, "linear_causal": 9,
             "performer": 2, "performer_causal": 3, "cosformer": 10, "cosformer_causal": 11, "reformer": 16}

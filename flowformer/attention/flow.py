@@ -17,7 +17,8 @@ How it is made fast (measurements: results/bench/efficiency.md; method: experime
 - Non-causal: a custom autograd Function (`_NonCausalFlow`) whose forward makes four passes over cache-sized
   blocks of the sequence (k, q, k and v, q), applying the feature map inside the first two, and whose hand-written
   backward saves only φ(q), φ(k), v and (B, H, 1, N) flow vectors and gathers the rank-1 gradient terms into one
-  small matmul.
+  small matmul. With backend="fused" the per-token work of each pass runs in one compiled loop per pass
+  (`csrc/flow_cpu.cpp`); the eager passes are its reference.
 - Causal: torch.cumsum along the sequence axis runs at ~1 ns per element on CPU, slower than a matmul, so no
   per-token prefix sum of a (L, d) tensor is ever taken. Each causal flow is a dot product with a prefix sum,
   q_i·Σ_{j<=i} k_j = Σ_{j<=i} q_i·k_j, read off the chunk's (C, C) score matrix (needed for the aggregation
@@ -43,7 +44,7 @@ from torch import Tensor
 
 KERNELS = ("sigmoid", "relu")
 COMPETITION_AXES = ("keys", "heads")
-BACKENDS = ("eager", "compile", "triton", "auto")
+BACKENDS = ("eager", "compile", "triton", "fused", "auto")
 # Tuned on CPU with `python -m experiments.bench --variants flow_causal:16,flow_causal:32,...,flow_causal:256
 # --lengths 1024,4096,16384 --tag chunk_sweep` (results/bench/chunk_sweep.md): 32 and 64 are within noise of each
 # other, forward and forward+backward; 16, 128 and 256 are 1.2-2x slower. 64 has the lower forward memory.
@@ -144,9 +145,14 @@ def flow_attention(
             "triton": the causal aggregation Σ_{j<=i} (q_i·k_j) w_j runs in a fused Triton kernel
                 (`triton_causal.py`, forward and backward); needs a CUDA tensor, or TRITON_INTERPRET=1 on CPU
                 (slow, for tests). The per-token flows and the non-causal path stay eager.
-            "auto": the backend measured fastest for the inputs, which so far is "eager" everywhere: on an H100
-                the Triton aggregation was within 10% of eager in bf16 and 4x slower in fp32, because the
-                per-token flows, not the aggregation, set the time (results/bench/efficiency_cuda_*.md).
+            "fused": the non-causal path on CPU with its per-token work (feature map, flows, gates, weights) in
+                compiled C++ loops (`cpu_fused.py`, `csrc/flow_cpu.cpp`), one read of each row per pass; the two
+                large matmuls stay in BLAS. Built on first use (~30-60 s, then cached); falls back to eager, with a
+                warning, where it cannot be built. float64 inputs, the GPU and the causal path run eager.
+            "auto": "eager". On CPU, "fused" is faster for the non-causal path (results/bench/efficiency.md) but
+                needs a one-time build with a C++ compiler, so it is asked for by name. On an H100 the Triton
+                aggregation was within 10% of eager in bf16 and 4x slower in fp32, because the per-token flows, not
+                the aggregation, set the time (results/bench/efficiency_cuda_*.md).
     Returns:
         (B, H, L, dv), in the dtype of q. Outputs at padded query positions are exactly 0.
     """
@@ -187,7 +193,8 @@ def flow_attention(
             out = _causal_flow_with_backward(q, k, v, q_real, k_real, chunk_size=chunk, **options)
     else:
         core = _compiled("noncausal", _noncausal_flow) if backend == "compile" else _noncausal_flow
-        out = core(q, k, v, q_real, k_real, competition_over=competition_over, kernel=kernel, **options)
+        fused = _fused_loops(q) if backend == "fused" else None
+        out = core(q, k, v, q_real, k_real, competition_over=competition_over, kernel=kernel, fused=fused, **options)
     if q_real is not None:
         out = out * q_real
     return out.to(out_dtype)
@@ -270,14 +277,27 @@ def _compiled(name: str, fn: Callable) -> Callable:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _noncausal_flow(q, k, v, q_real, k_real, *, competition, allocation, clamp, eps, competition_over, kernel):
-    """q, k: (B, H, L|S, d) *before* the feature map; v: (B, H, S, dv), padding zeroed. Returns (B, H, L, dv)."""
+def _fused_loops(q: Tensor):
+    """The compiled CPU loops of backend="fused" (`cpu_fused.py`) where they apply (float32 on CPU; the flows are
+    computed in float32 for half-precision inputs too), else None: the eager passes."""
+    if q.is_cuda or torch.promote_types(q.dtype, torch.float32) != torch.float32:
+        return None
+    from flowformer.attention import cpu_fused
+
+    return cpu_fused.load()
+
+
+def _noncausal_flow(
+    q, k, v, q_real, k_real, *, competition, allocation, clamp, eps, competition_over, kernel, fused=None
+):
+    """q, k: (B, H, L|S, d) *before* the feature map; v: (B, H, S, dv), padding zeroed. Returns (B, H, L, dv).
+    `fused`: the compiled module of `cpu_fused.py`, or None for the eager passes."""
     n_sinks = q.new_tensor(q.shape[-2]) if q_real is None else q_real.sum(-2, keepdim=True)
     n_sources = k.new_tensor(k.shape[-2]) if k_real is None else k_real.sum(-2, keepdim=True)
     n_sinks, n_sources = n_sinks.clamp_min(1), n_sources.clamp_min(1)  # (B,1,1,1) or scalar
     key_is_pad = None if k_real is None else k_real.transpose(-2, -1) == 0  # (B,1,1,S)
     options = (competition, allocation, clamp, eps, competition_over, kernel)
-    return _NonCausalFlow.apply(q, k, v, q_real, k_real, n_sinks, n_sources, key_is_pad, options)
+    return _NonCausalFlow.apply(q, k, v, q_real, k_real, n_sinks, n_sources, key_is_pad, options, fused)
 
 
 def _map_rows(raw: Tensor, rows: slice, kernel: str, real: Tensor | None, out: Tensor | None = None) -> Tensor:
@@ -319,27 +339,41 @@ class _NonCausalFlow(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_raw, k_raw, v, q_real, k_real, n_sinks, n_sources, key_is_pad, options):
+    def forward(ctx, q_raw, k_raw, v, q_real, k_real, n_sinks, n_sources, key_is_pad, options, fused):
         competition, allocation, clamp, eps, competition_over, kernel = options
         q_blocks, k_blocks = _row_blocks(q_raw), _row_blocks(k_raw)
+        if fused is not None:  # the loops read rows with a contiguous last dimension
+            q_raw, k_raw = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_raw, k_raw))
         q, k = torch.empty_like(q_raw), torch.empty_like(k_raw)
+        sink_rows = ([0] if allocation else []) + ([1] if competition else [])  # rows of Σ q, Σ s q wanted
 
         # pass over k: φ(k), and a = Σ_j φ(k_j) + ε
-        k_total = 0.0
-        for rows in k_blocks:
-            k_total = k_total + _map_rows(k_raw, rows, kernel, k_real, out=k[..., rows, :]).sum(-2, keepdim=True)
-        k_total = k_total + eps  # (B,H,1,d)
+        if fused is not None:
+            none = k_raw.new_empty(0)
+            k_total = fused.sink_pass(k_raw, k, _or_empty(k_real), kernel == "relu", none, none, none)[..., :1, :] + eps
+        else:
+            k_total = 0.0
+            for rows in k_blocks:
+                k_total = k_total + _map_rows(k_raw, rows, kernel, k_real, out=k[..., rows, :]).sum(-2, keepdim=True)
+            k_total = k_total + eps  # (B,H,1,d)
         # pass over q: φ(q); (1) I_i = <q_i+ε, a>, s_i = 1/I_i; the sums Σ_i q_i and Σ_i s_i q_i in one product
         k_shift = eps * k_total.sum(-1, keepdim=True)
-        scales, q_stats = [], 0.0
-        for rows in q_blocks:
-            block = _map_rows(q_raw, rows, kernel, q_real, out=q[..., rows, :])
-            scale = torch.reciprocal_((k_total @ block.transpose(-2, -1)).add_(k_shift))
-            scales.append(scale)
-            weights = ([torch.ones_like(scale)] if allocation else []) + ([scale] if competition else [])
-            if weights:
-                q_stats = q_stats + torch.cat(weights, -2) @ block
-        sink_scale = _join(scales)  # (B,H,1,L)
+        if fused is not None:
+            sink_scale = q_raw.new_empty(q_raw.shape[:2] + (1, q_raw.shape[-2]))
+            sums = fused.sink_pass(
+                q_raw, q, _or_empty(q_real), kernel == "relu", k_total.contiguous(), k_shift.contiguous(), sink_scale
+            )
+            q_stats = sums[..., sink_rows, :] if sink_rows else 0.0
+        else:
+            scales, q_stats = [], 0.0
+            for rows in q_blocks:
+                block = _map_rows(q_raw, rows, kernel, q_real, out=q[..., rows, :])
+                scale = torch.reciprocal_((k_total @ block.transpose(-2, -1)).add_(k_shift))
+                scales.append(scale)
+                weights = ([torch.ones_like(scale)] if allocation else []) + ([scale] if competition else [])
+                if weights:
+                    q_stats = q_stats + torch.cat(weights, -2) @ block
+            sink_scale = _join(scales)  # (B,H,1,L)
         saved = {"k_total": k_total, "sink_scale": sink_scale}
 
         # pass over k and v: (1) O_j = <k_j+ε, Σ q + ε>, o_j = 1/O_j, Σ_j o_j k_j; (2) Ô_j = <k_j+ε, Σ s_i q_i + ε>
@@ -349,39 +383,17 @@ class _NonCausalFlow(torch.autograd.Function):
         keys_softmax = competition and competition_over == "keys"
         streamed = not keys_softmax or (clamp is not None and clamp <= _EXP_PREFIX_MAX_CLAMP)
         sink_sums = q_stats + eps if (allocation or competition) else None  # rows: Σ q + ε (allocation), Σ s q + ε
-        if sink_sums is not None:
-            q_total = sink_sums[..., :1, :] if allocation else None
-            q_weighted = sink_sums[..., -1:, :] if competition else None
-            sink_shifts = eps * sink_sums.sum(-1, keepdim=True)  # (B,H,r,1)
-        source_scales, raw_logits, weight_parts, ok_sum, kv = [], [], [], 0.0, None
-        for rows in k_blocks:
-            block = k[..., rows, :]
-            block_t = block.transpose(-2, -1)
-            if sink_sums is not None:
-                flows = (sink_sums @ block_t).add_(sink_shifts)  # (B,H,r,n): O_j, Ô_j
-            if allocation:
-                scale = torch.reciprocal_(flows[..., :1, :])
-                source_scales.append(scale)
-                ok_sum = ok_sum + scale @ block
-            values = v[..., rows, :]
-            if competition:
-                logits = flows[..., -1:, :]
-                raw_logits.append(logits)
-                if not streamed:
-                    continue
-                if clamp is not None:
-                    logits = logits.clamp(-clamp, clamp)
-                if competition_over == "heads":
-                    weight = torch.softmax(logits, dim=1) * n_sources
-                else:
-                    weight = torch.exp(logits - clamp)
-                    if key_is_pad is not None:
-                        weight = weight.masked_fill(key_is_pad[..., rows], 0.0)
-                weight_parts.append(weight)
-                values = values * weight.transpose(-2, -1)
-            kv = block_t @ values if kv is None else _add_matmul_(kv, block_t, values)
-        conserved_source = _join(raw_logits) if competition else None
-        weights = _join(weight_parts) if weight_parts else None
+        q_total = sink_sums[..., :1, :] if allocation else None
+        q_weighted = sink_sums[..., -1:, :] if competition else None
+        if fused is not None and sink_sums is not None and competition_over == "keys" and streamed:
+            kv, ok_sum, source_scale, conserved_source, weights = _fused_source_pass(
+                fused, k, v, k_blocks, sums + eps, eps, allocation, competition, clamp, key_is_pad
+            )
+        else:
+            kv, ok_sum, source_scale, conserved_source, weights = _eager_source_pass(
+                k, v, k_blocks, sink_sums, eps, allocation, competition, clamp, competition_over, streamed, key_is_pad,
+                n_sources,
+            )
         if keys_softmax:
             if streamed:
                 normaliser = n_sources / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
@@ -409,20 +421,29 @@ class _NonCausalFlow(torch.autograd.Function):
         batch_heads, dim, dim_v = q.shape[0] * q.shape[1], q.shape[-1], v.shape[-1]
         out = q.new_empty(q.shape[:-1] + (dim_v,))
         out_rows, kv_3d, gates = out.view(batch_heads, -1, dim_v), kv.reshape(batch_heads, dim, dim_v), []
+        if fused is not None:
+            gate = sink_scale.new_empty(sink_scale.shape) if allocation else None
+            arguments = (
+                (k_weighted.contiguous(), weighted_shift.contiguous(), ratio.reshape(-1).expand(q.shape[0]).contiguous(), gate)
+                if allocation else (q.new_empty(0),) * 4
+            )
         for rows in q_blocks:
             block = q[..., rows, :]
+            target = out_rows[:, rows]
+            torch.bmm(block.reshape(batch_heads, -1, dim), kv_3d, out=target)
+            if fused is not None:  # the gates and the row scaling in one loop, while the rows are in cache
+                fused.output_pass(q, rows.start, rows.stop, out, sink_scale, *arguments)
+                continue
             scale = sink_scale[..., rows]
             if allocation:
                 gate = torch.sigmoid_((k_weighted @ block.transpose(-2, -1)).add_(weighted_shift).mul_(ratio))
                 gates.append(gate)
                 scale = gate * scale
-            target = out_rows[:, rows]
-            torch.bmm(block.reshape(batch_heads, -1, dim), kv_3d, out=target)
             target.mul_(scale.reshape(batch_heads, -1, 1))
         if allocation:
-            gate = _join(gates)
+            gate = gate if fused is not None else _join(gates)
             row_scale = gate * sink_scale
-            saved.update(q_total=q_total, source_scale=_join(source_scales), k_weighted=k_weighted, gate=gate, ratio=ratio)
+            saved.update(q_total=q_total, source_scale=source_scale, k_weighted=k_weighted, gate=gate, ratio=ratio)
         else:
             row_scale = sink_scale
         saved.update(kv=kv, row_scale=row_scale)
@@ -560,7 +581,80 @@ class _NonCausalFlow(torch.autograd.Function):
             target.mul_(row_scale[..., rows].transpose(-2, -1))
             target.add_(torch.cat(block_rows, -2).transpose(-2, -1) @ q_vectors)
             target.mul_(_feature_map_grad(block, kernel))
-        return grad_q, grad_k, grad_v, None, None, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
+
+
+def _eager_source_pass(k, v, k_blocks, sink_sums, eps, allocation, competition, clamp, competition_over, streamed,
+                       key_is_pad, n_sources):
+    """The forward's pass over k and v, in PyTorch ops (the reference for `_fused_source_pass`).
+
+    (1) O_j = <k_j+ε, Σ q + ε>, o_j = 1/O_j, Σ_j o_j k_j; (2) Ô_j = <k_j+ε, Σ s_i q_i + ε> (one product for both);
+    (3) the competition weights c_j; (4) kv = Σ_j k_j c_j v_jᵀ. With a clamp, exp(Ô_j - clamp) <= 1 is a safe
+    unnormalised softmax over keys, so kv is accumulated in the same pass and normalised by the caller (`streamed`);
+    without one, only the logits are gathered here. Returns kv, Σ o k (B,H,1,d), and the (B,H,1,S) rows o, Ô, c
+    (None where the option is off).
+    """
+    sink_shifts = None if sink_sums is None else eps * sink_sums.sum(-1, keepdim=True)  # (B,H,r,1)
+    source_scales, raw_logits, weight_parts, ok_sum, kv = [], [], [], 0.0, None
+    for rows in k_blocks:
+        block = k[..., rows, :]
+        block_t = block.transpose(-2, -1)
+        if sink_sums is not None:
+            flows = (sink_sums @ block_t).add_(sink_shifts)  # (B,H,r,n): O_j, Ô_j
+        if allocation:
+            scale = torch.reciprocal_(flows[..., :1, :])
+            source_scales.append(scale)
+            ok_sum = ok_sum + scale @ block
+        values = v[..., rows, :]
+        if competition:
+            logits = flows[..., -1:, :]
+            raw_logits.append(logits)
+            if not streamed:
+                continue
+            if clamp is not None:
+                logits = logits.clamp(-clamp, clamp)
+            if competition_over == "heads":
+                weight = torch.softmax(logits, dim=1) * n_sources
+            else:
+                weight = torch.exp(logits - clamp)
+                if key_is_pad is not None:
+                    weight = weight.masked_fill(key_is_pad[..., rows], 0.0)
+            weight_parts.append(weight)
+            values = values * weight.transpose(-2, -1)
+        kv = block_t @ values if kv is None else _add_matmul_(kv, block_t, values)
+    source_scale = _join(source_scales) if allocation else None
+    conserved_source = _join(raw_logits) if competition else None
+    weights = _join(weight_parts) if weight_parts else None
+    return kv, ok_sum, source_scale, conserved_source, weights
+
+
+def _fused_source_pass(fused, k, v, k_blocks, sink_pair, eps, allocation, competition, clamp, key_is_pad):
+    """`_eager_source_pass` for competition over keys with a streamed softmax, its per-key work in one compiled
+    loop per block (`csrc/flow_cpu.cpp` source_pass). sink_pair: (B, H, 2, d), both rows [Σ q + ε, Σ s q + ε]."""
+    length, none = k.shape[-2], k.new_empty(0)
+    row_shape = k.shape[:2] + (1, length)
+    source_scale = k.new_empty(row_shape) if allocation else none
+    conserved_source, weights = (k.new_empty(row_shape), k.new_empty(row_shape)) if competition else (none, none)
+    ok_total = k.new_zeros(k.shape[:2] + k.shape[-1:])
+    pad = none.bool() if key_is_pad is None else key_is_pad.reshape(key_is_pad.shape[0], -1)
+    weighted_keys = k.new_empty(k[..., k_blocks[0], :].shape) if competition else none  # one block, reused
+    shifts = (eps * sink_pair.sum(-1)).contiguous()  # (B, H, 2)
+    sink_pair = sink_pair.contiguous()
+    kv = None
+    for rows in k_blocks:
+        weighted = weighted_keys[..., : rows.stop - rows.start, :] if competition else none
+        fused.source_pass(k, rows.start, rows.stop, sink_pair, shifts, allocation, competition,
+                          float(clamp or 0.0), pad, source_scale, conserved_source, weights, weighted, ok_total)
+        left = (weighted if competition else k[..., rows, :]).transpose(-2, -1)
+        values = v[..., rows, :]
+        kv = left @ values if kv is None else _add_matmul_(kv, left, values)
+    return (kv, ok_total.unsqueeze(-2), source_scale if allocation else None,
+            conserved_source if competition else None, weights if competition else None)
+
+
+def _or_empty(real: Tensor | None) -> Tensor:
+    """Real-token weights for the compiled loops, where "no padding" is an empty tensor."""
+    return torch.empty(0) if real is None else real
 
 
 # Rows per block of the non-causal passes: a (B, H, block, d) slice of ~2 MiB stays in cache between the few ops

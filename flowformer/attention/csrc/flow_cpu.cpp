@@ -1,0 +1,224 @@
+// Fused CPU loops for the per-token work of non-causal Flow-Attention (flowformer/attention/cpu_fused.py builds
+// this file with torch.utils.cpp_extension; flow.py `_NonCausalFlow` calls it under backend="fused").
+//
+// Why: in the eager forward, each flow is its own pass over a (B, H, n, d) block (feature map, a matrix-vector
+// product, a reciprocal, a weighted row sum...), and every pass reads the block again. Here one loop reads each row
+// once and does all of a pass's per-token work while the row is in registers; only the two large GEMMs stay in
+// BLAS. The eager passes in flow.py are the reference: tests/test_flow_fused.py holds the two equal.
+//
+// Tensors are float32 and 4-D (B, H, n, d) with any batch, head and row strides and a contiguous last dimension;
+// `real` is (B, 1, n, 1) real-token weights (1 real, 0 padding) or an empty tensor for "no padding".
+
+#include <torch/extension.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kWidth = Vec::size();
+// Rows per tile: each loop first computes the tile's flows (independent dot products the core can overlap), then
+// the per-row scalars, then the accumulations that depend on them.
+constexpr int64_t kTile = 16;
+
+struct Rows {  // strided view of a (B, H, n, d) float tensor
+  float* data;
+  int64_t batch, head, row;
+  int64_t n, d;
+  explicit Rows(const torch::Tensor& t)
+      : data(t.data_ptr<float>()), batch(t.stride(0)), head(t.stride(1)), row(t.stride(2)), n(t.size(2)),
+        d(t.size(3)) {}
+  float* at(int64_t b, int64_t h, int64_t i) const { return data + b * batch + h * head + i * row; }
+};
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == torch::kFloat32 && t.stride(3) == 1,
+              name, " must be a float32 (B, H, n, d) tensor with a contiguous last dimension");
+}
+
+float real_weight(const torch::Tensor& real, int64_t b, int64_t i) {
+  return real.numel() == 0 ? 1.0f : real.data_ptr<float>()[b * real.stride(0) + i * real.stride(2)];
+}
+
+// φ(x) for one chunk of a row: sigmoid, or relu(x) + 1e-6 (as flow.feature_map), times the real-token weight.
+// exp_u20 is ATen's fast exp (about 20 ulp on exp itself); after 1 / (1 + e) the sigmoid is within ~1e-7 absolute
+// of torch.sigmoid, far below the tolerances of the equivalence tests.
+inline Vec feature(const Vec& x, bool relu, const Vec& weight) {
+  if (relu) return (at::vec::maximum(x, Vec(0.0f)) + Vec(1e-6f)) * weight;
+  return (Vec(1.0f) + x.neg().exp_u20()).reciprocal() * weight;
+}
+
+inline Vec load(const float* p, int64_t j, int64_t d) {
+  return j + kWidth <= d ? Vec::loadu(p + j) : Vec::loadu(p + j, d - j);
+}
+
+inline void store(const Vec& v, float* p, int64_t j, int64_t d) {
+  if (j + kWidth <= d) v.store(p + j); else v.store(p + j, d - j);
+}
+
+inline float lane_sum(const Vec& v) {  // pairwise: log2(width) dependent adds instead of width
+  float lanes[kWidth];
+  v.store(lanes);
+  for (int64_t half = kWidth / 2; half > 0; half /= 2)
+    for (int64_t j = 0; j < half; ++j) lanes[j] += lanes[j + half];
+  return lanes[0];
+}
+
+inline float dot(const float* x, const float* y, int64_t d) {
+  Vec total(0.0f);
+  for (int64_t j = 0; j < d; j += kWidth) total = at::vec::fmadd(load(x, j, d), load(y, j, d), total);
+  return lane_sum(total);
+}
+
+inline void add_scaled(float* total, const float* x, float scale, int64_t d) {  // total += scale * x
+  const Vec s(scale);
+  for (int64_t j = 0; j < d; j += kWidth) store(at::vec::fmadd(load(x, j, d), s, load(total, j, d)), total, j, d);
+}
+
+}  // namespace
+
+// Sink pass. mapped = φ(raw) * real, written to `mapped`; with `totals` (B, H, d) given (non-empty):
+// scale_i = 1 / (mapped_i · totals + shift), the sink-side flow normaliser, written to `scale` (B, H, n).
+// Returns the column sums (B, H, 2, d): row 0 Σ_i mapped_i, row 1 Σ_i scale_i mapped_i (zeros without `totals`).
+torch::Tensor sink_pass(torch::Tensor raw, torch::Tensor mapped, torch::Tensor real, bool relu, torch::Tensor totals,
+                        torch::Tensor shift, torch::Tensor scale) {
+  check_rows(raw, "raw");
+  check_rows(mapped, "mapped");
+  const Rows in(raw), out(mapped);
+  const int64_t batch = raw.size(0), heads = raw.size(1), n = in.n, d = in.d;
+  const bool scaled = totals.numel() > 0;
+  auto sums = torch::zeros({batch, heads, 2, d}, raw.options());
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      float* plain = sums.data_ptr<float>() + bh * 2 * d;
+      float* weighted = plain + d;
+      const float* total = scaled ? totals.data_ptr<float>() + bh * d : nullptr;
+      const float offset = scaled ? shift.data_ptr<float>()[bh] : 0.0f;
+      float* scale_row = scaled ? scale.data_ptr<float>() + bh * n : nullptr;
+      for (int64_t first = 0; first < n; first += kTile) {
+        const int64_t rows = std::min(kTile, n - first);
+        float flows[kTile];
+        for (int64_t r = 0; r < rows; ++r) {  // φ of each row, its column sum and its flow
+          const float* x = in.at(b, h, first + r);
+          float* y = out.at(b, h, first + r);
+          const Vec weight(real_weight(real, b, first + r));
+          Vec flow(0.0f);
+          for (int64_t j = 0; j < d; j += kWidth) {
+            const Vec value = feature(load(x, j, d), relu, weight);
+            store(value, y, j, d);
+            store(load(plain, j, d) + value, plain, j, d);
+            if (scaled) flow = at::vec::fmadd(value, load(total, j, d), flow);
+          }
+          flows[r] = scaled ? lane_sum(flow) : 0.0f;
+        }
+        if (!scaled) continue;
+        for (int64_t r = 0; r < rows; ++r) scale_row[first + r] = 1.0f / (flows[r] + offset);
+        for (int64_t r = 0; r < rows; ++r) add_scaled(weighted, out.at(b, h, first + r), scale_row[first + r], d);
+      }
+    }
+  });
+  return sums;
+}
+
+// Source pass over rows [start, stop) of the mapped keys k (B, H, S, d), given the sink sums (B, H, 2, d) =
+// [Σ q + ε, Σ s q + ε] and their ε shifts (B, H, 2). With allocation: o_j = 1 / (k_j · row0 + shift0) into
+// `source_scale` (B, H, S), and ok_sum (B, H, d) += Σ_j o_j k_j. With competition: logit_j = k_j · row1 + shift1
+// into `logits` (B, H, S); the unnormalised weight c_j = exp(clamp(logit_j, ±clamp) - clamp), 0 where `key_is_pad`
+// (B, S) bool is set (empty: no padding), into `weights` (B, H, S); and c_j k_j into row j - start of
+// `weighted_keys` (B, H, stop - start, d), the left operand of this block's share of kv = Σ_j c_j k_j v_jᵀ.
+void source_pass(torch::Tensor keys, int64_t start, int64_t stop, torch::Tensor sink_sums, torch::Tensor shifts,
+                 bool allocation, bool competition, double clamp, torch::Tensor key_is_pad, torch::Tensor source_scale,
+                 torch::Tensor logits, torch::Tensor weights, torch::Tensor weighted_keys, torch::Tensor ok_sum) {
+  check_rows(keys, "keys");
+  const Rows in(keys);
+  const int64_t heads = keys.size(1), length = in.n, d = in.d;
+  TORCH_CHECK(0 <= start && start <= stop && stop <= length, "source_pass: bad row range");
+  const float bound = static_cast<float>(clamp);
+  std::optional<Rows> out;
+  if (competition) {
+    check_rows(weighted_keys, "weighted_keys");
+    out.emplace(weighted_keys);
+  }
+  const bool* pad = key_is_pad.numel() ? key_is_pad.data_ptr<bool>() : nullptr;
+  at::parallel_for(0, keys.size(0) * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      const float* sink = sink_sums.data_ptr<float>() + bh * 2 * d;
+      const float* shift = shifts.data_ptr<float>() + bh * 2;
+      float* total = ok_sum.data_ptr<float>() + bh * d;
+      for (int64_t first = start; first < stop; first += kTile) {
+        const int64_t rows = std::min(kTile, stop - first);
+        float* o = allocation ? source_scale.data_ptr<float>() + bh * length + first : nullptr;
+        float* logit = competition ? logits.data_ptr<float>() + bh * length + first : nullptr;
+        float* c = competition ? weights.data_ptr<float>() + bh * length + first : nullptr;
+        for (int64_t r = 0; r < rows; ++r) {  // the two flows of each key
+          const float* k = in.at(b, h, first + r);
+          if (allocation) o[r] = 1.0f / (dot(k, sink, d) + shift[0]);
+          if (competition) logit[r] = dot(k, sink + d, d) + shift[1];
+        }
+        if (allocation)
+          for (int64_t r = 0; r < rows; ++r) add_scaled(total, in.at(b, h, first + r), o[r], d);
+        if (!competition) continue;
+        for (int64_t r = 0; r < rows; ++r) {
+          const bool padded = pad && pad[b * key_is_pad.stride(0) + (first + r) * key_is_pad.stride(1)];
+          c[r] = padded ? 0.0f : std::exp(std::min(std::max(logit[r], -bound), bound) - bound);
+          const Vec weight(c[r]);
+          const float* k = in.at(b, h, first + r);
+          float* y = out->at(b, h, first + r - start);
+          for (int64_t j = 0; j < d; j += kWidth) store(load(k, j, d) * weight, y, j, d);
+        }
+      }
+    }
+  });
+}
+
+// Output pass over rows [start, stop) of the mapped queries q (B, H, L, d), after `out` (B, H, L, dv) holds their
+// products q_i kv: each output row is scaled by s_i (`sink_scale`, (B, H, L)) and, with allocation, by the gate
+// α_i = sigmoid(ratio_b · (q_i · k_weighted + shift)), written to `gate` (B, H, L). `k_weighted` (B, H, d) and
+// `shift` (B, H) hold Σ_j o_j k_j + ε and its ε shift; `ratio` (B) is n_sinks / n_sources; empty `k_weighted`:
+// no allocation.
+void output_pass(torch::Tensor queries, int64_t start, int64_t stop, torch::Tensor out, torch::Tensor sink_scale,
+                 torch::Tensor k_weighted, torch::Tensor shift, torch::Tensor ratio, torch::Tensor gate) {
+  check_rows(queries, "queries");
+  check_rows(out, "out");
+  const Rows in(queries), result(out);
+  const int64_t heads = queries.size(1), length = in.n, d = in.d, dv = result.d;
+  TORCH_CHECK(0 <= start && start <= stop && stop <= length && result.n == length, "output_pass: bad row range");
+  const bool allocation = k_weighted.numel() > 0;
+  at::parallel_for(0, queries.size(0) * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      const float* scale = sink_scale.data_ptr<float>() + bh * length;
+      const float* weighted = allocation ? k_weighted.data_ptr<float>() + bh * d : nullptr;
+      float* gates = allocation ? gate.data_ptr<float>() + bh * length : nullptr;
+      for (int64_t first = start; first < stop; first += kTile) {
+        const int64_t rows = std::min(kTile, stop - first);
+        float factor[kTile];
+        for (int64_t r = 0; r < rows; ++r) factor[r] = scale[first + r];
+        if (allocation) {
+          const float offset = shift.data_ptr<float>()[bh], times = ratio.data_ptr<float>()[b];
+          for (int64_t r = 0; r < rows; ++r) {
+            const float alpha = 1.0f / (1.0f + std::exp(-(dot(in.at(b, h, first + r), weighted, d) + offset) * times));
+            gates[first + r] = alpha;
+            factor[r] *= alpha;
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* y = result.at(b, h, first + r);
+          const Vec f(factor[r]);
+          for (int64_t j = 0; j < dv; j += kWidth) store(load(y, j, dv) * f, y, j, dv);
+        }
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sink_pass", &sink_pass, "feature map, sink flow normalisers and the sink sums, in one pass");
+  m.def("source_pass", &source_pass, "source flows, competition weights and weighted keys, in one pass");
+  m.def("output_pass", &output_pass, "allocation gates and the output rows' scaling, in one pass");
+}
