@@ -23,6 +23,7 @@ constexpr int64_t kWidth = Vec::size();
 // Rows per tile: each loop first computes the tile's flows (independent dot products the core can overlap), then
 // the per-row scalars, then the accumulations that depend on them.
 constexpr int64_t kTile = 16;
+constexpr float ones[kTile] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
 
 struct Rows {  // strided view of a (B, H, n, d) float tensor
   float* data;
@@ -59,12 +60,20 @@ inline void store(const Vec& v, float* p, int64_t j, int64_t d) {
   if (j + kWidth <= d) v.store(p + j); else v.store(p + j, d - j);
 }
 
-inline float lane_sum(const Vec& v) {  // pairwise: log2(width) dependent adds instead of width
+inline float lane_sum(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 0x1)));
+#else  // pairwise over the lanes
   float lanes[kWidth];
   v.store(lanes);
   for (int64_t half = kWidth / 2; half > 0; half /= 2)
     for (int64_t j = 0; j < half; ++j) lanes[j] += lanes[j + half];
   return lanes[0];
+#endif
 }
 
 inline float dot(const float* x, const float* y, int64_t d) {
@@ -73,9 +82,15 @@ inline float dot(const float* x, const float* y, int64_t d) {
   return lane_sum(total);
 }
 
-inline void add_scaled(float* total, const float* x, float scale, int64_t d) {  // total += scale * x
-  const Vec s(scale);
-  for (int64_t j = 0; j < d; j += kWidth) store(at::vec::fmadd(load(x, j, d), s, load(total, j, d)), total, j, d);
+// total += Σ_r scale[r] x_r over the rows of one tile (x_r = row(r)), one vector of columns at a time, so that the
+// running sums stay in registers instead of making every row wait for the previous row's store.
+template <typename RowAt>
+inline void add_rows(float* total, RowAt row, const float* scale, int64_t rows, int64_t d) {
+  for (int64_t j = 0; j < d; j += kWidth) {
+    Vec sum = load(total, j, d);
+    for (int64_t r = 0; r < rows; ++r) sum = at::vec::fmadd(load(row(r), j, d), Vec(scale[r]), sum);
+    store(sum, total, j, d);
+  }
 }
 
 }  // namespace
@@ -102,7 +117,7 @@ torch::Tensor sink_pass(torch::Tensor raw, torch::Tensor mapped, torch::Tensor r
       for (int64_t first = 0; first < n; first += kTile) {
         const int64_t rows = std::min(kTile, n - first);
         float flows[kTile];
-        for (int64_t r = 0; r < rows; ++r) {  // φ of each row, its column sum and its flow
+        for (int64_t r = 0; r < rows; ++r) {  // φ of each row and its flow
           const float* x = in.at(b, h, first + r);
           float* y = out.at(b, h, first + r);
           const Vec weight(real_weight(real, b, first + r));
@@ -110,14 +125,15 @@ torch::Tensor sink_pass(torch::Tensor raw, torch::Tensor mapped, torch::Tensor r
           for (int64_t j = 0; j < d; j += kWidth) {
             const Vec value = feature(load(x, j, d), relu, weight);
             store(value, y, j, d);
-            store(load(plain, j, d) + value, plain, j, d);
             if (scaled) flow = at::vec::fmadd(value, load(total, j, d), flow);
           }
           flows[r] = scaled ? lane_sum(flow) : 0.0f;
         }
+        const auto row = [&](int64_t r) { return out.at(b, h, first + r); };
+        add_rows(plain, row, ones, rows, d);
         if (!scaled) continue;
         for (int64_t r = 0; r < rows; ++r) scale_row[first + r] = 1.0f / (flows[r] + offset);
-        for (int64_t r = 0; r < rows; ++r) add_scaled(weighted, out.at(b, h, first + r), scale_row[first + r], d);
+        add_rows(weighted, row, scale_row + first, rows, d);
       }
     }
   });
@@ -160,8 +176,7 @@ void source_pass(torch::Tensor keys, int64_t start, int64_t stop, torch::Tensor 
           if (allocation) o[r] = 1.0f / (dot(k, sink, d) + shift[0]);
           if (competition) logit[r] = dot(k, sink + d, d) + shift[1];
         }
-        if (allocation)
-          for (int64_t r = 0; r < rows; ++r) add_scaled(total, in.at(b, h, first + r), o[r], d);
+        if (allocation) add_rows(total, [&](int64_t r) { return in.at(b, h, first + r); }, o, rows, d);
         if (!competition) continue;
         for (int64_t r = 0; r < rows; ++r) {
           const bool padded = pad && pad[b * key_is_pad.stride(0) + (first + r) * key_is_pad.stride(1)];
