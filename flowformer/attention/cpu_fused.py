@@ -8,6 +8,8 @@ naming the cause, and returns None; `flow_attention` then runs the eager passes,
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -39,6 +41,8 @@ def load(verbose: bool = False) -> ModuleType | None:
         try:
             from torch.utils.cpp_extension import load as build
 
+            _put_ninja_on_path()
+
             _loaded[level] = build(
                 name=f"flowformer_flow_cpu_{level.lower()}",
                 sources=[str(SOURCE)],
@@ -57,6 +61,17 @@ def load(verbose: bool = False) -> ModuleType | None:
                 stacklevel=2,
             )
     return _loaded[level]
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` package (a dependency) installs it next to the venv's
+    python, which is not on PATH when that python is called by its full path."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return  # the build then fails with torch's own "Ninja is required" message, which names the fix
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def _first_error_line(error: Exception) -> str:

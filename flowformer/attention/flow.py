@@ -345,35 +345,17 @@ class _NonCausalFlow(torch.autograd.Function):
         if fused is not None:  # the loops read rows with a contiguous last dimension
             q_raw, k_raw = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_raw, k_raw))
         q, k = torch.empty_like(q_raw), torch.empty_like(k_raw)
-        sink_rows = ([0] if allocation else []) + ([1] if competition else [])  # rows of Σ q, Σ s q wanted
 
-        # pass over k: φ(k), and a = Σ_j φ(k_j) + ε
+        # pass over k: φ(k), and a = Σ_j φ(k_j) + ε; pass over q: φ(q); (1) I_i = <q_i+ε, a>, s_i = 1/I_i; the sums
+        # Σ_i q_i (allocation) and Σ_i s_i q_i (competition)
         if fused is not None:
-            none = k_raw.new_empty(0)
-            k_total = fused.sink_pass(k_raw, k, _or_empty(k_real), kernel == "relu", none, none, none)[..., :1, :] + eps
+            k_total, sink_scale, sink_pair = _fused_sink_passes(fused, q_raw, k_raw, q, k, q_real, k_real, kernel, eps)
+            sink_rows = ([0] if allocation else []) + ([1] if competition else [])
+            q_stats = sink_pair[..., sink_rows, :] if sink_rows else 0.0
         else:
-            k_total = 0.0
-            for rows in k_blocks:
-                k_total = k_total + _map_rows(k_raw, rows, kernel, k_real, out=k[..., rows, :]).sum(-2, keepdim=True)
-            k_total = k_total + eps  # (B,H,1,d)
-        # pass over q: φ(q); (1) I_i = <q_i+ε, a>, s_i = 1/I_i; the sums Σ_i q_i and Σ_i s_i q_i in one product
-        k_shift = eps * k_total.sum(-1, keepdim=True)
-        if fused is not None:
-            sink_scale = q_raw.new_empty(q_raw.shape[:2] + (1, q_raw.shape[-2]))
-            sums = fused.sink_pass(
-                q_raw, q, _or_empty(q_real), kernel == "relu", k_total.contiguous(), k_shift.contiguous(), sink_scale
+            k_total, sink_scale, q_stats = _eager_sink_passes(
+                q_raw, k_raw, q, k, q_real, k_real, q_blocks, k_blocks, kernel, eps, allocation, competition
             )
-            q_stats = sums[..., sink_rows, :] if sink_rows else 0.0
-        else:
-            scales, q_stats = [], 0.0
-            for rows in q_blocks:
-                block = _map_rows(q_raw, rows, kernel, q_real, out=q[..., rows, :])
-                scale = torch.reciprocal_((k_total @ block.transpose(-2, -1)).add_(k_shift))
-                scales.append(scale)
-                weights = ([torch.ones_like(scale)] if allocation else []) + ([scale] if competition else [])
-                if weights:
-                    q_stats = q_stats + torch.cat(weights, -2) @ block
-            sink_scale = _join(scales)  # (B,H,1,L)
         saved = {"k_total": k_total, "sink_scale": sink_scale}
 
         # pass over k and v: (1) O_j = <k_j+ε, Σ q + ε>, o_j = 1/O_j, Σ_j o_j k_j; (2) Ô_j = <k_j+ε, Σ s_i q_i + ε>
@@ -387,7 +369,7 @@ class _NonCausalFlow(torch.autograd.Function):
         q_weighted = sink_sums[..., -1:, :] if competition else None
         if fused is not None and sink_sums is not None and competition_over == "keys" and streamed:
             kv, ok_sum, source_scale, conserved_source, weights = _fused_source_pass(
-                fused, k, v, k_blocks, sums + eps, eps, allocation, competition, clamp, key_is_pad
+                fused, k, v, k_blocks, sink_pair + eps, eps, allocation, competition, clamp, key_is_pad
             )
         else:
             kv, ok_sum, source_scale, conserved_source, weights = _eager_source_pass(
@@ -423,8 +405,9 @@ class _NonCausalFlow(torch.autograd.Function):
         out_rows, kv_3d, gates = out.view(batch_heads, -1, dim_v), kv.reshape(batch_heads, dim, dim_v), []
         if fused is not None:
             gate = sink_scale.new_empty(sink_scale.shape) if allocation else None
+            per_batch_ratio = ratio.reshape(-1).expand(q.shape[0]).contiguous() if allocation else None
             arguments = (
-                (k_weighted.contiguous(), weighted_shift.contiguous(), ratio.reshape(-1).expand(q.shape[0]).contiguous(), gate)
+                (k_weighted.contiguous(), weighted_shift.contiguous(), per_batch_ratio, gate)
                 if allocation else (q.new_empty(0),) * 4
             )
         for rows in q_blocks:
@@ -582,6 +565,39 @@ class _NonCausalFlow(torch.autograd.Function):
             target.add_(torch.cat(block_rows, -2).transpose(-2, -1) @ q_vectors)
             target.mul_(_feature_map_grad(block, kernel))
         return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
+
+
+def _eager_sink_passes(q_raw, k_raw, q, k, q_real, k_real, q_blocks, k_blocks, kernel, eps, allocation, competition):
+    """The forward's passes over k, then q, in PyTorch ops (the reference for `_fused_sink_passes`): φ(k) into k,
+    a = Σ φ(k) + ε; φ(q) into q, s_i = 1 / <q_i+ε, a>, and the stacked sums [Σ q (allocation), Σ s q
+    (competition)]. Returns a (B,H,1,d), s (B,H,1,L) and the sums (B,H,r,d), or 0.0 when r = 0."""
+    k_total = 0.0
+    for rows in k_blocks:
+        k_total = k_total + _map_rows(k_raw, rows, kernel, k_real, out=k[..., rows, :]).sum(-2, keepdim=True)
+    k_total = k_total + eps
+    k_shift = eps * k_total.sum(-1, keepdim=True)
+    scales, q_stats = [], 0.0
+    for rows in q_blocks:
+        block = _map_rows(q_raw, rows, kernel, q_real, out=q[..., rows, :])
+        scale = torch.reciprocal_((k_total @ block.transpose(-2, -1)).add_(k_shift))
+        scales.append(scale)
+        weights = ([torch.ones_like(scale)] if allocation else []) + ([scale] if competition else [])
+        if weights:
+            q_stats = q_stats + torch.cat(weights, -2) @ block
+    return k_total, _join(scales), q_stats
+
+
+def _fused_sink_passes(fused, q_raw, k_raw, q, k, q_real, k_real, kernel, eps):
+    """`_eager_sink_passes` with each pass one compiled loop (`csrc/flow_cpu.cpp` sink_pass), which computes both
+    sums whatever the options. Returns a (B,H,1,d), s (B,H,1,L) and the sums [Σ q, Σ s q] as (B,H,2,d)."""
+    none, relu = k_raw.new_empty(0), kernel == "relu"
+    k_total = fused.sink_pass(k_raw, k, _or_empty(k_real), relu, none, none, none)[..., :1, :] + eps
+    k_shift = eps * k_total.sum(-1, keepdim=True)
+    sink_scale = q_raw.new_empty(q_raw.shape[:2] + (1, q_raw.shape[-2]))
+    sink_pair = fused.sink_pass(
+        q_raw, q, _or_empty(q_real), relu, k_total.contiguous(), k_shift.contiguous(), sink_scale
+    )
+    return k_total, sink_scale, sink_pair
 
 
 def _eager_source_pass(k, v, k_blocks, sink_sums, eps, allocation, competition, clamp, competition_over, streamed,
