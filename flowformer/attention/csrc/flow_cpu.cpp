@@ -3,8 +3,8 @@
 //
 // Why: in the eager forward, each flow is its own pass over a (B, H, n, d) block (feature map, a matrix-vector
 // product, a reciprocal, a weighted row sum...), and every pass reads the block again. Here one loop reads each row
-// once and does all of a pass's per-token work while the row is in registers; only the two large GEMMs stay in
-// BLAS. The eager passes in flow.py are the reference: tests/test_flow_fused.py holds the two equal.
+// from memory once and does all of a pass's per-token work while the row is in registers or in L1 (a tile of 16
+// rows at a time); only the two large GEMMs stay in BLAS. The eager passes in flow.py are the reference: tests/test_flow_fused.py holds the two equal.
 //
 // Tensors are float32 and 4-D (B, H, n, d) with any batch, head and row strides and a contiguous last dimension;
 // `real` is (B, 1, n, 1) real-token weights (1 real, 0 padding) or an empty tensor for "no padding".
