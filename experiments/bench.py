@@ -132,8 +132,8 @@ VARIANTS: dict[str, Variant] = {
 # flow_compile is left out by default: on the 2-core CPU it was no faster than eager, its first call at each new
 # size class can recompile for seconds, and its workers pay 5-20 s of compilation (`--variants` can add it).
 DEFAULT_VARIANTS = (  # flow_causal_triton and softmax_flash* run only with --device cuda
-    "flow", "flow_fused", "flow_official", "flow_causal", "flow_causal_triton", "flow_causal_materialised", "softmax", "softmax_causal",
-    "softmax_flash", "softmax_flash_causal",
+    "flow", "flow_fused", "flow_official", "flow_causal", "flow_causal_triton", "flow_causal_materialised",
+    "softmax", "softmax_causal", "softmax_flash", "softmax_flash_causal",
     "linear", "linear_causal", "performer", "cosformer", "reformer", "matmul", "matmul_causal",
 )
 DEFAULT_LENGTHS = tuple(2**p for p in range(8, 17))  # 256 ... 65536
@@ -987,8 +987,8 @@ def render_figure(results: dict[str, Any], path: Path) -> None:
     variants = list(results["variants"])
     palette = plt.get_cmap("tab20").colors
     # a hue per maths: ours (dark) beside the official formulation of the same attention (light)
-    hues = {"flow": 0, "flow_compile": 0, "flow_fused": 13, "flow_official": 1, "flow_causal": 6, "flow_causal_triton": 12,
-            "flow_causal_materialised": 7, "softmax": 4, "softmax_causal": 5, "softmax_flash": 14,
+    hues = {"flow": 0, "flow_compile": 0, "flow_fused": 13, "flow_official": 1, "flow_causal": 6,
+            "flow_causal_triton": 12, "flow_causal_materialised": 7, "softmax": 4, "softmax_causal": 5, "softmax_flash": 14,
             "softmax_flash_causal": 15, "linear": 8, "linear_causal": 9,
             "performer": 2, "performer_causal": 3, "cosformer": 10, "cosformer_causal": 11, "reformer": 16}
 

@@ -75,7 +75,8 @@ def _put_ninja_on_path() -> None:
 
 
 def _first_error_line(error: Exception) -> str:
-    """The compiler's first "error:" line where there is one (the exception itself only says the build failed)."""
+    """The build log's first line that says "error:", where the exception carries the log (it runs to pages), else
+    the exception's own text."""
     text = str(error)
     lines = [line.strip() for line in text.splitlines() if "error:" in line] or [text.strip() or type(error).__name__]
     return f"{type(error).__name__}: {lines[0]}"
