@@ -470,9 +470,9 @@ class Zygote:
     `ALLOCATOR_ENV`, which the children inherit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, load_fused: bool = False) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "experiments.bench", "--zygote"],
+            [sys.executable, "-m", "experiments.bench", "--zygote"] + (["--zygote-load-fused"] if load_fused else []),
             cwd=REPO, env=_worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
         )
 
@@ -496,8 +496,9 @@ class Zygote:
         self.process.wait(timeout=30)
 
 
-def zygote_loop() -> None:
-    """Body of `--zygote`: read {"config", "timeout"} lines, fork a child per line, answer one JSON line each."""
+def zygote_loop(load_fused: bool = False) -> None:
+    """Body of `--zygote`: read {"config", "timeout"} lines, fork a child per line, answer one JSON line each.
+    `load_fused`: load flow_fused's compiled loops before the first fork (only when a flow_fused variant runs)."""
     import signal
 
     import torch  # noqa: F401  (imported once here, inherited by every child)
@@ -505,14 +506,17 @@ def zygote_loop() -> None:
     import flowformer.attention.baselines
     import flowformer.attention.flow
     import flowformer.attention.registry  # noqa: F401
-    from flowformer.attention import cpu_fused
 
-    # flow_fused's compiled loops (built by the driver before the zygote starts), loaded once here like the modules
-    # above. Children that loaded them after the fork timed flow_fused at L = 512 at 1.85-2.25 ms, against
-    # 1.52-1.61 ms in fresh processes (run_worker called directly); with this load, 1.71-1.72 ms in three of four runs.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # where they cannot be loaded, flow_fused's configurations record why
-        cpu_fused.load()
+    if load_fused:
+        from flowformer.attention import cpu_fused
+
+        # flow_fused's compiled loops (built by the driver before the zygote starts), loaded once here like the
+        # modules above. Children that loaded them after the fork timed flow_fused at L = 512 at 1.85-2.25 ms,
+        # against 1.52-1.61 ms in fresh processes (run_worker called directly); with this load, 1.71-1.72 ms in
+        # three of four runs.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # where they cannot be loaded, flow_fused's configurations record why
+            cpu_fused.load()
 
     for line in sys.stdin:
         request = json.loads(line)
@@ -655,14 +659,15 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     # (`--from-json <tag>.partial.json` renders it)
     partial = partial_path(args.out, args.tag)
 
-    if any(parse_variant(spec)[0] == "flow_fused" for spec in variants):
+    fused = any(parse_variant(spec)[0] == "flow_fused" for spec in variants)
+    if fused:
         # build (or find in the cache) the compiled loops once, here, so that no worker's warm-up pays for it
         print("flow_fused: building the compiled CPU loops (cached after the first build)", flush=True)
         try:
             _require_fused_loops()
         except RuntimeError as error:
             print(f"flow_fused: {error}; its configurations will record the error", flush=True)
-    zygote = Zygote() if args.isolation == "fork" else None
+    zygote = Zygote(load_fused=fused) if args.isolation == "fork" else None
 
     def measure(config: dict[str, Any], keep: bool = True) -> dict[str, Any]:
         timeout = args.timeout or max(120.0, 8 * args.time_budget * (2 + args.warmup + args.min_repeats))
@@ -1110,6 +1115,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--zygote-load-fused", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = argv
     if args.worker or args.zygote:
@@ -1143,7 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.zygote:
-        zygote_loop()
+        zygote_loop(load_fused=args.zygote_load_fused)
         return 0
     if args.worker:
         record = run_worker(json.loads(args.worker))

@@ -47,7 +47,7 @@ class _FakeZygote:
 
     calls: ClassVar[list[dict]] = []
 
-    def __init__(self) -> None:
+    def __init__(self, load_fused: bool = False) -> None:
         pass
 
     def run(self, config, timeout):

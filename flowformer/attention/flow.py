@@ -404,10 +404,10 @@ class _NonCausalFlow(torch.autograd.Function):
         out = q.new_empty(q.shape[:-1] + (dim_v,))
         out_rows, kv_3d, gates = out.view(batch_heads, -1, dim_v), kv.reshape(batch_heads, dim, dim_v), []
         if fused is not None:
-            gate = sink_scale.new_empty(sink_scale.shape) if allocation else None
+            fused_gate = sink_scale.new_empty(sink_scale.shape) if allocation else None  # written by output_pass
             per_batch_ratio = ratio.reshape(-1).expand(q.shape[0]).contiguous() if allocation else None
             arguments = (
-                (k_weighted.contiguous(), weighted_shift.contiguous(), per_batch_ratio, gate)
+                (k_weighted.contiguous(), weighted_shift.contiguous(), per_batch_ratio, fused_gate)
                 if allocation else (q.new_empty(0),) * 4
             )
         for rows in q_blocks:
@@ -424,7 +424,7 @@ class _NonCausalFlow(torch.autograd.Function):
                 scale = gate * scale
             target.mul_(scale.reshape(batch_heads, -1, 1))
         if allocation:
-            gate = gate if fused is not None else _join(gates)
+            gate = fused_gate if fused is not None else _join(gates)
             row_scale = gate * sink_scale
             saved.update(q_total=q_total, source_scale=source_scale, k_weighted=k_weighted, gate=gate, ratio=ratio)
         else:
@@ -684,9 +684,13 @@ def _row_blocks(x: Tensor) -> list[slice]:
     L = 65536: 41 ms in 2 MiB blocks, 6.1 ms in one)."""
     if x.is_cuda:
         return [slice(0, x.shape[-2])]
-    per_row = max(1, x.shape[0] * x.shape[1] * x.shape[-1] * x.element_size())
-    size = max(256, _BLOCK_BYTES // per_row)
+    size = max(256, _rows_per_cache_block(x, x.element_size()))
     return [slice(start, min(start + size, x.shape[-2])) for start in range(0, x.shape[-2], size)]
+
+
+def _rows_per_cache_block(x: Tensor, itemsize: int) -> int:
+    """How many rows of x (B, H, N, d), at `itemsize` bytes per element, fill `_BLOCK_BYTES`."""
+    return _BLOCK_BYTES // max(1, x.shape[0] * x.shape[1] * x.shape[-1] * itemsize)
 
 
 def _join(parts: list[Tensor]) -> Tensor:
@@ -956,8 +960,8 @@ def _inference_segment(q: Tensor, k: Tensor, v: Tensor, chunk: int) -> int | Non
     """
     if q.is_cuda or _needs_grad(q, k, v):
         return None
-    per_row = q.shape[0] * q.shape[1] * q.shape[-1] * torch.finfo(torch.promote_types(q.dtype, torch.float32)).bits // 8
-    segment = max(_MIN_SEGMENT_CHUNKS, _BLOCK_BYTES // max(1, per_row) // chunk) * chunk
+    itemsize = torch.finfo(torch.promote_types(q.dtype, torch.float32)).bits // 8  # the compute dtype's
+    segment = max(_MIN_SEGMENT_CHUNKS, _rows_per_cache_block(q, itemsize) // chunk) * chunk
     return segment if q.shape[-2] > segment else None
 
 
