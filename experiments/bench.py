@@ -96,6 +96,11 @@ VARIANTS: dict[str, Variant] = {
     ),
     "flow_official": Variant("official non-causal maths as plain einsum (baseline)", False, flops=_noncausal_matmul_flops),
     "flow_causal": Variant("Flow-Attention, causal, chunked (ours, backend='eager')", True, flops=_causal_matmul_flops),
+    # the compiled loops serve inference only (with autograd the causal path is eager), so no forward+backward
+    "flow_causal_fused": Variant(
+        "Flow-Attention, causal, chunked (ours, backend='fused': compiled CPU loops, inference)", True,
+        forward_only=True, flops=_causal_matmul_flops, device="cpu",
+    ),
     "flow_causal_triton": Variant(
         "Flow-Attention, causal (ours, backend='triton')", True, flops=_causal_matmul_flops, device="cuda"
     ),
@@ -132,10 +137,12 @@ VARIANTS: dict[str, Variant] = {
 # flow_compile is left out by default: on the 2-core CPU it was no faster than eager, its first call at each new
 # size class can recompile for seconds, and its workers pay 5-20 s of compilation (`--variants` can add it).
 DEFAULT_VARIANTS = (  # flow_causal_triton and softmax_flash* run only with --device cuda
-    "flow", "flow_fused", "flow_official", "flow_causal", "flow_causal_triton", "flow_causal_materialised",
-    "softmax", "softmax_causal", "softmax_flash", "softmax_flash_causal",
+    "flow", "flow_fused", "flow_official", "flow_causal", "flow_causal_fused", "flow_causal_triton",
+    "flow_causal_materialised", "softmax", "softmax_causal", "softmax_flash", "softmax_flash_causal",
     "linear", "linear_causal", "performer", "cosformer", "reformer", "matmul", "matmul_causal",
 )
+# the variants that run backend="fused" and so need its compiled CPU loops
+FUSED_VARIANTS = ("flow_fused", "flow_causal_fused")
 DEFAULT_LENGTHS = tuple(2**p for p in range(8, 17))  # 256 ... 65536
 QUICK_LENGTHS = (256, 1024, 4096)
 
@@ -245,7 +252,7 @@ def build_op(name: str, chunk: int | None, head_dim: int, n_heads: int) -> Calla
 
 
 def _require_fused_loops() -> None:
-    """flow_fused must time the compiled loops, never the eager fallback: fail the configuration instead."""
+    """The fused variants must time the compiled loops, never the eager fallback: fail the configuration instead."""
     from flowformer.attention import cpu_fused
 
     with warnings.catch_warnings():
@@ -498,7 +505,7 @@ class Zygote:
 
 def zygote_loop(load_fused: bool = False) -> None:
     """Body of `--zygote`: read {"config", "timeout"} lines, fork a child per line, answer one JSON line each.
-    `load_fused`: load flow_fused's compiled loops before the first fork (only when a flow_fused variant runs)."""
+    `load_fused`: load the compiled loops of backend="fused" before the first fork (only when a fused variant runs)."""
     import signal
 
     import torch  # noqa: F401  (imported once here, inherited by every child)
@@ -510,12 +517,12 @@ def zygote_loop(load_fused: bool = False) -> None:
     if load_fused:
         from flowformer.attention import cpu_fused
 
-        # flow_fused's compiled loops (built by the driver before the zygote starts), loaded once here like the
+        # backend="fused"'s compiled loops (built by the driver before the zygote starts), loaded once here like the
         # modules above. Children that loaded them after the fork timed flow_fused at L = 512 at 1.85-2.25 ms,
         # against 1.52-1.61 ms in fresh processes (run_worker called directly); with this load, 1.71-1.72 ms in
         # three of four runs.
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # where they cannot be loaded, flow_fused's configurations record why
+            warnings.simplefilter("ignore")  # where they cannot be loaded, the fused configurations record why
             cpu_fused.load()
 
     for line in sys.stdin:
@@ -659,14 +666,14 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     # (`--from-json <tag>.partial.json` renders it)
     partial = partial_path(args.out, args.tag)
 
-    fused = any(parse_variant(spec)[0] == "flow_fused" for spec in variants)
+    fused = any(parse_variant(spec)[0] in FUSED_VARIANTS for spec in variants)
     if fused:
         # build (or find in the cache) the compiled loops once, here, so that no worker's warm-up pays for it
-        print("flow_fused: building the compiled CPU loops (cached after the first build)", flush=True)
+        print("backend='fused': building the compiled CPU loops (cached after the first build)", flush=True)
         try:
             _require_fused_loops()
         except RuntimeError as error:
-            print(f"flow_fused: {error}; its configurations will record the error", flush=True)
+            print(f"backend='fused': {error}; its configurations will record the error", flush=True)
     zygote = Zygote(load_fused=fused) if args.isolation == "fork" else None
 
     def measure(config: dict[str, Any], keep: bool = True) -> dict[str, Any]:
@@ -802,8 +809,10 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     add("causal flow, L=65536, forward: peak memory",
         f"{long['peak_mib'] / 1024:.2f} GiB" if long else "not measured", "< 4 GiB", (long["peak_mib"] < 4096) if long else None)
 
-    for variant in ("flow", "flow_fused", "flow_causal"):
+    for variant in ("flow", "flow_fused", "flow_causal", "flow_causal_fused"):
         for mode in MODES:
+            if mode == "backward" and VARIANTS[variant].forward_only:
+                continue
             short, longer = get(variant, mode, 4096), get(variant, mode, 16384)
             if short and longer:
                 ratio = longer["time_ms"] / short["time_ms"]
@@ -852,7 +861,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                         ", ".join(cells), "report", None)
 
     ceiling = gemm_gflops(records, dtype)
-    for variant in ("flow", "flow_fused", "flow_compile", "flow_causal", "matmul", "matmul_causal"):
+    ceiling_variants = ("flow", "flow_fused", "flow_compile", "flow_causal", "flow_causal_fused", "matmul", "matmul_causal")
+    for variant in ceiling_variants:
         rates = [(length, get(variant, "forward", length)) for length in lengths if length >= 4096]
         rates = [(length, r["gflops"]) for length, r in rates if r and r.get("gflops")]
         if ceiling and rates:
@@ -993,8 +1003,8 @@ def render_figure(results: dict[str, Any], path: Path) -> None:
     palette = plt.get_cmap("tab20").colors
     # a hue per maths: ours (dark) beside the official formulation of the same attention (light)
     hues = {"flow": 0, "flow_compile": 0, "flow_fused": 13, "flow_official": 1, "flow_causal": 6,
-            "flow_causal_triton": 12, "flow_causal_materialised": 7, "softmax": 4, "softmax_causal": 5, "softmax_flash": 14,
-            "softmax_flash_causal": 15, "linear": 8, "linear_causal": 9,
+            "flow_causal_fused": 17, "flow_causal_triton": 12, "flow_causal_materialised": 7, "softmax": 4,
+            "softmax_causal": 5, "softmax_flash": 14, "softmax_flash_causal": 15, "linear": 8, "linear_causal": 9,
             "performer": 2, "performer_causal": 3, "cosformer": 10, "cosformer_causal": 11, "reformer": 16}
 
     def style(variant: str) -> dict[str, Any]:

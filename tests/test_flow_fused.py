@@ -1,5 +1,5 @@
-"""backend="fused": the compiled CPU loops of non-causal Flow-Attention (`flowformer/attention/csrc/flow_cpu.cpp`)
-against the float64 dense reference and the eager passes, and the fallback when they cannot be built.
+"""backend="fused": the compiled CPU loops of Flow-Attention (`flowformer/attention/csrc/flow_cpu.cpp`), non-causal
+and causal, against the float64 dense reference and the eager passes, and the fallback when they cannot be built.
 
 The first test to need the loops builds them (~30-60 s once; then cached under $TORCH_EXTENSIONS_DIR). Where this
 machine cannot build them (no C++ compiler or Python headers), every test that needs them is skipped with the
@@ -101,11 +101,70 @@ def test_fused_computes_half_precision_inputs_in_float32(fused, monkeypatch, dty
     assert counter.calls["sink_pass"] == 2  # the flows ran in the loops, on the float32 upcast
     ref = flow_attention_reference(q.double(), k.double(), v.double())
     assert relative_error(out.double(), ref) < 1e-2
+    with torch.no_grad():
+        causal = flow_attention(q, k, v, causal=True, backend="fused")
+    assert causal.dtype == dtype and counter.calls["causal_flows"] == 1
+    ref = flow_attention_reference(q.double(), k.double(), v.double(), causal=True)
+    assert relative_error(causal.double(), ref) < 1e-2
 
 
-def test_fused_leaves_float64_and_causal_to_the_eager_passes():
+def test_fused_leaves_float64_to_the_eager_passes():
     q = torch.randn(1, 1, 4, 2, dtype=torch.float64)
     assert flow_module._fused_loops(q) is None
+
+
+def causal_mask(batch: int, length: int) -> torch.Tensor:
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[0, :37] = True  # left padding across the first segment boundary
+    mask[1, 230:] = True  # right padding across the last boundaries
+    return mask
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_causal_matches_reference_in_segments(fused, monkeypatch, options, masked):
+    # _BLOCK_BYTES = 1: segments of 8 chunks of 20 = 160 tokens, so 350 tokens run as 160, 160 and 30, the last one
+    # with a padded tail inside its second chunk; each segment continues the running sums of the one before. Chunks of
+    # 20 and d = 20, dv = 13 leave partial vectors in every row of the loop.
+    monkeypatch.setattr(flow_module, "_BLOCK_BYTES", 1)
+    counter = CallCounter(fused)
+    monkeypatch.setattr(flow_module, "_fused_loops", lambda q: counter)
+    q, k, v = random_inputs(2, 2, 350, 20, value_dim=13, dtype=torch.float32, seed=31)
+    mask = {"key_padding_mask": causal_mask(2, 350)} if masked else {}
+    with torch.no_grad():
+        out = flow_attention(q, k, v, causal=True, chunk_size=20, backend="fused", **options, **mask)
+    reference = flow_attention_reference(*(t.double() for t in (q, k, v)), causal=True, **options, **mask)
+    assert relative_error(out.double(), reference) < 2e-6
+    # the loop has the clamped prefix softmax only: competition without a clamp stays eager
+    fuses = not options.get("competition", True) or options.get("clamp", 1.0) is not None
+    assert counter.calls.get("causal_flows", 0) == (3 if fuses else 0)
+
+
+def test_fused_causal_serves_inference_only(fused, monkeypatch):
+    # one piece (no segments at this length) without autograd: the loop; with autograd: the hand-written backward's
+    # eager forward, to the same output
+    counter = CallCounter(fused)
+    monkeypatch.setattr(flow_module, "_fused_loops", lambda q: counter)
+    q, k, v = random_inputs(1, 3, 200, 64, dtype=torch.float32, seed=32)
+    with torch.no_grad():
+        inference = flow_attention(q, k, v, causal=True, backend="fused")
+    assert counter.calls == {"causal_flows": 1}
+    training = flow_attention(*(t.clone().requires_grad_() for t in (q, k, v)), causal=True, backend="fused")
+    assert counter.calls == {"causal_flows": 1}
+    assert relative_error(inference, training.detach()) < 2e-6
+
+
+def test_fused_causal_is_exactly_causal(fused):
+    # changing the last tokens leaves every earlier output bit-identical, across segments
+    q, k, v = random_inputs(1, 2, 3000, 32, dtype=torch.float32, seed=33)
+    changed = [t.clone() for t in (q, k, v)]
+    for t in changed:
+        t[:, :, 2900:] = torch.randn_like(t[:, :, 2900:])
+    with torch.no_grad():
+        before = flow_attention(q, k, v, causal=True, backend="fused")
+        after = flow_attention(*changed, causal=True, backend="fused")
+    assert torch.equal(before[:, :, :2900], after[:, :, :2900])
+    assert not torch.equal(before[:, :, 2900:], after[:, :, 2900:])
 
 
 def test_fused_falls_back_to_eager_with_one_warning(monkeypatch):

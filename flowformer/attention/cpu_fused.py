@@ -1,4 +1,4 @@
-"""Builds and loads the fused CPU loops of non-causal Flow-Attention (`csrc/flow_cpu.cpp`), for backend="fused".
+"""Builds and loads the fused CPU loops of Flow-Attention (`csrc/flow_cpu.cpp`), for backend="fused".
 
 The loops are compiled on first use with `torch.utils.cpp_extension` (about 30-60 s, then cached under
 $TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), for the vector instructions that this torch build

@@ -28,7 +28,10 @@ How it is made fast (measurements: results/bench/efficiency.md; method: experime
   exactly causal: earlier outputs are bit-identical whatever the later tokens. A hand-written chunked backward
   (`_CausalFlow`) replaces autograd through all of this; without gradients (inference) nothing is kept for it and
   each large intermediate is freed as soon as it has been used, and the sequence runs in cache-sized segments, each
-  continuing the running sums of the one before (`_causal_flow_in_segments`).
+  continuing the running sums of the one before (`_causal_flow_in_segments`). With backend="fused" the per-token
+  flows of each chunk (everything between the score GEMM and the aggregation GEMMs) run in one compiled loop while
+  the chunk's rows and its (C, C) score block are in L1 (`_fused_causal_flows`); `_eager_causal_flows` is its
+  reference.
 """
 
 from __future__ import annotations
@@ -145,11 +148,13 @@ def flow_attention(
             "triton": the causal aggregation Σ_{j<=i} (q_i·k_j) w_j runs in a fused Triton kernel
                 (`triton_causal.py`, forward and backward); needs a CUDA tensor, or TRITON_INTERPRET=1 on CPU
                 (slow, for tests). The per-token flows and the non-causal path stay eager.
-            "fused": the non-causal path on CPU with its per-token work (feature map, flows, gates, weights) in
-                compiled C++ loops (`cpu_fused.py`, `csrc/flow_cpu.cpp`), one read of each row per pass; the two
-                large matmuls stay in BLAS. Built on first use (~30-60 s, then cached); falls back to eager, with a
-                warning, where it cannot be built. float64 inputs, the GPU and the causal path run eager.
-            "auto": "eager". On CPU, "fused" is faster for the non-causal path (results/bench/efficiency.md) but
+            "fused": on CPU, the per-token work (feature map, flows, gates, weights) in compiled C++ loops
+                (`cpu_fused.py`, `csrc/flow_cpu.cpp`), one read of each row per pass, the matmuls staying in BLAS:
+                the non-causal path, and the flows of causal inference chunk by chunk (causal training, and causal
+                competition without a clamp or with one above 30, stay eager). Built on first use (~30-60 s, then
+                cached); falls back to eager, with a warning, where it cannot be built. float64 inputs and the GPU
+                run eager.
+            "auto": "eager". On CPU, "fused" is faster for both paths (results/bench/efficiency.md) but
                 needs a one-time build with a C++ compiler, so it is asked for by name. On an H100 the Triton
                 aggregation was within 10% of eager in bf16 and 4x slower in fp32, because the per-token flows, not
                 the aggregation, set the time (results/bench/efficiency_cuda_*.md).
@@ -174,11 +179,12 @@ def flow_attention(
     # block is in cache
     map_features = causal and segment is None
     q, k, v, q_real, k_real = _prepare(q, k, v, query_padding_mask, key_padding_mask, kernel, map_features=map_features)
+    fused = _fused_loops(q) if backend == "fused" else None
     options = {"competition": competition, "allocation": allocation, "clamp": clamp, "eps": eps}
     if causal:
         if segment is not None:
             out, _ = _causal_flow_in_segments(
-                q, k, v, q_real, k_real, kernel=kernel, segment=segment, chunk_size=chunk, **options
+                q, k, v, q_real, k_real, kernel=kernel, segment=segment, chunk_size=chunk, fused=fused, **options
             )
         elif backend == "triton":
             from flowformer.attention.triton_causal import causal_linear_attention_triton
@@ -190,10 +196,9 @@ def flow_attention(
         else:
             # backend="compile" leaves the causal path eager: dynamo specialises on L through the chunk arithmetic,
             # so it recompiled for every length, at ~1 min each on CPU, for an op that is already matmul-bound.
-            out = _causal_flow_with_backward(q, k, v, q_real, k_real, chunk_size=chunk, **options)
+            out = _causal_flow_with_backward(q, k, v, q_real, k_real, chunk_size=chunk, fused=fused, **options)
     else:
         core = _compiled("noncausal", _noncausal_flow) if backend == "compile" else _noncausal_flow
-        fused = _fused_loops(q) if backend == "fused" else None
         out = core(q, k, v, q_real, k_real, competition_over=competition_over, kernel=kernel, fused=fused, **options)
     if q_real is not None:
         out = out * q_real
@@ -722,12 +727,16 @@ def _causal_flow(
     return_state: bool = False,
     aggregate: Callable | None = None,
     saved: dict[str, Tensor] | None = None,
+    fused=None,
+    into: Tensor | None = None,
 ):
     """Causal flow attention, chunked. q, k: (B, H, L, d) feature-mapped and masked; v: (B, H, L, dv).
 
     `initial` (keys `STATE_KEYS`, see `recurrent.FlowState`) continues a sequence whose prefix was already
     processed. `aggregate(q, k, w) -> Σ_{j<=i} (q_i·k_j) w_j` replaces the built-in chunked aggregation (the Triton
-    backend). `saved`, a dict, receives the intermediates that `_CausalFlow.backward` needs.
+    backend). `saved`, a dict, receives the intermediates that `_CausalFlow.backward` needs. `fused`, the module of
+    `cpu_fused.py`, computes the per-token flows in one compiled loop where it applies (`_fuses_causal_flows`).
+    `into`, a (B, H, L, dv) tensor (no autograd), receives the output instead of a fresh tensor.
     Returns (out (B, H, L, dv), final state dict or None).
     """
     batch, heads, length, dim = q.shape
@@ -739,6 +748,126 @@ def _causal_flow(
         # Zero tokens at the tail: they add nothing to any prefix; their rows are cropped at the end.
         pad = (0, 0, 0, tail)
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+
+    def chunked(x: Tensor) -> Tensor:  # (B, H, padded, X) -> (B, H, N, C, X)
+        return x.view(batch, heads, n_chunks, chunk, x.shape[-1])
+
+    # Real sinks / sources up to each position (the official code's `normal` = 1..L), shape (B|1, 1|H, padded).
+    sinks_so_far = _running_count(q_real, length, tail, q)
+    sources_so_far = _running_count(k_real, length, tail, q)
+    if initial is not None:
+        sinks_so_far = sinks_so_far + initial["sinks"][:, None, None]
+        sources_so_far = sources_so_far + initial["sources"][:, None, None]
+    sinks_so_far, sources_so_far = sinks_so_far.clamp_min(1), sources_so_far.clamp_min(1)
+
+    qc, kc = chunked(q), chunked(k)
+    scores = qc @ kc.transpose(-2, -1)  # (B,H,N,C,C): scores[t, u] = q_t·k_u within a chunk
+    state: dict[str, Tensor] = {}
+    if _fuses_causal_flows(fused, competition, clamp) and saved is None:
+        below = scores  # made lower-triangular in place by the loop
+        v, gate_over_incoming = _fused_causal_flows(
+            fused, q, k, v, scores, sinks_so_far, sources_so_far, k_real, length, initial, state,
+            competition=competition, allocation=allocation, clamp=clamp, eps=eps,
+        )
+    else:
+        v, below, gate_over_incoming = _eager_causal_flows(
+            q, k, v, scores, sinks_so_far, sources_so_far, k_real, length, tail, initial, state, saved,
+            competition=competition, allocation=allocation, clamp=clamp, eps=eps, return_state=return_state,
+        )
+
+    # (4) aggregation Σ_{j<=i} (q_i·k_j) c_j v_j
+    if aggregate is None:
+        vc = chunked(v)
+        states = kc.transpose(-2, -1) @ vc  # (B,H,N,d,dv): one kᵀ(cv) state per chunk
+        kv_start = None if initial is None else initial["kv"].flatten(-2)
+        if _scans_in_place(states.flatten(-2)):
+            # the states are not needed afterwards: turn them into their prefixes in place. At L = 65536 this saves
+            # a 128 MiB (per 8 heads) allocation, and fresh pages cost more than the arithmetic on them (~10 us per
+            # page fault on the benchmark VM).
+            kv_total = _exclusive_scan_(states.flatten(-2), kv_start).view_as(states[:, :, 0])
+            before = states
+        else:
+            before = _chunk_offsets(states.flatten(-2), kv_start).view_as(states)
+            kv_total = before[:, :, -1] + states[:, :, -1]  # the last prefix plus the last state
+        del states
+        if return_state:
+            state["kv"] = kv_total
+        out = _chunk_aggregate(qc, before, below, vc)
+        if saved is not None:
+            saved.update(before=before)
+    else:
+        if initial is not None:
+            raise NotImplementedError("a custom aggregation cannot continue from an initial state; use the eager backend")
+        out = aggregate(q, k, v)
+        if return_state:
+            state["kv"] = k.transpose(-2, -1) @ v
+    if into is not None:
+        # the gated rows go straight to the caller's tensor (a segment's slice): no copy of the result
+        out = torch.mul(out[:, :, :length], gate_over_incoming[:, :, :length, None], out=into)
+    else:
+        out = out.mul_(gate_over_incoming[..., None])
+        if saved is not None:
+            saved.update(out=out)
+        if tail:
+            out = out[:, :, :length]
+
+    if not return_state:
+        return out, None
+    state["sinks"] = _count_total(q_real, length, batch, q) + (0 if initial is None else initial["sinks"])
+    state["sources"] = _count_total(k_real, length, batch, q) + (0 if initial is None else initial["sources"])
+    for key, rows in (("q_sum", q), ("k_sum", k)):
+        if key not in state:
+            state[key] = rows.sum(-2) + (0 if initial is None else initial[key])
+    state["sq_sum"] = state.get("sq_sum", _carry(initial, "sq_sum", q, (batch, heads, dim)))
+    state["ok_sum"] = state.get("ok_sum", _carry(initial, "ok_sum", q, (batch, heads, dim)))
+    state["lse"] = state.get("lse", _carry(initial, "lse", q, (batch, heads), fill=_MASKED_LOGIT))
+    return out, state
+
+
+def _fuses_causal_flows(fused, competition: bool, clamp: float | None) -> bool:
+    """Whether the compiled loop computes a causal pass's flows: it has the exp(x - clamp) prefix softmax only,
+    so competition without a clamp or with a clamp above `_EXP_PREFIX_MAX_CLAMP` (logcumsumexp) stays eager."""
+    return fused is not None and (not competition or (clamp is not None and clamp <= _EXP_PREFIX_MAX_CLAMP))
+
+
+def _fused_causal_flows(
+    fused, q, k, v, scores, sinks_so_far, sources_so_far, k_real, length, initial, state, *, competition, allocation,
+    clamp, eps,
+):
+    """The per-token flows of a causal pass in one compiled loop (`csrc/flow_cpu.cpp` `causal_flows`), for inference
+    with backend="fused"; `_eager_causal_flows` is its reference. `scores` is made lower-triangular in place.
+    Returns (c v, gate / incoming (B, H, padded)) and writes the running sums to `state`."""
+    batch, heads, padded, dim = q.shape
+    sums_keys = ("k_sum", "q_sum", "sq_sum", "ok_sum")
+    if initial is None:
+        sums = q.new_zeros(batch, heads, len(sums_keys), dim)
+        lse = q.new_full((batch, heads), _MASKED_LOGIT)
+    else:
+        sums = torch.stack([initial[key] for key in sums_keys], dim=2).contiguous()
+        lse = initial["lse"].clone().contiguous()
+    key_is_pad = torch.empty(0, dtype=torch.bool) if k_real is None else k_real[:, 0, :, 0] == 0  # (B, L)
+    weighted_v = torch.empty_like(v) if competition else v
+    gate = q.new_empty(batch, heads, padded)
+    fused.causal_flows(
+        q, k, scores, v, weighted_v, sinks_so_far.expand(batch, heads, padded),
+        sources_so_far.expand(batch, heads, padded), key_is_pad, sums, lse, gate, length, eps,
+        0.0 if clamp is None else clamp, competition, allocation,
+    )
+    state.update(zip(sums_keys, sums.unbind(2)), lse=lse)
+    return weighted_v, gate
+
+
+def _eager_causal_flows(
+    q, k, v, scores, sinks_so_far, sources_so_far, k_real, length, tail, initial, state, saved, *, competition,
+    allocation, clamp, eps, return_state,
+):
+    """The per-token flows of a causal pass as PyTorch ops (the reference for `_fused_causal_flows`).
+    q, k (B, H, padded, d), v (B, H, padded, dv), scores (B, H, N, C, C) as in `_causal_flow`.
+    Returns (c v, the lower-triangular scores, gate / incoming (B, H, padded)); writes running sums to `state`
+    (when `return_state`) and the backward's intermediates to `saved`."""
+    batch, heads, padded, dim = q.shape
+    chunk = scores.shape[-1]
+    n_chunks = padded // chunk
 
     def chunked(x: Tensor) -> Tensor:  # (B, H, padded, X) -> (B, H, N, C, X)
         return x.view(batch, heads, n_chunks, chunk, x.shape[-1])
@@ -762,19 +891,10 @@ def _causal_flow(
         stacked = torch.stack([w.view(batch, heads, n_chunks, chunk) for w in weights], dim=-2)  # (B,H,N,r,C)
         return list((stacked @ x).unbind(-2))
 
-    # Real sinks / sources up to each position (the official code's `normal` = 1..L), shape (B|1, 1|H, padded).
-    sinks_so_far = _running_count(q_real, length, tail, q)
-    sources_so_far = _running_count(k_real, length, tail, q)
-    if initial is not None:
-        sinks_so_far = sinks_so_far + initial["sinks"][:, None, None]
-        sources_so_far = sources_so_far + initial["sources"][:, None, None]
-    sinks_so_far, sources_so_far = sinks_so_far.clamp_min(1), sources_so_far.clamp_min(1)
-
     def start(key: str) -> Tensor | None:  # the carried-over (B, H, d) sum, as a chunk-level offset
         return None if initial is None else initial[key]
 
     qc, kc = chunked(q), chunked(k)
-    scores = qc @ kc.transpose(-2, -1)  # (B,H,N,C,C): scores[t, u] = q_t·k_u within a chunk
     # source u counts the sinks t <= u; sink t sees the sources u <= t (in place: the matmul does not need its
     # output for its backward)
     above = scores.triu()
@@ -813,7 +933,6 @@ def _causal_flow(
             sources_so_far=sources_so_far,
         )
 
-    state: dict[str, Tensor] = {}
     # (3) the conserved source, clamped, and its prefix softmax over the sources so far
     if competition:
         conserved_source = (
@@ -851,48 +970,9 @@ def _causal_flow(
     else:
         gate_over_incoming = 1.0 / incoming
 
-    # (4) aggregation Σ_{j<=i} (q_i·k_j) c_j v_j
-    if aggregate is None:
-        vc = chunked(v)
-        states = kc.transpose(-2, -1) @ vc  # (B,H,N,d,dv): one kᵀ(cv) state per chunk
-        kv_start = None if initial is None else initial["kv"].flatten(-2)
-        if _scans_in_place(states.flatten(-2)):
-            # the states are not needed afterwards: turn them into their prefixes in place. At L = 65536 this saves
-            # a 128 MiB (per 8 heads) allocation, and fresh pages cost more than the arithmetic on them (~10 us per
-            # page fault on the benchmark VM).
-            kv_total = _exclusive_scan_(states.flatten(-2), kv_start).view_as(states[:, :, 0])
-            before = states
-        else:
-            before = _chunk_offsets(states.flatten(-2), kv_start).view_as(states)
-            kv_total = before[:, :, -1] + states[:, :, -1]  # the last prefix plus the last state
-        del states
-        if return_state:
-            state["kv"] = kv_total
-        out = _chunk_aggregate(qc, before, below, vc)
-        if saved is not None:
-            saved.update(before=before)
-    else:
-        if initial is not None:
-            raise NotImplementedError("a custom aggregation cannot continue from an initial state; use the eager backend")
-        out = aggregate(q, k, v)
-        if return_state:
-            state["kv"] = k.transpose(-2, -1) @ v
-    out = out.mul_(gate_over_incoming[..., None])
     if saved is not None:
-        saved.update(out=out, gate_over_incoming=gate_over_incoming)
-    if tail:
-        out = out[:, :, :length]
-
-    if not return_state:
-        return out, None
-    state["sinks"] = _count_total(q_real, length, batch, q) + (0 if initial is None else initial["sinks"])
-    state["sources"] = _count_total(k_real, length, batch, q) + (0 if initial is None else initial["sources"])
-    state["q_sum"] = q.sum(-2) + (0 if initial is None else initial["q_sum"])
-    state["k_sum"] = k.sum(-2) + (0 if initial is None else initial["k_sum"])
-    state["sq_sum"] = state.get("sq_sum", _carry(initial, "sq_sum", q, (batch, heads, dim)))
-    state["ok_sum"] = state.get("ok_sum", _carry(initial, "ok_sum", q, (batch, heads, dim)))
-    state["lse"] = state.get("lse", _carry(initial, "lse", q, (batch, heads), fill=_MASKED_LOGIT))
-    return out, state
+        saved.update(gate_over_incoming=gate_over_incoming)
+    return v, below, gate_over_incoming
 
 
 def _prefix_softmax(logits: Tensor, clamp: float | None, start_lse: Tensor | None, length: int, saved=None):
@@ -984,19 +1064,22 @@ def _causal_flow_in_segments(
         q_real_part = None if q_real is None else q_real[..., rows, :]
         k_real_part = None if k_real is None else k_real[..., rows, :]
         more = rows.stop < length
-        out[..., rows, :], state = _causal_flow(
+        _, state = _causal_flow(
             q_part, k_part, v[..., rows, :], q_real_part, k_real_part, initial=state, return_state=more or return_state,
-            **options,
+            into=out[..., rows, :], **options,
         )
     return out, state
 
 
-def _causal_flow_with_backward(q, k, v, q_real, k_real, **options) -> Tensor:
+def _causal_flow_with_backward(q, k, v, q_real, k_real, *, fused=None, **options) -> Tensor:
     """`_causal_flow` with the hand-written backward of `_CausalFlow` wherever it applies (every option set except
-    competition with no clamp or a clamp above 30, whose logcumsumexp form is left to autograd)."""
+    competition with no clamp or a clamp above 30, whose logcumsumexp form is left to autograd). `fused` (see
+    `_causal_flow`) serves inference only."""
     clamp = options["clamp"]
-    if not _needs_grad(q, k, v) or (options["competition"] and (clamp is None or clamp > _EXP_PREFIX_MAX_CLAMP)):
+    if not _needs_grad(q, k, v):
         # inference keeps nothing for a backward, so every intermediate is freed as soon as it is used
+        return _causal_flow(q, k, v, q_real, k_real, fused=fused, **options)[0]
+    if options["competition"] and (clamp is None or clamp > _EXP_PREFIX_MAX_CLAMP):
         return _causal_flow(q, k, v, q_real, k_real, **options)[0]
     return _CausalFlow.apply(q, k, v, q_real, k_real, options)
 

@@ -1,10 +1,12 @@
-// Fused CPU loops for the per-token work of non-causal Flow-Attention (flowformer/attention/cpu_fused.py builds
-// this file with torch.utils.cpp_extension; flow.py `_NonCausalFlow` calls it under backend="fused").
+// Fused CPU loops for the per-token work of Flow-Attention (flowformer/attention/cpu_fused.py builds this file with
+// torch.utils.cpp_extension; under backend="fused", flow.py `_NonCausalFlow` calls the non-causal loops and
+// `_fused_causal_flows` the causal one).
 //
 // Why: in the eager forward, each flow is its own pass over a (B, H, n, d) block (feature map, a matrix-vector
 // product, a reciprocal, a weighted row sum...), and every pass reads the block again. Here one loop reads each row
 // from memory once and does all of a pass's per-token work while the row is in registers or in L1 (a tile of 16
-// rows at a time); only the two large GEMMs stay in BLAS. The eager passes in flow.py are the reference: tests/test_flow_fused.py holds the two equal.
+// rows at a time, or one causal chunk); the GEMMs stay in BLAS. The eager passes in flow.py are the reference:
+// tests/test_flow_fused.py holds the two equal.
 //
 // Tensors are float32 and 4-D (B, H, n, d) with any batch, head and row strides and a contiguous last dimension;
 // `real` is (B, 1, n, 1) real-token weights (1 real, 0 padding) or an empty tensor for "no padding".
@@ -14,6 +16,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <vector>
 #include <optional>
 
 namespace {
@@ -232,8 +236,205 @@ void output_pass(torch::Tensor queries, int64_t start, int64_t stop, torch::Tens
   });
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Causal
+// ---------------------------------------------------------------------------------------------------------------
+
+namespace {
+
+struct Scalars {  // strided (B, H, n) float view; a broadcast dimension has stride 0
+  const float* data;
+  int64_t batch, head, row;
+  explicit Scalars(const torch::Tensor& t)
+      : data(t.data_ptr<float>()), batch(t.stride(0)), head(t.stride(1)), row(t.stride(2)) {}
+  float operator()(int64_t b, int64_t h, int64_t i) const { return data[b * batch + h * head + i * row]; }
+};
+
+constexpr float kMaskedLogit = -1e30f;  // flow.py _MASKED_LOGIT
+
+inline double sum_of(const float* x, int64_t d) {
+  double total = 0.0;
+  for (int64_t j = 0; j < d; ++j) total += x[j];
+  return total;
+}
+
+}  // namespace
+
+// The per-token flows of one causal pass (flow.py `_fused_causal_flows`; the eager block of `_causal_flow` is the
+// reference), chunk by chunk for each (batch, head), while a chunk's rows and its (C, C) score block are in L1:
+//   incoming I_i, its sink normaliser s_i, outgoing O_j, its source normaliser o_j, the conserved source and its
+//   prefix softmax (competition), the conserved sink and the gate (allocation).
+// q, k: (B, H, P, d) mapped features, P = N·C with rows >= `length` the zero tail. scores: contiguous
+// (B, H, N, C, C) chunk score blocks q_a·k_b, left lower-triangular (with the diagonal) for the aggregation.
+// v (B, H, P, dv): with competition, c_j v_j is written to `weighted_v` (same shape). sinks_so_far, sources_so_far:
+// (B, H, P) real-token counts up to each row (broadcast strides allowed). key_is_pad: (B, P) bool, or empty.
+// sums (B, H, 4, d), in and out: the running Σ k, Σ q, Σ s q, Σ o k of all earlier rows. lse (B, H), in and out:
+// the log-sum-exp of the competition logits so far (-1e30: none). gate (B, H, P), out: gate_i / I_i (1 / I_i
+// without allocation). Without competition `sums` row 2, `lse` and `weighted_v` are left alone; without allocation
+// row 3.
+void causal_flows(torch::Tensor q, torch::Tensor k, torch::Tensor scores, torch::Tensor v, torch::Tensor weighted_v,
+                  torch::Tensor sinks_so_far, torch::Tensor sources_so_far, torch::Tensor key_is_pad,
+                  torch::Tensor sums, torch::Tensor lse, torch::Tensor gate, int64_t length, double eps,
+                  double clamp, bool competition, bool allocation) {
+  check_rows(q, "q");
+  check_rows(k, "k");
+  check_rows(v, "v");
+  const Rows qs(q), ks(k), vs(v);
+  const int64_t batch = q.size(0), heads = q.size(1), padded = qs.n, d = qs.d, dv = vs.d;
+  TORCH_CHECK(scores.dim() == 5 && scores.is_contiguous() && scores.scalar_type() == torch::kFloat32,
+              "scores must be a contiguous float32 (B, H, N, C, C) tensor");
+  const int64_t n_chunks = scores.size(2), chunk = scores.size(4);
+  TORCH_CHECK(scores.size(3) == chunk && n_chunks * chunk == padded && ks.n == padded && vs.n == padded,
+              "causal_flows: q, k, v and scores must cover the same N·C rows");
+  TORCH_CHECK(0 < length && length <= padded, "causal_flows: bad length");
+  TORCH_CHECK(sums.is_contiguous() && lse.is_contiguous() && gate.is_contiguous(),
+              "sums, lse and gate must be contiguous");
+  std::optional<Rows> weighted;
+  if (competition) {
+    check_rows(weighted_v, "weighted_v");
+    weighted.emplace(weighted_v);
+  }
+  const Scalars sinks(sinks_so_far), sources(sources_so_far);
+  const bool* pad = key_is_pad.numel() ? key_is_pad.data_ptr<bool>() : nullptr;
+  const float e = static_cast<float>(eps), shift = static_cast<float>(d * eps * eps);
+  const float bound = static_cast<float>(clamp);
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    // per chunk row: Σ_d k_b, k_b·Σq, k_b·Σsq, Σ_d q_a, q_a·Σok, I_a, s_a, upper column sums (plain, s-weighted),
+    // o_b, c_b
+    std::vector<float> buffer(11 * chunk);
+    float* k_rows = buffer.data();
+    float* k_q = k_rows + chunk;
+    float* k_sq = k_q + chunk;
+    float* q_rows = k_sq + chunk;
+    float* q_ok = q_rows + chunk;
+    float* incoming = q_ok + chunk;
+    float* s = incoming + chunk;
+    float* upper = s + chunk;
+    float* upper_s = upper + chunk;
+    float* o = upper_s + chunk;
+    float* c = o + chunk;
+    std::vector<float> ones_row(chunk, 1.0f);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      float* sum_k = sums.data_ptr<float>() + bh * 4 * d;
+      float* sum_q = sum_k + d;
+      float* sum_sq = sum_q + d;
+      float* sum_ok = sum_sq + d;
+      // Σ_d of the running sums: the ε terms' scalar prefixes
+      double k_prefix = sum_of(sum_k, d), q_prefix = sum_of(sum_q, d);
+      double sq_prefix = sum_of(sum_sq, d), ok_prefix = sum_of(sum_ok, d);
+      float* lse_out = lse.data_ptr<float>() + bh;
+      double denominator = competition ? std::exp(static_cast<double>(*lse_out) - clamp) : 0.0;
+      float* gates = gate.data_ptr<float>() + bh * padded;
+      for (int64_t n = 0; n < n_chunks; ++n) {
+        const int64_t first = n * chunk;
+        float* block = scores.data_ptr<float>() + (bh * n_chunks + n) * chunk * chunk;
+        const auto q_row = [&](int64_t a) { return qs.at(b, h, first + a); };
+        const auto k_row = [&](int64_t a) { return ks.at(b, h, first + a); };
+        // keys against the sums of the earlier chunks
+        for (int64_t j = 0; j < chunk; ++j) {
+          const float* x = k_row(j);
+          Vec total(0.0f), with_q(0.0f), with_sq(0.0f);
+          for (int64_t i = 0; i < d; i += kWidth) {
+            const Vec value = load(x, i, d);
+            total = total + value;
+            with_q = at::vec::fmadd(value, load(sum_q, i, d), with_q);
+            if (competition) with_sq = at::vec::fmadd(value, load(sum_sq, i, d), with_sq);
+          }
+          k_rows[j] = lane_sum(total);
+          k_q[j] = lane_sum(with_q);
+          k_sq[j] = competition ? lane_sum(with_sq) : 0.0f;
+        }
+        // sinks: I_a = Σ_{b<=a} q_a·k_b + q_a·Σk + ε (Σ_d q_a + Σ_{j<=i} Σ_d k_j) + dε², then the upper triangle's
+        // column sums for the sources, and the strict upper triangle zeroed
+        std::fill(upper, upper + chunk, 0.0f);
+        std::fill(upper_s, upper_s + chunk, 0.0f);
+        for (int64_t a = 0; a < chunk; ++a) {
+          const float* x = q_row(a);
+          Vec total(0.0f), with_k(0.0f), with_ok(0.0f);
+          for (int64_t i = 0; i < d; i += kWidth) {
+            const Vec value = load(x, i, d);
+            total = total + value;
+            with_k = at::vec::fmadd(value, load(sum_k, i, d), with_k);
+            if (allocation) with_ok = at::vec::fmadd(value, load(sum_ok, i, d), with_ok);
+          }
+          q_rows[a] = lane_sum(total);
+          q_ok[a] = allocation ? lane_sum(with_ok) : 0.0f;
+          k_prefix += k_rows[a];
+          float* row = block + a * chunk;
+          Vec lower(0.0f);
+          for (int64_t i = 0; i <= a; i += kWidth) lower = lower + load(row, i, a + 1);
+          incoming[a] = lane_sum(lower) + lane_sum(with_k) + e * (q_rows[a] + static_cast<float>(k_prefix)) + shift;
+          s[a] = first + a < length ? sources(b, h, first + a) / incoming[a] : 0.0f;
+          const Vec weight(s[a]), diagonal(static_cast<float>(a));
+          for (int64_t i = (a / kWidth) * kWidth; i < chunk; i += kWidth) {
+            const Vec value = load(row, i, chunk);
+            const Vec column = Vec::arange(static_cast<float>(i), 1.0f);
+            const Vec on_or_above = Vec::blendv(Vec(0.0f), value, column >= diagonal);
+            store(load(upper, i, chunk) + on_or_above, upper, i, chunk);
+            if (competition) store(at::vec::fmadd(on_or_above, weight, load(upper_s, i, chunk)), upper_s, i, chunk);
+            store(Vec::blendv(value, Vec(0.0f), column > diagonal), row, i, chunk);
+          }
+        }
+        for (int64_t tile = 0; tile < chunk; tile += kTile) {  // Σk was read above; Σq, Σsq are not read again here
+          const int64_t rows = std::min(kTile, chunk - tile);
+          const auto row = [&](int64_t r) { return q_row(tile + r); };
+          add_rows(sum_q, row, ones_row.data(), rows, d);
+          if (competition) add_rows(sum_sq, row, s + tile, rows, d);
+        }
+        // sources: O_j = Σ_{a<=j} q_a·k_j + k_j·Σq + ε (Σ_d k_j + Σ_{i<=j} Σ_d q_i) + dε²; the conserved source
+        // with the s-weighted sums; its clamped prefix softmax, the denominator carried in float64
+        for (int64_t j = 0; j < chunk; ++j) {
+          const int64_t t = first + j;
+          q_prefix += q_rows[j];
+          const float outgoing = upper[j] + k_q[j] + e * (k_rows[j] + static_cast<float>(q_prefix)) + shift;
+          o[j] = t < length ? sinks(b, h, t) / outgoing : 0.0f;
+          if (!competition) continue;
+          sq_prefix += static_cast<double>(s[j]) * q_rows[j];
+          const float conserved =
+              (upper_s[j] + k_sq[j] + e * (k_rows[j] + static_cast<float>(sq_prefix)) + shift) / sinks(b, h, t);
+          const bool padded_key = pad && t < length && pad[b * key_is_pad.stride(0) + t * key_is_pad.stride(1)];
+          const float logit = padded_key ? kMaskedLogit : std::min(std::max(conserved, -bound), bound);
+          const float scaled = std::exp(logit - bound);
+          denominator += scaled;
+          const double kept = std::max(denominator, 1e-300);
+          c[j] = scaled / std::max(static_cast<float>(kept), std::numeric_limits<float>::min()) * sources(b, h, t);
+          if (t == length - 1) *lse_out = std::max(static_cast<float>(std::log(kept) + clamp), kMaskedLogit);
+        }
+        // the gates: conserved sink Î_a = (Σ_{b<=a} o_b q_a·k_b + q_a·Σok + ε (Σ_d q_a + Σ_{j<=a} o_j Σ_d k_j) + dε²)
+        // / n_a, from the now lower-triangular block
+        for (int64_t a = 0; a < chunk; ++a) {
+          if (!allocation) {
+            gates[first + a] = 1.0f / incoming[a];
+            continue;
+          }
+          ok_prefix += static_cast<double>(o[a]) * k_rows[a];
+          const float flow = dot(block + a * chunk, o, chunk) + q_ok[a];
+          const float conserved =
+              (flow + e * (q_rows[a] + static_cast<float>(ok_prefix)) + shift) / sources(b, h, first + a);
+          gates[first + a] = 1.0f / (1.0f + std::exp(-conserved)) / incoming[a];
+        }
+        for (int64_t tile = 0; tile < chunk; tile += kTile) {
+          const int64_t rows = std::min(kTile, chunk - tile);
+          const auto row = [&](int64_t r) { return k_row(tile + r); };
+          add_rows(sum_k, row, ones_row.data(), rows, d);
+          if (allocation) add_rows(sum_ok, row, o + tile, rows, d);
+        }
+        if (!competition) continue;
+        for (int64_t j = 0; j < chunk; ++j) {
+          const float* x = vs.at(b, h, first + j);
+          float* y = weighted->at(b, h, first + j);
+          const Vec weight(c[j]);
+          for (int64_t i = 0; i < dv; i += kWidth) store(load(x, i, dv) * weight, y, i, dv);
+        }
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sink_pass", &sink_pass, "feature map, sink flow normalisers and the sink sums, in one pass");
   m.def("source_pass", &source_pass, "source flows, competition weights and weighted keys, in one pass");
   m.def("output_pass", &output_pass, "allocation gates and the output rows' scaling, in one pass");
+  m.def("causal_flows", &causal_flows, "the per-token flows of one causal pass, chunk by chunk");
 }
