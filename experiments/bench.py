@@ -1097,12 +1097,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--min-repeats", type=int, default=5, help="fewest timed calls per configuration")
     parser.add_argument("--min-time", type=float, default=1.5, help="timed calls continue (up to --repeats) until this many seconds")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls at the real length before timing")
+    # 4 rounds, re-timing calls up to 1 s: with 3 rounds up to 0.5 s, each full run still left one or two ratios on
+    # the wrong side of their bound, on different targets each time (a contended round at L = 512, a 0.6 s call at
+    # L = 65536 timed in a single round); the extra samples cost ~8 min of a ~22 min run
     parser.add_argument(
-        "--rounds", type=int, default=3,
+        "--rounds", type=int, default=4,
         help="interleaved rounds; configurations of at most --recheck-max s per call are re-timed in each later "
         "round, and keep the median of their least-contended round",
     )
-    parser.add_argument("--recheck-max", type=float, default=0.5, help="seconds per call; see --rounds")
+    parser.add_argument("--recheck-max", type=float, default=1.0, help="seconds per call; see --rounds")
     parser.add_argument("--warmup-length", type=int, default=256, help="length of the warm-up calls before the memory probe")
     parser.add_argument(
         "--gemm-size", type=int, default=None,

@@ -749,9 +749,6 @@ def _causal_flow(
         pad = (0, 0, 0, tail)
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
 
-    def chunked(x: Tensor) -> Tensor:  # (B, H, padded, X) -> (B, H, N, C, X)
-        return x.view(batch, heads, n_chunks, chunk, x.shape[-1])
-
     # Real sinks / sources up to each position (the official code's `normal` = 1..L), shape (B|1, 1|H, padded).
     sinks_so_far = _running_count(q_real, length, tail, q)
     sources_so_far = _running_count(k_real, length, tail, q)
@@ -760,7 +757,7 @@ def _causal_flow(
         sources_so_far = sources_so_far + initial["sources"][:, None, None]
     sinks_so_far, sources_so_far = sinks_so_far.clamp_min(1), sources_so_far.clamp_min(1)
 
-    qc, kc = chunked(q), chunked(k)
+    qc, kc = _in_chunks(q, chunk), _in_chunks(k, chunk)
     scores = qc @ kc.transpose(-2, -1)  # (B,H,N,C,C): scores[t, u] = q_t·k_u within a chunk
     state: dict[str, Tensor] = {}
     if _fuses_causal_flows(fused, competition, clamp) and saved is None:
@@ -777,7 +774,7 @@ def _causal_flow(
 
     # (4) aggregation Σ_{j<=i} (q_i·k_j) c_j v_j
     if aggregate is None:
-        vc = chunked(v)
+        vc = _in_chunks(v, chunk)
         states = kc.transpose(-2, -1) @ vc  # (B,H,N,d,dv): one kᵀ(cv) state per chunk
         kv_start = None if initial is None else initial["kv"].flatten(-2)
         if _scans_in_place(states.flatten(-2)):
@@ -869,9 +866,6 @@ def _eager_causal_flows(
     chunk = scores.shape[-1]
     n_chunks = padded // chunk
 
-    def chunked(x: Tensor) -> Tensor:  # (B, H, padded, X) -> (B, H, N, C, X)
-        return x.view(batch, heads, n_chunks, chunk, x.shape[-1])
-
     def flat(x: Tensor) -> Tensor:  # (B, H, N, C) -> (B, H, padded)
         return x.reshape(batch, heads, padded)
 
@@ -894,7 +888,7 @@ def _eager_causal_flows(
     def start(key: str) -> Tensor | None:  # the carried-over (B, H, d) sum, as a chunk-level offset
         return None if initial is None else initial[key]
 
-    qc, kc = chunked(q), chunked(k)
+    qc, kc = _in_chunks(q, chunk), _in_chunks(k, chunk)
     # source u counts the sinks t <= u; sink t sees the sources u <= t (in place: the matmul does not need its
     # output for its backward)
     above = scores.triu()
@@ -999,6 +993,12 @@ def _prefix_softmax(logits: Tensor, clamp: float | None, start_lse: Tensor | Non
     if start_lse is not None:
         lse = torch.logaddexp(lse, start_lse[..., None])
     return torch.exp(logits - lse), lse[..., length - 1]
+
+
+def _in_chunks(x: Tensor, chunk: int) -> Tensor:
+    """(B, H, N·C, X) -> (B, H, N, C, X): a view with one (C, X) block per chunk."""
+    batch, heads, padded, width = x.shape
+    return x.view(batch, heads, padded // chunk, chunk, width)
 
 
 def _chunk_aggregate(qc: Tensor, before: Tensor, below: Tensor, vc: Tensor) -> Tensor:
@@ -1121,9 +1121,6 @@ class _CausalFlow(torch.autograd.Function):
         tail = padded - ctx.length
         grad_out = F.pad(grad_out, (0, 0, 0, tail)) if tail else grad_out
 
-        def chunked(x: Tensor) -> Tensor:  # (B, H, padded, X) -> (B, H, N, C, X)
-            return x.view(batch, heads, n_chunks, chunk, x.shape[-1])
-
         def flat(x: Tensor) -> Tensor:  # (B, H, N, ..., C) -> (B, H, padded)
             return x.reshape(batch, heads, padded)
 
@@ -1142,7 +1139,7 @@ class _CausalFlow(torch.autograd.Function):
         def suffix(x: Tensor) -> Tensor:  # inclusive suffix sums over positions (B, H, padded)
             return x.flip(-1).cumsum(-1).flip(-1)
 
-        qc, kc = chunked(q), chunked(k)
+        qc, kc = _in_chunks(q, chunk), _in_chunks(k, chunk)
         incoming, outgoing = t["incoming"], t["outgoing"]
         sink_scale, source_scale = t["sink_scale"], t["source_scale"]
         sources_so_far, sinks_so_far = t["sources_so_far"], t["sinks_so_far"]
@@ -1162,7 +1159,7 @@ class _CausalFlow(torch.autograd.Function):
         # aggregation y_i = Σ_{j<=i} (q_i·k_j) u_j, u = c v
         weights = t["competition_weights"] if competition else None
         u = v * weights[..., None] if competition else v
-        uc, gyc = chunked(u), chunked(grad_y)
+        uc, gyc = _in_chunks(u, chunk), _in_chunks(grad_y, chunk)
         later = _exclusive_chunk_suffix((qc.transpose(-2, -1) @ gyc).flatten(-2)).view(batch, heads, n_chunks, dim, dim_v)
         grad_u = _add_matmul_(kc @ later, below.transpose(-2, -1), gyc).view(batch, heads, padded, dim_v)
         grad_q = gyc @ t["before"].transpose(-2, -1)  # (B,H,N,C,d)
@@ -1220,8 +1217,8 @@ class _CausalFlow(torch.autograd.Function):
         ones_d = torch.ones_like(t["k_before"])
         q_vectors = torch.stack([t["k_before"], ok_before, dok_later, ek_later, ones_d], dim=-2)  # (B,H,N,5,d)
         k_vectors = torch.stack([t["q_before"], sq_before, diq_later, fq_later, ones_d], dim=-2)
-        grad_q = _add_matmul_(grad_q, chunked(q_coefficients), q_vectors).view(batch, heads, padded, dim)
-        grad_k = _add_matmul_(grad_k, chunked(k_coefficients), k_vectors).view(batch, heads, padded, dim)
+        grad_q = _add_matmul_(grad_q, _in_chunks(q_coefficients, chunk), q_vectors).view(batch, heads, padded, dim)
+        grad_k = _add_matmul_(grad_k, _in_chunks(k_coefficients, chunk), k_vectors).view(batch, heads, padded, dim)
         if tail:
             grad_q, grad_k, grad_v = grad_q[:, :, :-tail], grad_k[:, :, :-tail], grad_v[:, :, :-tail]
         return grad_q, grad_k, grad_v, None, None, None
