@@ -1099,7 +1099,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls at the real length before timing")
     # 4 rounds, re-timing calls up to 1 s: with 3 rounds up to 0.5 s, each full run still left one or two ratios on
     # the wrong side of their bound, on different targets each time (a contended round at L = 512, a 0.6 s call at
-    # L = 65536 timed in a single round); the extra samples cost ~8 min of a ~22 min run
+    # L = 65536 timed in a single round); the extra samples took a full run from ~22 to ~31 min
     parser.add_argument(
         "--rounds", type=int, default=4,
         help="interleaved rounds; configurations of at most --recheck-max s per call are re-timed in each later "

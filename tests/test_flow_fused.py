@@ -154,8 +154,12 @@ def test_fused_causal_serves_inference_only(fused, monkeypatch):
     assert relative_error(inference, training.detach()) < 2e-6
 
 
-def test_fused_causal_is_exactly_causal(fused):
-    # changing the last tokens leaves every earlier output bit-identical, across segments
+def test_fused_causal_is_exactly_causal(fused, monkeypatch):
+    # changing the last tokens leaves every earlier output bit-identical, across segments (_BLOCK_BYTES = 1: six
+    # segments of 8 chunks of 64), and inside the chunk that holds the change
+    monkeypatch.setattr(flow_module, "_BLOCK_BYTES", 1)
+    counter = CallCounter(fused)
+    monkeypatch.setattr(flow_module, "_fused_loops", lambda q: counter)
     q, k, v = random_inputs(1, 2, 3000, 32, dtype=torch.float32, seed=33)
     changed = [t.clone() for t in (q, k, v)]
     for t in changed:
@@ -163,6 +167,7 @@ def test_fused_causal_is_exactly_causal(fused):
     with torch.no_grad():
         before = flow_attention(q, k, v, causal=True, backend="fused")
         after = flow_attention(*changed, causal=True, backend="fused")
+    assert counter.calls == {"causal_flows": 12}
     assert torch.equal(before[:, :, :2900], after[:, :, :2900])
     assert not torch.equal(before[:, :, 2900:], after[:, :, 2900:])
 
