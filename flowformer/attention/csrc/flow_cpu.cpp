@@ -258,6 +258,23 @@ inline double sum_of(const float* x, int64_t d) {
   return total;
 }
 
+struct RowFlows {
+  float sum, with_u, with_w;
+};
+
+// Σ_d x, x·u and x·w (0 where w is null) for one row x: the per-row numbers that a causal chunk reads against the
+// running sums of the earlier chunks.
+inline RowFlows row_flows(const float* x, const float* u, const float* w, int64_t d) {
+  Vec total(0.0f), with_u(0.0f), with_w(0.0f);
+  for (int64_t i = 0; i < d; i += kWidth) {
+    const Vec value = load(x, i, d);
+    total = total + value;
+    with_u = at::vec::fmadd(value, load(u, i, d), with_u);
+    if (w != nullptr) with_w = at::vec::fmadd(value, load(w, i, d), with_w);
+  }
+  return {lane_sum(total), lane_sum(with_u), w != nullptr ? lane_sum(with_w) : 0.0f};
+}
+
 }  // namespace
 
 // The per-token flows of one causal pass (flow.py `_fused_causal_flows`; the eager block of `_causal_flow` is the
@@ -333,38 +350,24 @@ void causal_flows(torch::Tensor q, torch::Tensor k, torch::Tensor scores, torch:
         const auto k_row = [&](int64_t a) { return ks.at(b, h, first + a); };
         // keys against the sums of the earlier chunks
         for (int64_t j = 0; j < chunk; ++j) {
-          const float* x = k_row(j);
-          Vec total(0.0f), with_q(0.0f), with_sq(0.0f);
-          for (int64_t i = 0; i < d; i += kWidth) {
-            const Vec value = load(x, i, d);
-            total = total + value;
-            with_q = at::vec::fmadd(value, load(sum_q, i, d), with_q);
-            if (competition) with_sq = at::vec::fmadd(value, load(sum_sq, i, d), with_sq);
-          }
-          k_rows[j] = lane_sum(total);
-          k_q[j] = lane_sum(with_q);
-          k_sq[j] = competition ? lane_sum(with_sq) : 0.0f;
+          const RowFlows key = row_flows(k_row(j), sum_q, competition ? sum_sq : nullptr, d);
+          k_rows[j] = key.sum;
+          k_q[j] = key.with_u;
+          k_sq[j] = key.with_w;
         }
         // sinks: I_a = Σ_{b<=a} q_a·k_b + q_a·Σk + ε (Σ_d q_a + Σ_{j<=i} Σ_d k_j) + dε², then the upper triangle's
         // column sums for the sources, and the strict upper triangle zeroed
         std::fill(upper, upper + chunk, 0.0f);
         std::fill(upper_s, upper_s + chunk, 0.0f);
         for (int64_t a = 0; a < chunk; ++a) {
-          const float* x = q_row(a);
-          Vec total(0.0f), with_k(0.0f), with_ok(0.0f);
-          for (int64_t i = 0; i < d; i += kWidth) {
-            const Vec value = load(x, i, d);
-            total = total + value;
-            with_k = at::vec::fmadd(value, load(sum_k, i, d), with_k);
-            if (allocation) with_ok = at::vec::fmadd(value, load(sum_ok, i, d), with_ok);
-          }
-          q_rows[a] = lane_sum(total);
-          q_ok[a] = allocation ? lane_sum(with_ok) : 0.0f;
+          const RowFlows query = row_flows(q_row(a), sum_k, allocation ? sum_ok : nullptr, d);
+          q_rows[a] = query.sum;
+          q_ok[a] = query.with_w;
           k_prefix += k_rows[a];
           float* row = block + a * chunk;
           Vec lower(0.0f);
           for (int64_t i = 0; i <= a; i += kWidth) lower = lower + load(row, i, a + 1);
-          incoming[a] = lane_sum(lower) + lane_sum(with_k) + e * (q_rows[a] + static_cast<float>(k_prefix)) + shift;
+          incoming[a] = lane_sum(lower) + query.with_u + e * (q_rows[a] + static_cast<float>(k_prefix)) + shift;
           s[a] = first + a < length ? sources(b, h, first + a) / incoming[a] : 0.0f;
           const Vec weight(s[a]), diagonal(static_cast<float>(a));
           for (int64_t i = (a / kWidth) * kWidth; i < chunk; i += kWidth) {
