@@ -141,8 +141,9 @@ DEFAULT_VARIANTS = (  # flow_causal_triton and softmax_flash* run only with --de
     "flow_causal_materialised", "softmax", "softmax_causal", "softmax_flash", "softmax_flash_causal",
     "linear", "linear_causal", "performer", "cosformer", "reformer", "matmul", "matmul_causal",
 )
-# the variants that run backend="fused" and so need its compiled CPU loops
-FUSED_VARIANTS = ("flow_fused", "flow_causal_fused")
+# the variants that run backend="fused" (the name's suffix picks the backend, see `build_op`) and so need its
+# compiled CPU loops
+FUSED_VARIANTS = tuple(name for name in VARIANTS if name.startswith("flow") and name.endswith("_fused"))
 DEFAULT_LENGTHS = tuple(2**p for p in range(8, 17))  # 256 ... 65536
 QUICK_LENGTHS = (256, 1024, 4096)
 
