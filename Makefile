@@ -30,7 +30,8 @@ lock: ## re-resolve the newest allowed versions and rewrite constraints.txt (the
 	$(PY) -m pip install --upgrade --editable ".[dev]"
 	$(PY) -m pip freeze --exclude-editable | grep -v '^-e ' > constraints.txt
 
-test: ## the fast CPU test suite (slow, gpu and data tests are skipped with their reason)
+test: ## lint (ruff), then the fast CPU test suite (slow, gpu and data tests are skipped with their reason)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2
 
 test-all: ## every test, including the slow ones (gpu/data tests still skip when their needs are absent)

@@ -27,9 +27,9 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from results.manifest import MANIFEST_DIR, ExperimentEntry, Manifest, ManifestError, load_manifest
 from results.naming import TABLES, domain_of
@@ -256,7 +256,7 @@ def format_plan(plan: Plan, commands: Sequence[Sequence[str]], launcher: str) ->
     """Human-readable plan: per experiment, per attention, the state of each seed; then skips and commands."""
     m = plan.manifest
     cells = plan.cells()
-    count = lambda s: sum(c.state == s for c in cells)  # noqa: E731
+    count = lambda s: sum(c.state == s for c in cells)
     absent = [e for e in plan.experiments if e.state == "data absent"]
     missing = [e for e in plan.experiments if e.state == "not implemented"]
     lines = [

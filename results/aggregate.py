@@ -18,15 +18,16 @@ import io
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from tasks.common.atomic_io import write_text_atomic
 from results.manifest import MANIFEST_DIR, Manifest, ManifestError, load_manifests
 from results.naming import TABLES
 from results.paper_tables import PAPER_DIR, load_paper_table
 from results.records import Problem, Record, read_run_tree
 from results.tables import TableResult, build_table, observations_from_records, render_csv, render_markdown, render_tex
+from tasks.common.atomic_io import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUNS = Path("experiments") / "runs"

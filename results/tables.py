@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from statistics import fmean, stdev
-from typing import Iterable
 
 from results.manifest import Manifest, RowSpec
 from results.naming import TABLES, attention_column, experiment_row, paper_column, table_of

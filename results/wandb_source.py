@@ -12,7 +12,8 @@ metrics.json. The API object is injectable, so tests use a recorded response and
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from results.records import Problem, Record, config_get, validate_metrics
 

@@ -157,7 +157,7 @@ def test_real_positions_equal_unpadded_output(name, causal, length, d):
         alone = call(op, q[b : b + 1, :, real], k[b : b + 1, :, real], v[b : b + 1, :, real], causal, None)
         torch.testing.assert_close(
             out[b : b + 1, :, real], alone, atol=_atol(name), rtol=1e-4,
-            msg=lambda m: f"{name}: sequence {b} with padding differs from the same sequence without it. {m}",
+            msg=lambda m, b=b: f"{name}: sequence {b} with padding differs from the same sequence without it. {m}",
         )
 
 

@@ -148,7 +148,7 @@ def test_padding_invariance(causal, left):
     out = flow_attention(q, k, v, causal=causal, key_padding_mask=mask, query_padding_mask=mask, chunk_size=8)
     reference = flow_attention_reference(q, k, v, causal=causal, key_padding_mask=mask, query_padding_mask=mask)
     assert relative_error(out, reference) < 1e-10
-    for row, length in enumerate(lengths):
+    for row in range(len(lengths)):
         real = ~mask[row]
         alone = flow_attention(q[row:row + 1, :, real], k[row:row + 1, :, real], v[row:row + 1, :, real], causal=causal)
         torch.testing.assert_close(out[row:row + 1, :, real], alone, rtol=1e-12, atol=1e-12)

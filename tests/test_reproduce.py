@@ -161,7 +161,7 @@ def test_selection_override_changes_where_runs_are_looked_for(tree, capsys):
                           runner=Recorder()) == 0
     out = capsys.readouterr().out
     assert "4 to start" in out and "0 done" in out  # the best_test runs do not count for holdout_val
-    line = next(l for l in out.splitlines() if "experiment=uea/JapaneseVowels" in l)
+    line = next(text for text in out.splitlines() if "experiment=uea/JapaneseVowels" in text)
     assert line.count("selection=") == 1 and "selection=holdout_val" in line and "seed=0,1" in line
 
 

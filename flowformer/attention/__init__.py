@@ -7,10 +7,10 @@ from flowformer.attention.recurrent import FlowState, flow_attention_prefill, fl
 from flowformer.attention.registry import REGISTERED_NAMES, build_attention, get_entry
 
 __all__ = [
+    "REGISTERED_NAMES",
     "FlowAttention",
     "FlowState",
     "MultiHeadAttention",
-    "REGISTERED_NAMES",
     "build_attention",
     "causal_linear_attention",
     "flow_attention",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +33,11 @@ from torch import nn
 from flowformer.attention.flow import causal_linear_attention
 
 __all__ = [
-    "SoftmaxAttention",
+    "CosformerAttention",
     "LinearAttention",
     "PerformerAttention",
-    "CosformerAttention",
     "ReformerAttention",
+    "SoftmaxAttention",
 ]
 
 _DEFAULT_CHUNK_SIZE = 64
@@ -129,7 +129,7 @@ def _kernel_attention(
     return out1[..., :-1] / (out1[..., -1:] + eps)
 
 
-def _check_positive(op: str, name: str, value: float | int, *, allow_zero: bool = False) -> None:
+def _check_positive(op: str, name: str, value: float, *, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"

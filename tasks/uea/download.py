@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     width = max(len(name) for name in results)
     print(f"\nUEA datasets under {uea_dir}:")
-    for name, (ok, status) in results.items():
+    for name, (_, status) in results.items():
         print(f"  {name:<{width}}  {status}")
     failed = [name for name, (ok, _) in results.items() if not ok]
     if failed:
