@@ -37,15 +37,15 @@ test: ## lint (ruff), then the fast CPU test suite (slow, gpu and data tests are
 test-all: ## every test, including the slow ones (gpu/data tests still skip when their needs are absent)
 	$(PY) -m pytest -n 2 --runslow
 
-demo: ## Flowformer on the bundled UEA JapaneseVowels (paper recipe, seed 0), printed beside the paper's 98.9
+demo: ## Flowformer on the bundled UEA JapaneseVowels (paper recipe, seed 0), printed beside the paper's 98.9; its table goes to $(RUNS_DIR)/tables
 	$(PY) -m experiments.train experiment=uea/JapaneseVowels seed=0 $(ARGS)
-	$(PY) -m results.aggregate --runs $(RUNS_DIR) --out results/tables --tables uea --show JapaneseVowels
+	$(PY) -m results.aggregate --runs $(RUNS_DIR) --out $(RUNS_DIR)/tables --no-figures --tables uea --show JapaneseVowels
 
 $(REPRODUCE): reproduce-%: ## run a table's manifest (uea, lra, imagenet, wikitext103, d4rl); resumable. DRY=1 plans only; LAUNCHER=basic|joblib|submitit; SEEDS='0 1'; EXTRA='trainer=gpu'
 	$(PY) -m experiments.reproduce $* --launcher $(LAUNCHER) --runs-dir $(RUNS_DIR) $(if $(filter 1 yes true,$(DRY)),--dry-run,) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(EXTRA),--extra $(EXTRA),) $(ARGS)
 
-tables: ## rebuild every paper table (Markdown, LaTeX, CSV) and figures from the runs; SOURCE=wandb WANDB_PROJECT=... pulls W&B runs
-	$(PY) -m results.aggregate --runs $(RUNS_DIR) --out results/tables $(if $(SOURCE),--source $(SOURCE),) $(if $(WANDB_PROJECT),--wandb-project $(WANDB_PROJECT),) $(ARGS)
+tables: ## rebuild every paper table (Markdown, LaTeX, CSV), figures and results/README.md from the committed records (results/runs) plus local runs; SOURCE=wandb WANDB_PROJECT=... pulls W&B runs
+	$(PY) -m results.aggregate --runs results/runs $(RUNS_DIR) --out results/tables --figures results/figures --readme results/README.md $(if $(SOURCE),--source $(SOURCE),) $(if $(WANDB_PROJECT),--wandb-project $(WANDB_PROJECT),) $(ARGS)
 
 bench: ## the attention efficiency benchmark (JSON, Markdown table and figure in results/)
 	$(PY) -m experiments.bench $(ARGS)

@@ -637,7 +637,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "time_budget": args.time_budget,
         "gemm_size": args.gemm_size,
     }
-    from experiments.run_record import git_sha, write_json_atomic
+    from experiments.provenance import git_sha
+    from results.atomic_io import write_json_atomic
 
     records: list[dict[str, Any]] = []
     started = time.time()
@@ -994,7 +995,7 @@ def render_figure(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tasks.common.atomic_io import atomic_path
+    from results.atomic_io import atomic_path
 
     settings = results["settings"]
     dtype = settings["dtypes"][0]
@@ -1043,8 +1044,8 @@ def render_figure(results: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(results: dict[str, Any], out_dir: Path, tag: str, figure: Path | None) -> list[Path]:
-    from experiments.run_record import write_json_atomic
-    from tasks.common.atomic_io import write_text_atomic
+    from results.atomic_io import write_json_atomic
+    from results.atomic_io import write_text_atomic
 
     targets = evaluate_targets(results)
     results["targets"] = targets

@@ -9,8 +9,9 @@ deterministic run directory ``$RUNS_DIR/<experiment>/<attention>/<selection>/see
 - ``mismatch``: complete, but another recipe (config differs from the manifest) -> reported, not rerun.
 
 An experiment whose config file ``conf/experiment/<experiment>.yaml`` does not exist is reported as
-"not implemented"; one whose data is absent (per-domain availability hook) as "data absent". Both are
-listed, never silently dropped. The remaining cells run as one multirun per experiment (split only where
+"not implemented"; one whose datamodule reports its data missing (``data_status()``, the datamodule contract
+in ``tasks/common/datamodule.py``) as "data absent", with the command that fetches it; one whose config does
+not compose as "config error". All are listed, never silently dropped. The remaining cells run as one multirun per experiment (split only where
 the pending attention x seed cells are not a full grid)::
 
     python -m experiments.train -m experiment=<exp> model/attention=a,b seed=0,1,2 \
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import importlib
 import os
 import shlex
 import subprocess
@@ -31,13 +31,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from experiments import resolvers
 from results.manifest import MANIFEST_DIR, ExperimentEntry, Manifest, ManifestError, load_manifest
-from results.naming import TABLES, domain_of
-from results.records import METRICS_FILE, check_config, read_metrics_file
-from tasks.uea.datasets import aeon_bundled_data_dir, datasets_in, split_file
+from results.naming import TABLES
+from results.records import check_config, read_metrics_file
+from results.run_record import METRICS_FILE, last_checkpoint, run_dir_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = Path("checkpoints") / "last.ckpt"
+resolvers.register()
 
 # Launcher names accepted by --launcher; any other name is passed through as hydra/launcher=<name>
 # (e.g. the repo's own conf/hydra/launcher/slurm.yaml or local_parallel.yaml).
@@ -47,62 +51,23 @@ LAUNCHERS: dict[str, list[str]] = {
     "submitit": ["hydra/launcher=submitit_slurm"],
 }
 
-# ------------------------------------------------------------------------------- data availability hooks
+# ------------------------------------------------------------------------------------ asking the domains
 
-AvailabilityFn = Callable[[ExperimentEntry, Path], tuple[bool, str]]
-AVAILABILITY: dict[str, AvailabilityFn] = {}
+def data_status(conf_dir: Path, entry: ExperimentEntry, data_dir: Path) -> tuple[str, str]:
+    """(state, detail) of an experiment whose config exists: "ready" when its datamodule says its data is on disk,
+    "data absent" with what is missing and the command that fetches it, or "config error" with Hydra's message.
 
-
-def register_availability(domain: str) -> Callable[[AvailabilityFn], AvailabilityFn]:
-    """Register ``fn(entry, data_dir) -> (available, detail)`` as the data check of ``domain``.
-
-    ``detail`` says where the data was found, or what is missing and the command that fetches it. A
-    domain without a hook is assumed available (its training run reports missing data itself). A manifest
-    may name another hook with ``available_fn: package.module:function``.
+    The experiment's config is composed as the training run would compose it (with the manifest's pinned
+    overrides and `paths.data_dir`), its datamodule constructed (constructors read no data) and asked.
     """
-    def deco(fn: AvailabilityFn) -> AvailabilityFn:
-        AVAILABILITY[domain] = fn
-        return fn
-    return deco
-
-
-@register_availability("uea")
-def uea_data_available(entry: ExperimentEntry, data_dir: Path) -> tuple[bool, str]:
-    """A UEA dataset is available as ``<data_dir>/uea/<Name>/<Name>_{TRAIN,TEST}.ts`` or bundled with aeon."""
-    name = entry.dataset_name
-    local = [split_file(data_dir / "uea", name, split) for split in ("TRAIN", "TEST")]
-    if all(p.is_file() for p in local):
-        return True, f"found in {local[0].parent}"
-    if name in datasets_in(aeon_bundled_data_dir()):
-        return True, "bundled with aeon"
-    gone = [p.name for p in local if not p.is_file()]
-    shown = f"{name}_{{TRAIN,TEST}}.ts" if len(gone) == 2 else gone[0]
-    return False, f"missing {local[0].parent}/{shown} (not bundled with aeon); fetch it with `make data-uea`"
-
-
-@register_availability("lra")
-def lra_data_available(entry: ExperimentEntry, data_dir: Path) -> tuple[bool, str]:
-    """An LRA task is available when its official layout under ``<data_dir>/lra`` passes the download check."""
-    from tasks.lra.download import validate_task
-
-    problems = validate_task(data_dir / "lra", entry.dataset_name)
-    if not problems:
-        return True, f"found under {data_dir / 'lra'}"
-    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-    fix = "`make listops` (generate) or `make data-lra`" if entry.dataset_name == "listops" else "`make data-lra`"
-    return False, f"{problems[0]}{more}; fetch it with {fix}"
-
-
-def availability_fn(manifest: Manifest, entry: ExperimentEntry) -> AvailabilityFn | None:
-    """The manifest's ``available_fn`` if set, else the hook registered for the experiment's domain."""
-    if manifest.available_fn:
-        module, _, func = manifest.available_fn.partition(":")
-        try:
-            return getattr(importlib.import_module(module), func)
-        except (ImportError, AttributeError) as exc:
-            raise ManifestError(f"{manifest.path}: available_fn {manifest.available_fn!r} cannot be imported "
-                                f"({exc}); expected 'package.module:function'") from exc
-    return AVAILABILITY.get(domain_of(entry.experiment))
+    overrides = [f"experiment={entry.experiment}", f"paths.data_dir={data_dir}", *entry.overrides]
+    try:
+        with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        status = instantiate(cfg.data).data_status()
+    except Exception as error:  # a config that does not compose or a datamodule that rejects its arguments
+        return "config error", f"{type(error).__name__}: {error}".splitlines()[0]
+    return ("ready" if status.available else "data absent"), status.detail
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -125,7 +90,7 @@ class ExperimentPlan:
     """One manifest experiment: whether it can run at all, and its cells."""
 
     entry: ExperimentEntry
-    state: str  # ready | not implemented | data absent
+    state: str  # ready | not implemented | data absent | config error
     detail: str
     cells: list[CellPlan] = field(default_factory=list)
 
@@ -142,15 +107,10 @@ class Plan:
         return [c for e in self.experiments for c in e.cells if state is None or c.state == state]
 
 
-def run_dir_of(runs_dir: Path, experiment: str, attention: str, selection: str, seed: int) -> Path:
-    """The deterministic run directory of a cell (the engine contract in contracts.md)."""
-    return runs_dir / experiment / attention / selection / f"seed{seed}"
-
-
 def cell_state(run_dir: Path, entry: ExperimentEntry, attention: str, seed: int, selection: str) -> tuple[str, str]:
     """(state, note) of one cell from what its run directory holds."""
     metrics = run_dir / METRICS_FILE
-    has_ckpt = (run_dir / CHECKPOINT).is_file()
+    has_ckpt = last_checkpoint(run_dir).is_file()
     if metrics.is_file():
         record, problem = read_metrics_file(metrics)
         if record is not None:
@@ -162,10 +122,10 @@ def cell_state(run_dir: Path, entry: ExperimentEntry, attention: str, seed: int,
                 return "mismatch", "; ".join(diffs) + f"; delete {run_dir} to rerun with the manifest's recipe"
             return "done", ""
         if has_ckpt:
-            return "resume", f"{problem.kind} metrics.json; resuming from {CHECKPOINT}"
+            return "resume", f"{problem.kind} metrics.json; resuming from {last_checkpoint(run_dir)}"
         return "todo", f"{problem.kind} metrics.json and no checkpoint; starting over"
     if has_ckpt:
-        return "resume", f"resuming from {CHECKPOINT}"
+        return "resume", f"resuming from {last_checkpoint(run_dir)}"
     return "todo", ""
 
 
@@ -195,9 +155,7 @@ def make_plan(manifest: Manifest, *, runs_dir: Path, conf_dir: Path, data_dir: P
         if not cfg_file.is_file():
             state, detail = "not implemented", f"{cfg_file} does not exist"
         else:
-            check = availability_fn(manifest, entry)
-            ok, detail = check(entry, data_dir) if check else (True, "data not checked (no hook for this domain)")
-            state = "ready" if ok else "data absent"
+            state, detail = data_status(conf_dir, entry, data_dir)
         plan = ExperimentPlan(entry, state, detail)
         for attention in entry.attentions:
             for seed in (seeds or entry.seeds):
@@ -259,13 +217,15 @@ def format_plan(plan: Plan, commands: Sequence[Sequence[str]], launcher: str) ->
     count = lambda s: sum(c.state == s for c in cells)
     absent = [e for e in plan.experiments if e.state == "data absent"]
     missing = [e for e in plan.experiments if e.state == "not implemented"]
+    broken = [e for e in plan.experiments if e.state == "config error"]
     lines = [
         f"Plan for table {m.table} ({m.path})",
         f"  runs: {plan.runs_dir}   data: {plan.data_dir}   configs: {plan.conf_dir}   launcher: {launcher}",
         f"  runs (cell x seed): {len(cells)} = {count('done')} done, {count('resume')} to resume, "
         f"{count('todo')} to start, "
         f"{count('mismatch')} config mismatch, {count('skipped')} skipped "
-        f"({sum(len(e.cells) for e in missing)} not implemented, {sum(len(e.cells) for e in absent)} data absent)",
+        f"({sum(len(e.cells) for e in missing)} not implemented, {sum(len(e.cells) for e in absent)} data absent"
+        + (f", {sum(len(e.cells) for e in broken)} config error)" if broken else ")"),
         "",
     ]
     width = max((len(e.entry.experiment) for e in plan.experiments), default=10)
@@ -286,6 +246,9 @@ def format_plan(plan: Plan, commands: Sequence[Sequence[str]], launcher: str) ->
     if absent:
         lines.append(f"Skipped because the dataset is absent ({len(absent)}):")
         lines += [f"  - {e.entry.experiment}: {e.detail}" for e in absent]
+    if broken:
+        lines.append(f"Config errors ({len(broken)}): the experiment's config does not compose or instantiate")
+        lines += [f"  - {e.entry.experiment}: {e.detail}" for e in broken]
     mism = plan.cells("mismatch")
     if mism:
         lines.append(f"Done with another recipe, not rerun ({len(mism)}):")

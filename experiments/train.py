@@ -20,10 +20,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from experiments.run_record import git_sha, package_versions, utc_now, write_json_atomic
+from experiments import resolvers
+from experiments.provenance import git_sha, package_versions, utc_now
+from results.run_record import RunRecord, last_checkpoint, write_record
+from tasks.common.objective import Objective, select_result
 
 log = logging.getLogger("flowformer.train")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+resolvers.register()
 
 
 def _instantiate_group(nodes: DictConfig | None) -> list[Any]:
@@ -33,8 +37,13 @@ def _instantiate_group(nodes: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
 
 
-def _model_checkpoint(trainer: L.Trainer) -> L.pytorch.callbacks.ModelCheckpoint | None:
-    return trainer.checkpoint_callback if trainer.checkpoint_callback else None
+def best_checkpoint_path(trainer: L.Trainer, objective: Objective) -> str | None:
+    """The best checkpoint of the checkpoint callback that monitors the objective (whatever the callback order);
+    None when no callback monitors it or none was saved."""
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor == objective.monitor and callback.best_model_path:
+            return callback.best_model_path
+    return None
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -53,8 +62,8 @@ def _out_of_memory(cfg: DictConfig, error: BaseException) -> MemoryError:
     )
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run one training job described by `cfg` in `run_dir`; returns the metrics.json record."""
+def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
+    """Run one training job described by `cfg` in `run_dir`; returns the record it wrote as metrics.json."""
     started_at, wall_start = utc_now(), time.perf_counter()
     run_dir = Path(run_dir).resolve()
     with open_dict(cfg):
@@ -64,23 +73,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    dims = datamodule.model_dims()
-    model = instantiate(cfg.model, **dims, _convert_="all")
-    module_dims = datamodule.module_dims() if hasattr(datamodule, "module_dims") else {"num_classes": dims["num_classes"]}
-    module = instantiate(cfg.module, model=model, **module_dims)
+    model = instantiate(cfg.model, **datamodule.model_dims(), _convert_="all")
+    module = instantiate(cfg.module, model=model, **datamodule.module_dims())
+    objective = module.objective
 
     loggers = _instantiate_group(cfg.get("logger"))
     trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_group(cfg.get("callbacks")), logger=loggers or False, default_root_dir=str(run_dir)
     )
-    last_checkpoint = run_dir / "checkpoints" / "last.ckpt"
     ckpt_path = None
     if cfg.resume:
-        if last_checkpoint.exists():
-            ckpt_path = str(last_checkpoint)
-            log.info("resuming from %s", last_checkpoint)
+        if last_checkpoint(run_dir).exists():
+            ckpt_path = str(last_checkpoint(run_dir))
+            log.info("resuming from %s", ckpt_path)
         else:
-            log.warning("resume=true but %s does not exist: starting from scratch", last_checkpoint)
+            log.warning("resume=true but %s does not exist: starting from scratch", last_checkpoint(run_dir))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -94,26 +101,25 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     fit_seconds = time.perf_counter() - fit_start
 
     # Testing loads the best checkpoint, which also reloads its (shorter) evaluation history: read it first.
-    history = list(module.val_history)
-    checkpoint = _model_checkpoint(trainer)
-    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    history = list(module.history)
+    objective.best(history)  # an empty history is an error that says why, before testing the wrong weights
     test_start = time.perf_counter()
-    test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)[0]
+    test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best_checkpoint_path(trainer, objective))[0]
     test_seconds = time.perf_counter() - test_start
 
-    primary_metric, primary_value, metrics = module.summarize(cfg.selection, history, test_metrics)
-    record = {
-        "experiment": cfg.experiment_name,
-        "task": cfg.task_name,
-        "dataset": cfg.data.get("dataset"),
-        "attention": cfg.model.attention.name,
-        "seed": int(cfg.seed),
-        "selection": cfg.selection,
-        "primary_metric": primary_metric,
-        "primary_value": primary_value,
-        "metrics": metrics,
-        "history": history,
-        "timing": {
+    primary_metric, primary_value, metrics = select_result(objective, cfg.selection, history, test_metrics)
+    record = RunRecord(
+        experiment=cfg.experiment_name,
+        task=cfg.task_name,
+        dataset=cfg.data.get("dataset"),
+        attention=cfg.model.attention.name,
+        seed=int(cfg.seed),
+        selection=cfg.selection,
+        primary_metric=primary_metric,
+        primary_value=primary_value,
+        metrics=metrics,
+        history=history,
+        timing={
             "fit_s": round(fit_seconds, 3),
             "test_s": round(test_seconds, 3),
             "total_s": round(time.perf_counter() - wall_start, 3),
@@ -121,17 +127,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "steps": trainer.global_step,
             "resumed_from": ckpt_path,
         },
-        "data": getattr(datamodule, "data_info", {}),
-        "git_sha": git_sha(),
-        "versions": package_versions(),
-        "started_at": started_at,
-        "finished_at": utc_now(),
-        "status": "complete",
-        "run_dir": str(run_dir),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+        data=datamodule.data_info,
+        git_sha=git_sha(),
+        versions=package_versions(),
+        started_at=started_at,
+        finished_at=utc_now(),
+        status="complete",
+        run_dir=str(run_dir),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
     if trainer.is_global_zero:
-        write_json_atomic(run_dir / "metrics.json", record)
+        write_record(run_dir, record)
         # W&B runs carry the same result, so `make tables SOURCE=wandb` aggregates them like local runs
         for logger in loggers:
             if isinstance(logger, WandbLogger):
@@ -150,7 +156,7 @@ def _finish_wandb(failed: bool) -> None:
         wandb.finish(exit_code=1 if failed else 0)
 
 
-def run_and_finish(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run_and_finish(cfg: DictConfig, run_dir: Path) -> RunRecord:
     """`train`, then always close W&B: marked failed (exit code 1) if training raised."""
     failed = True
     try:
@@ -163,7 +169,7 @@ def run_and_finish(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    return run_and_finish(cfg, Path(HydraConfig.get().runtime.output_dir))["primary_value"]
+    return run_and_finish(cfg, Path(HydraConfig.get().runtime.output_dir)).primary_value
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Aggregate runs into the paper's tables: ``python -m results.aggregate --runs DIR --out DIR``.
 
-Reads every ``metrics.json`` below ``--runs`` (or, with ``--source wandb``, the runs of a W&B project),
-groups them by table, row, model and selection protocol, and writes for each of the five tables
-``<out>/<table>.csv`` (long), ``<out>/<table>.md`` (wide, ours beside the paper) and ``<out>/<table>.tex``;
-figures go to ``--figures``, and ``--readme`` (default ``results/README.md``) is regenerated with the
-latest tables and the command that produced them. ``make tables`` runs it with the defaults.
+Reads every ``metrics.json`` below the ``--runs`` folders (or, with ``--source wandb``, the runs of a W&B
+project), groups them by table, row, model and selection protocol, and writes for each of the five tables
+``<out>/<table>.csv`` (long), ``<out>/<table>.md`` (wide, ours beside the paper) and ``<out>/<table>.tex``,
+the figures (``--figures``, default ``<out>/figures``) and a README with every table, the command and the
+records used (``--readme``, default ``<out>/README.md``). It writes nothing outside the outputs it is given.
+``make tables`` runs it on the committed records (``results/runs``) plus local runs, into ``results/``.
 
 Unusable runs (malformed or partial metrics.json, config that is not the manifest's recipe, duplicates)
 are listed with their path on stderr and in the README, and never averaged. Exit status is 0 unless
@@ -22,31 +23,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from results.atomic_io import write_text_atomic
 from results.manifest import MANIFEST_DIR, Manifest, ManifestError, load_manifests
 from results.naming import TABLES
 from results.paper_tables import PAPER_DIR, load_paper_table
 from results.records import Problem, Record, read_run_tree
 from results.tables import TableResult, build_table, observations_from_records, render_csv, render_markdown, render_tex
-from tasks.common.atomic_io import write_text_atomic
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUNS = Path("experiments") / "runs"
-DEFAULT_OUT = REPO_ROOT / "results" / "tables"
-DEFAULT_FIGURES = REPO_ROOT / "results" / "figures"
-DEFAULT_README = REPO_ROOT / "results" / "README.md"
 
 
 def aggregate(records: Sequence[Record], manifests: dict[str, Manifest], *, paper_dir: str | Path = PAPER_DIR,
-              tables: Sequence[str] | None = None) -> tuple[dict[str, TableResult], list[Problem], int]:
+              tables: Sequence[str] | None = None) -> tuple[dict[str, TableResult], list[Problem], list[str]]:
     """Build every requested table from records.
 
-    Returns ({table: result}, problems found while mapping runs onto cells, number of runs used).
+    Returns ({table: result}, problems found while mapping runs onto cells, the paths of the records used).
     """
     observations, problems = observations_from_records(records, manifests)
     results = {}
     for name in tables or list(TABLES):
         results[name] = build_table(name, load_paper_table(name, paper_dir), manifests.get(name), observations)
-    return results, problems, len({o.path for o in observations})
+    return results, problems, sorted({o.path for o in observations})
 
 
 def write_tables(results: dict[str, TableResult], out_dir: str | Path) -> list[Path]:
@@ -71,7 +68,7 @@ def _display(path: str) -> str:
         return path
 
 
-def render_readme(results: dict[str, TableResult], *, command: str, source: str, n_records: int,
+def render_readme(results: dict[str, TableResult], *, command: str, source: str, used: Sequence[str],
                   problems: Sequence[Problem]) -> str:
     """The text of results/README.md: how it was produced, every table, and what was skipped."""
     lines = [
@@ -86,7 +83,7 @@ def render_readme(results: dict[str, TableResult], *, command: str, source: str,
         command,
         "```",
         "",
-        f"Source: {source}. Complete runs used: {n_records}. Runs skipped: {len(problems)}"
+        f"Source: {source}. Complete runs used: {len(used)} (listed at the end). Runs skipped: {len(problems)}"
         + (" (listed at the end)." if problems else "."),
         "",
         "Each table: our mean ± sample std over seeds (number of seeds) beside the paper's value; runs with",
@@ -100,17 +97,19 @@ def render_readme(results: dict[str, TableResult], *, command: str, source: str,
         lines += ["## Skipped runs", ""]
         lines += [f"- `{_display(p.path)}`: {p.kind}: {p.message}" for p in problems]
         lines.append("")
+    if used:
+        lines += ["## Records used", ""] + [f"- `{_display(path)}`" for path in used] + [""]
     return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m results.aggregate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default=os.environ.get("RUNS_DIR") or str(DEFAULT_RUNS),
-                   help="folder searched for metrics.json (default: $RUNS_DIR or experiments/runs)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="where <table>.csv/.md/.tex go")
-    p.add_argument("--figures", default=str(DEFAULT_FIGURES), help="where figures go")
+    p.add_argument("--runs", nargs="+", default=[os.environ.get("RUNS_DIR") or str(DEFAULT_RUNS)],
+                   help="folders searched for metrics.json (default: $RUNS_DIR or experiments/runs)")
+    p.add_argument("--out", required=True, help="where <table>.csv/.md/.tex go")
+    p.add_argument("--figures", help="where figures go (default: <out>/figures)")
     p.add_argument("--no-figures", action="store_true", help="skip the (slower) matplotlib figures")
-    p.add_argument("--readme", default=str(DEFAULT_README), help="README to regenerate")
+    p.add_argument("--readme", help="README to regenerate (default: <out>/README.md)")
     p.add_argument("--no-readme", action="store_true")
     p.add_argument("--manifests", default=str(MANIFEST_DIR), help="folder of <table>.yaml manifests")
     p.add_argument("--paper", default=str(PAPER_DIR), help="folder of the paper's <table>.csv")
@@ -163,14 +162,19 @@ def main(argv: Sequence[str] | None = None, *, wandb_api: Any = None) -> int:
         source = (f"W&B project `{where}`" + (f", group `{args.wandb_group}`" if args.wandb_group else "")
                   + (f", tags {tags}" if tags else ""))
     else:
-        if not Path(args.runs).is_dir():
-            print(f"note: {args.runs} does not exist yet; tables will show every cell as missing. "
-                  f"Produce runs with `make reproduce-<table>` (or `make demo`).", file=sys.stderr)
-        records, problems = read_run_tree(args.runs)
-        source = f"run directories below `{args.runs}`"
+        records, problems = [], []
+        for root in args.runs:
+            if not Path(root).is_dir():
+                print(f"note: {root} does not exist (yet); produce runs with `make reproduce-<table>` "
+                      "(or `make demo`)", file=sys.stderr)
+            found, wrong = read_run_tree(root)
+            records, problems = records + found, problems + wrong
+        source = "run directories below " + ", ".join(f"`{root}`" for root in args.runs)
 
     # Every table is built (cheap) so the README always shows all five; --tables limits the files written.
     all_results, more, used = aggregate(records, manifests, paper_dir=args.paper)
+    figures_dir = Path(args.figures) if args.figures else Path(args.out) / "figures"
+    readme = Path(args.readme) if args.readme else Path(args.out) / "README.md"
     problems = problems + more
     results = {name: r for name, r in all_results.items() if not args.tables or name in args.tables}
 
@@ -180,12 +184,12 @@ def main(argv: Sequence[str] | None = None, *, wandb_api: Any = None) -> int:
         from results.figures import plot_learning_curves, plot_table_vs_paper
 
         for result in results.values():
-            figures += plot_table_vs_paper(result, args.figures)
-        figures += plot_learning_curves(records, args.figures)
+            figures += plot_table_vs_paper(result, figures_dir)
+        figures += plot_learning_curves(records, figures_dir)
     command = "python -m results.aggregate " + shlex.join(argv) if argv else "python -m results.aggregate"
     if not args.no_readme:
-        write_text_atomic(args.readme, render_readme(all_results, command=command, source=source, n_records=used,
-                                                     problems=problems))
+        write_text_atomic(readme, render_readme(all_results, command=command, source=source, used=used,
+                                                problems=problems))
 
     for name, result in results.items():
         for sel in result.selections:
@@ -195,8 +199,11 @@ def main(argv: Sequence[str] | None = None, *, wandb_api: Any = None) -> int:
     if args.show:
         shown = [line for result in results.values() for line in describe_row(result, args.show)]
         print("\n".join(shown) if shown else f"no filled cell in row {args.show!r} yet")
-    print(f"tables -> {args.out}" + (f"; {len(figures)} figure(s) -> {args.figures}" if figures else "")
-          + ("" if args.no_readme else f"; README -> {args.readme}"))
+    by_root = {root: sum(Path(path).resolve().is_relative_to(Path(root).resolve()) for path in used) for root in args.runs}
+    if args.source == "runs":
+        print(f"records used: {len(used)} (" + ", ".join(f"{n} from {root}" for root, n in by_root.items()) + ")")
+    print(f"tables -> {args.out}" + (f"; {len(figures)} figure(s) -> {figures_dir}" if figures else "")
+          + ("" if args.no_readme else f"; README -> {readme}"))
     for p in problems:
         print(f"skipped {_display(p.path)}: {p.kind}: {p.message}", file=sys.stderr)
     return 1 if (args.strict and problems) else 0

@@ -12,9 +12,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+from results.atomic_io import atomic_path
 from results.records import Record
 from results.tables import TableResult
-from tasks.common.atomic_io import atomic_path
 
 _AXIS_COLUMNS = ("epoch", "step")
 

@@ -12,14 +12,12 @@ key may be overridden inside an ``experiments`` entry)::
     metric: primary_value           # or metrics.<key>, e.g. metrics.test/acc
     scale: 1.0                      # multiply the metric (e.g. 100 when a metric is a fraction)
     overrides: []                   # pinned Hydra `key=value` overrides, passed to every run and checked
-    available_fn: null              # optional "module:function" data-availability hook
     experiments:
       - experiment: uea/JapaneseVowels
         row: JapaneseVowels         # default: results.naming.experiment_row
         rows:                       # instead of row/metric: one experiment filling several rows
           - {row: top1_acc, metric: primary_value}
         columns: {flow: DeiT+Flowformer}   # attention -> paper column, for this experiment only
-        dataset: JapaneseVowels     # for the availability hook (default: the experiment's basename)
 
 Both ``experiments/reproduce.py`` (what to run) and ``results/aggregate.py`` (which metric fills which
 cell) read manifests through this module, so the two never disagree.
@@ -38,9 +36,9 @@ MANIFEST_DIR = Path(__file__).resolve().parents[1] / "experiments" / "manifests"
 SELECTIONS = ("best_test", "holdout_val")
 
 _TOP_KEYS = {"table", "description", "selection", "seeds", "attentions", "metric", "scale", "overrides",
-             "available_fn", "experiments"}
+             "experiments"}
 _ENTRY_KEYS = {"experiment", "row", "rows", "selection", "seeds", "attentions", "metric", "scale", "overrides",
-               "columns", "dataset", "note"}
+               "columns", "note"}
 
 
 class ManifestError(ValueError):
@@ -67,11 +65,6 @@ class ExperimentEntry:
     selection: str
     overrides: tuple[str, ...]
     columns: dict[str, str] = field(default_factory=dict)
-    dataset: str | None = None
-
-    @property
-    def dataset_name(self) -> str:
-        return self.dataset or self.experiment.rsplit("/", 1)[-1]
 
 
 @dataclass
@@ -83,7 +76,6 @@ class Manifest:
     selection: str
     entries: list[ExperimentEntry]
     description: str = ""
-    available_fn: str | None = None
 
     def entry(self, experiment: str) -> ExperimentEntry | None:
         for e in self.entries:
@@ -217,7 +209,6 @@ def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
                 selection=e_sel,
                 overrides=overrides + _str_list(path, f"{where}.overrides", raw.get("overrides")),
                 columns={str(k): str(v) for k, v in columns.items()},
-                dataset=raw.get("dataset"),
             )
         )
     seen = [e.experiment for e in entries]
@@ -230,7 +221,6 @@ def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
         selection=selection,
         entries=entries,
         description=str(data.get("description", "")),
-        available_fn=data.get("available_fn"),
     )
 
 

@@ -1,4 +1,4 @@
-"""Read and check run records: the ``metrics.json`` run contract (shared/DESIGN.md, "Run directory").
+"""Read and check run records (``metrics.json``, whose schema is :class:`results.run_record.RunRecord`).
 
 Every problem (unreadable file, partial run, config that is not the manifest's recipe) becomes a
 :class:`Problem` with the file's path; the run is then skipped, never averaged.
@@ -16,28 +16,7 @@ from typing import Any
 import yaml
 
 from results.manifest import ExperimentEntry
-
-METRICS_FILE = "metrics.json"
-COMPLETE = "complete"
-
-# field -> accepted types (bool is excluded from the numeric ones explicitly below).
-REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
-    "experiment": (str,),
-    "task": (str,),
-    "dataset": (str, type(None)),  # LRA tasks may have no data.dataset
-    "attention": (str,),
-    "seed": (int,),
-    "selection": (str,),
-    "primary_metric": (str,),
-    "primary_value": (int, float),
-    "metrics": (dict,),
-    "git_sha": (str, type(None)),
-    "versions": (dict,),
-    "started_at": (str,),
-    "finished_at": (str,),
-    "status": (str,),
-    "config": (dict,),
-}
+from results.run_record import METRICS_FILE, run_subdir, validate_record
 
 
 @dataclass(frozen=True)
@@ -79,44 +58,13 @@ class Record:
         return self.data["selection"]
 
 
-def validate_metrics(data: Any) -> tuple[str, list[str]]:
-    """Check a parsed metrics.json against the run contract.
-
-    Returns (kind, errors): kind is "malformed" for wrong structure/types, "partial" for a run that did
-    not finish (status != "complete" or missing fields); errors is empty when the record is usable.
-    """
-    if not isinstance(data, dict):
-        return "malformed", [f"top level is {type(data).__name__}, expected a JSON object"]
-    missing = [k for k in REQUIRED_FIELDS if k not in data]
-    errors: list[str] = []
-    for key, types in REQUIRED_FIELDS.items():
-        if key not in data:
-            continue
-        value = data[key]
-        if isinstance(value, bool) or not isinstance(value, types):
-            expected = "/".join(t.__name__ for t in types)
-            errors.append(f"`{key}` is {value!r} ({type(value).__name__}), expected {expected}")
-    pv = data.get("primary_value")
-    if isinstance(pv, (int, float)) and not isinstance(pv, bool) and not math.isfinite(pv):
-        errors.append(f"`primary_value` is {pv!r}, expected a finite number")
-    if errors:
-        return "malformed", errors
-    if data.get("status") != COMPLETE:
-        reason = [f"status is {data.get('status')!r}, not {COMPLETE!r} (the run did not finish; "
-                  f"`make reproduce-<table>` resumes it)"]
-        return "partial", reason + ([f"missing field(s) {missing}"] if missing else [])
-    if missing:
-        return "partial", [f"missing field(s) {missing}"]
-    return "", []
-
-
 def read_metrics_file(path: Path) -> tuple[Record | None, Problem | None]:
     """Read one metrics.json; return (record, None) when usable, else (None, problem)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return None, Problem(str(path), "malformed", f"cannot parse JSON: {exc}")
-    kind, errors = validate_metrics(data)
+    kind, errors = validate_record(data)
     if errors:
         return None, Problem(str(path), kind, "; ".join(errors))
     return Record(data=data, path=str(path), run_dir=path.parent, source="runs"), None
@@ -162,7 +110,7 @@ def layout_mismatch(record: Record, root: Path) -> str | None:
         return None
     if not parts or not re.fullmatch(r"seed-?\d+", parts[-1]):
         return None  # not the deterministic layout (e.g. a Hydra multirun folder): nothing to compare
-    expected = (*record.experiment.split("/"), record.attention, record.selection, f"seed{record.seed}")
+    expected = tuple(run_subdir(record.experiment, record.attention, record.selection, record.seed).split("/"))
     if tuple(parts[-len(expected):]) != expected:
         return (f"directory says {'/'.join(parts[-len(expected):])} but metrics.json says "
                 f"{'/'.join(expected)}; move the run to its own directory or delete it")

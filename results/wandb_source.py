@@ -15,7 +15,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from results.records import Problem, Record, config_get, validate_metrics
+from results.records import Problem, Record, config_get
+from results.run_record import validate_record
 
 
 def _unwrap(value: Any) -> Any:
@@ -47,7 +48,7 @@ def _run_path(run: Any, project: str) -> str:
 def run_to_metrics(run: Any) -> dict[str, Any]:
     """Convert one W&B ``Run`` (config, summary, name, group, tags, state) into the metrics.json form.
 
-    Fields that cannot be found are left out, so that :func:`results.records.validate_metrics` reports them.
+    Fields that cannot be found are left out, so that :func:`results.records.validate_record` reports them.
     """
     config = _plain(getattr(run, "config", None))
     summary = _plain(getattr(run, "summary", None))
@@ -125,7 +126,7 @@ def fetch_records(project: str, *, entity: str | None = None, group: str | None 
             continue
         where = _run_path(run, path)
         data = run_to_metrics(run)
-        kind, errors = validate_metrics(data)
+        kind, errors = validate_record(data)
         if errors:
             problems.append(Problem(where, kind, "; ".join(errors)))
             continue

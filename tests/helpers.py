@@ -26,6 +26,9 @@ TINY_UEA = [
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
+    from experiments import resolvers
+
+    resolvers.register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
@@ -60,13 +63,60 @@ class InterruptAtEpoch(L.Callback):
             raise RuntimeError(f"simulated kill at the start of epoch {self.epoch}")
 
 
-class SleepPerEpoch(L.Callback):
-    """Slows each training epoch down so that a test can kill the process mid-run."""
+class InterruptAtStep(L.Callback):
+    """Fails at the start of training batch `step` (a run killed in the middle of an epoch)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated kill at global step {self.step} (batch {batch_idx} of epoch {trainer.current_epoch})")
+
+
+class SleepPerBatch(L.Callback):
+    """Slows each training batch down so that a test can kill the process mid-epoch."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import time
 
         time.sleep(self.seconds)
+
+
+# --- attention ops ---------------------------------------------------------------------------------------------
+
+# Flow-Attention option sets that the fast paths are held to the dense reference with (see test_flow_fast.py).
+FLOW_OPTION_SETS = [
+    {},
+    {"competition": False},
+    {"allocation": False},
+    {"competition": False, "allocation": False},
+    {"clamp": None},
+    {"clamp": 25.0},
+    {"kernel": "relu", "clamp": None},
+    {"eps": 1e-3},
+]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """|actual - expected| / |expected| over the whole tensor (Frobenius norms)."""
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def random_qkv(batch, heads, length, dim, *, source_length=None, value_dim=None, dtype=torch.float64, seed=0):
+    """Seeded q (B, H, L, d), k (B, H, S, d), v (B, H, S, dv) from a standard normal."""
+    generator = torch.Generator().manual_seed(seed)
+    source_length = source_length or length
+    shapes = [(batch, heads, length, dim), (batch, heads, source_length, dim), (batch, heads, source_length, value_dim or dim)]
+    return [torch.randn(shape, generator=generator, dtype=dtype) for shape in shapes]
+
+
+def gradients(fn, inputs, weights):
+    """fn(*inputs) and the gradients of Σ fn(*inputs) · weights with respect to each input."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    (out * weights).sum().backward()
+    return out.detach(), [t.grad for t in leaves]

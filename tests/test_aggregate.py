@@ -402,3 +402,22 @@ def test_repo_manifests_name_real_paper_rows_and_columns():
     assert paper_column("lra", "Flowformer (official LRA code)", load_paper_table("lra").models) == "Flowformer"
     assert experiment_row("lra/listops") == "ListOps" and experiment_row("uea/JapaneseVowels") == "JapaneseVowels"
     assert experiment_row("d4rl/walker2d-medium-replay") == "medium-replay/Walker"
+
+
+def test_writes_only_under_the_outputs_it_is_given(tmp_path, monkeypatch, capsys):
+    """--out alone: tables, figures and README all land under it; the repository's results/ is not touched."""
+    repo_results = Path(aggregate.__file__).resolve().parent
+    before = {p: p.stat().st_mtime_ns for p in repo_results.rglob("*") if p.is_file()}
+    write_run(tmp_path / "committed", "uea/JapaneseVowels", "flow", 0, 98.0)
+    write_run(tmp_path / "local", "uea/JapaneseVowels", "flow", 1, 99.0)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "scratch"
+    assert aggregate.main(["--runs", "committed", "local", "--out", str(out), "--tables", "uea"]) == 0
+    after = {p: p.stat().st_mtime_ns for p in repo_results.rglob("*") if p.is_file()}
+    assert after == before
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and "scratch" in p.parts)
+    assert "scratch/README.md" in written and "scratch/uea.md" in written
+    assert any(name.startswith("scratch/figures/") for name in written)
+    readme = (out / "README.md").read_text()
+    assert "## Records used" in readme and "committed/uea/JapaneseVowels/flow/best_test/seed0/metrics.json" in readme
+    assert "records used: 2 (1 from committed, 1 from local)" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from experiments.train import train
-from results.records import validate_metrics
+from results.run_record import validate_record
 from tests.helpers import CONF_DIR, compose_config
 
 EXPERIMENTS = sorted(
@@ -36,7 +36,7 @@ def test_experiment_runs_one_step(experiment, tmp_path):
     )
     record = train(cfg, tmp_path / "run")
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert validate_metrics(written) == ("", [])  # the aggregator accepts it as a complete run
+    assert validate_record(written) == ("", [])  # the aggregator accepts it as a complete run
     assert written["experiment"] == cfg.experiment_name and written["status"] == "complete"
-    assert record["primary_value"] == written["primary_value"]
+    assert record.primary_value == written["primary_value"]
     assert written["primary_value"] == written["primary_value"]  # not NaN

@@ -5,6 +5,7 @@ Nothing is trained: the subprocess runner is injected and only records the comma
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from experiments import reproduce
 from results.manifest import load_manifest
+from tests.helpers import CONF_DIR
 
 MANIFEST = """
 table: uea
@@ -38,22 +40,15 @@ def metrics(experiment, attention, seed, *, status="complete", max_epochs=100, s
 
 
 @pytest.fixture
-def tree(tmp_path, monkeypatch):
-    """conf/ with 3 of the 4 experiments; data for Heartbeat only (JapaneseVowels 'bundled with aeon');
-    runs: JV flow seed0 done, JV flow seed1 half-done, JV softmax seed0 done with another recipe."""
-    conf = tmp_path / "conf" / "experiment" / "uea"
-    conf.mkdir(parents=True)
-    for name in ("JapaneseVowels", "Heartbeat", "EthanolConcentration"):
-        (conf / f"{name}.yaml").write_text("# @package _global_\n")
+def tree(tmp_path):
+    """The repo's conf/ without FaceDetection's experiment; data for Heartbeat only (JapaneseVowels is bundled
+    with aeon); runs: JV flow seed0 done, JV flow seed1 half-done, JV softmax seed0 done with another recipe."""
+    shutil.copytree(CONF_DIR, tmp_path / "conf")
+    (tmp_path / "conf" / "experiment" / "uea" / "FaceDetection.yaml").unlink()
     data = tmp_path / "data"
     (data / "uea" / "Heartbeat").mkdir(parents=True)
     for split in ("TRAIN", "TEST"):
         (data / "uea" / "Heartbeat" / f"Heartbeat_{split}.ts").write_text("@problemName Heartbeat\n")
-    aeon = tmp_path / "aeon_data" / "JapaneseVowels"
-    aeon.mkdir(parents=True)
-    for split in ("TRAIN", "TEST"):
-        (aeon / f"JapaneseVowels_{split}.ts").write_text("@problemName JapaneseVowels\n@classLabel true 1 2\n@data\n")
-    monkeypatch.setattr(reproduce, "aeon_bundled_data_dir", lambda: tmp_path / "aeon_data")
 
     runs = tmp_path / "runs"
     def put(att, seed, payload=None, ckpt=False):
@@ -111,8 +106,8 @@ def test_dry_run_prints_plan_and_runs_nothing(tree, capsys):
     assert "    flow                 seed0:done  seed1:resume" in out
     assert "Not implemented (1)" in out and "experiment/uea/FaceDetection.yaml does not exist" in out
     assert "Skipped because the dataset is absent (1):" in out
-    assert "uea/EthanolConcentration: missing" in out and "EthanolConcentration_{TRAIN,TEST}.ts" in out
-    assert "`make data-uea`" in out
+    assert "uea/EthanolConcentration: UEA dataset 'EthanolConcentration' not found: missing" in out
+    assert "EthanolConcentration_TRAIN.ts and " in out and "`make data-uea`" in out
     assert "Done with another recipe, not rerun (1):" in out and "trainer.max_epochs` = 5" in out
     # JV: flow and softmax both still need seed 1 -> one multirun; Heartbeat: full 2x2 grid -> one multirun.
     assert ("python -m experiments.train -m experiment=uea/JapaneseVowels model/attention=flow,softmax seed=1 "
@@ -182,14 +177,19 @@ def test_repo_manifests_plan_without_error(capsys):
     assert "d4rl/hopper-medium-replay" in out and "Not implemented" in out
 
 
-def test_lra_availability_hook_checks_the_official_layout(tmp_path):
+def test_data_status_asks_the_domain_datamodule(tmp_path):
+    """The planner composes the experiment's config and asks its datamodule (here LRA's official-layout check)."""
     from results.manifest import ExperimentEntry
 
-    entry = ExperimentEntry("lra/listops", rows=(), attentions=("flow",), seeds=(0,), selection="best_test", overrides=(), dataset="listops")
-    ok, detail = reproduce.lra_data_available(entry, tmp_path)
-    assert not ok and "basic_train.tsv: missing" in detail and "make listops" in detail
+    entry = ExperimentEntry("lra/listops", rows=(), attentions=("flow",), seeds=(0,), selection="best_test", overrides=())
+    state, detail = reproduce.data_status(CONF_DIR, entry, tmp_path)
+    assert state == "data absent" and "basic_train.tsv: missing" in detail and "make listops" in detail
     folder = tmp_path / "lra" / "listops-1000"
     folder.mkdir(parents=True)
     for split in ("train", "val", "test"):
         (folder / f"basic_{split}.tsv").write_text("Source\tTarget\n( [MAX 1 2 ] )\t2\n")
-    assert reproduce.lra_data_available(entry, tmp_path) == (True, f"found under {tmp_path / 'lra'}")
+    assert reproduce.data_status(CONF_DIR, entry, tmp_path) == ("ready", f"found under {tmp_path / 'lra'}")
+    broken = ExperimentEntry("lra/listops", rows=(), attentions=("flow",), seeds=(0,), selection="best_test",
+                             overrides=("data.datset=listops",))
+    state, detail = reproduce.data_status(CONF_DIR, broken, tmp_path)
+    assert state == "config error" and "datset" in detail

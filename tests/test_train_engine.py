@@ -13,8 +13,8 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from experiments import train as train_entry
-from results.records import validate_metrics
-from tasks.common.classification import NonFiniteLossError
+from results.run_record import validate_record
+from tasks.common.module import NonFiniteLossError
 from tests.helpers import TINY_UEA, compose_config, write_tiny_uea
 
 
@@ -27,19 +27,19 @@ def tiny_config(tmp_path: Path, *extra: str):
 
 
 def run(tmp_path: Path, run_name: str, *extra: str) -> dict:
-    return train_entry.train(tiny_config(tmp_path, *extra), tmp_path / run_name)
+    return train_entry.train(tiny_config(tmp_path, *extra), tmp_path / run_name).to_dict()
 
 
 def test_metrics_json_contract(tmp_path):
     record = run(tmp_path, "a", "seed=3")
     path = tmp_path / "a" / "metrics.json"
     written = json.loads(path.read_text())
-    assert validate_metrics(written) == ("", [])  # the aggregator accepts it as a complete run
+    assert validate_record(written) == ("", [])  # the aggregator accepts it as a complete run
     assert written["experiment"] == "uea/Tiny" and written["task"] == "uea" and written["dataset"] == "Tiny"
     assert written["attention"] == "flow" and written["seed"] == 3 and written["selection"] == "best_test"
     assert written["primary_metric"] == "accuracy" and 0 <= written["primary_value"] <= 100
     # best_test: the reported value is the best accuracy over the evaluations (which ran on the test set)
-    assert written["primary_value"] == pytest.approx(100 * max(h["acc"] for h in written["history"]))
+    assert written["primary_value"] == pytest.approx(100 * max(h["val/acc"] for h in written["history"]))
     assert len(written["history"]) == 4
     assert written["versions"]["torch"] == torch.__version__.split("+")[0]
     assert written["config"]["model"]["attention"]["clamp"] is None  # the time-series recipe has no clamp
@@ -137,20 +137,22 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_result(tmp_path):
     import time
 
     write_tiny_uea(tmp_path / "data")
+    # 6 batches per epoch and last.ckpt every 4 steps: most checkpoints, and so most kills, fall mid-epoch
     command = [
-        sys.executable, "-m", "experiments.train", "experiment=uea/base", "data.dataset=Tiny",
+        sys.executable, "-m", "experiments.train", "experiment=uea/base", "data.dataset=Tiny", "data.batch_size=4",
         f"paths.data_dir={tmp_path / 'data'}", *TINY_UEA, "trainer.max_epochs=6", "trainer.check_val_every_n_epoch=1",
+        "callbacks.last_checkpoint.every_n_train_steps=4", "callbacks.last_checkpoint.every_n_epochs=null",
     ]
     subprocess.run([*command, f"hydra.run.dir={tmp_path / 'full'}"], check=True, capture_output=True, timeout=600)
     killed = tmp_path / "killed"
+    slow = ["+callbacks.slow._target_=tests.helpers.SleepPerBatch", "+callbacks.slow.seconds=0.25"]
     process = subprocess.Popen(
-        [*command, f"hydra.run.dir={killed}", "+callbacks.slow._target_=tests.helpers.SleepPerEpoch", "+callbacks.slow.seconds=1.0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [*command, f"hydra.run.dir={killed}", *slow], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
         time.sleep(0.1)
-    time.sleep(1.5)  # somewhere in epoch 1 or 2
+    time.sleep(2.2)  # about 9 batches later: past a checkpoint or two, before the end
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
@@ -182,3 +184,56 @@ def test_out_of_memory_names_the_attention_and_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(TimeSeriesClassifier, "forward", explode)
     with pytest.raises(MemoryError, match=r"attention 'softmax' \(data\.batch_size=16.*accumulate_grad_batches"):
         run(tmp_path, "oom", "model/attention=softmax")
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("kill_step, saved_step", [(9, 8), (11, 8), (13, 12)])
+def test_run_killed_mid_epoch_resumes_on_the_same_batches(tmp_path, kill_step, saved_step):
+    """Epoch-based (UEA): 6 batches per epoch, last.ckpt every 4 steps. A kill at step 9 or 11 resumes from step 8
+    (epoch 1, batch 2); one at step 13 from step 12, the last batch of epoch 1, whose evaluation followed the
+    checkpoint. Each must end with the uninterrupted run's history, metrics and weights."""
+    every = ["data.batch_size=4", "callbacks.last_checkpoint.every_n_train_steps=4",
+             "callbacks.last_checkpoint.every_n_epochs=null", "trainer.max_epochs=3"]
+    uninterrupted = run(tmp_path, "full", *every)
+    with pytest.raises(RuntimeError, match=f"simulated kill at global step {kill_step}"):
+        run(tmp_path, "resumed", *every, "+callbacks.kill._target_=tests.helpers.InterruptAtStep",
+            f"+callbacks.kill.step={kill_step}")
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == saved_step
+    resumed = run(tmp_path, "resumed", *every, "resume=true")
+    assert resumed["timing"]["resumed_from"].endswith("last.ckpt")
+    assert resumed["history"] == uninterrupted["history"] and resumed["metrics"] == uninterrupted["metrics"]
+    full, again = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(full[key], again[key]) for key in full)
+
+
+def test_step_based_run_killed_between_evaluations_resumes_exactly(tmp_path):
+    """Step-based (LRA ListOps recipe on a fixture): evaluation every 3 steps, last.ckpt every 2 steps, killed at
+    step 7 (mid-epoch), so it resumes from step 6, whose evaluation came after the step's checkpoint: the resumed
+    run ends like the uninterrupted one."""
+    from tests.fixtures.lra import write_fixture
+
+    data_dir = tmp_path / "data"
+    probe = compose_config(["experiment=lra/listops", f"paths.data_dir={data_dir}"])
+    fixture = write_fixture(data_dir, probe)
+    base = [
+        "experiment=lra/listops", f"paths.data_dir={data_dir}", *[f"{key}={value}" for key, value in fixture.items()],
+        "model.d_model=16", "model.qkv_dim=16", "model.mlp_dim=16", "data.batch_size=2", "data.num_workers=0",
+        "trainer.max_steps=10", "trainer.val_check_interval=3", "trainer.accelerator=cpu", "logger=csv",
+        "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.last_checkpoint.every_n_epochs=null",
+    ]
+
+    def go(name: str, *extra: str) -> dict:
+        return train_entry.train(compose_config([*base, *extra]), tmp_path / name).to_dict()
+
+    uninterrupted = go("full")
+    assert [h["step"] for h in uninterrupted["history"]] == [3, 6, 9]
+    with pytest.raises(RuntimeError, match="simulated kill at global step 7"):
+        go("resumed", "+callbacks.kill._target_=tests.helpers.InterruptAtStep", "+callbacks.kill.step=7")
+    resumed = go("resumed", "resume=true")
+    assert resumed["history"] == uninterrupted["history"] and resumed["metrics"] == uninterrupted["metrics"]
+    full, again = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(full[key], again[key]) for key in full)

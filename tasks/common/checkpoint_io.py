@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from tasks.common.atomic_io import atomic_path
+from results.atomic_io import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

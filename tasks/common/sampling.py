@@ -1,4 +1,8 @@
-"""Data order shared by every domain: an epoch-seeded sampler and the DataLoader factory that uses it."""
+"""Data order shared by every domain: an epoch-seeded sampler and the loader factory that uses it.
+
+Loaders are torchdata's `StatefulDataLoader`: Lightning saves its position in every checkpoint and restores it on
+resume, so a run resumed from a checkpoint written mid-epoch continues with the batches it had not seen yet.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,55 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The order of epoch `epoch`: a permutation drawn from a private generator seeded with
+    `seed * 1_000_003 + epoch` (so that seed s at epoch 1 does not replay seed s+1 at epoch 0). The global torch RNG
+    (model init, dropout) neither affects nor is affected by it."""
+    generator = torch.Generator()
+    generator.manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=generator).tolist()
+
+
+class _EpochOrder(Iterator[int]):
+    """One epoch's order and the position in it; its state (epoch, position) is what a checkpoint keeps.
+
+    torchdata saves this state with the loader's and, on resume, loads it into a fresh iterator, which then
+    continues the saved epoch at the saved position. Without a loaded state, the epoch is read from the sampler at
+    the first draw, not at creation: Lightning creates the first iterator of a run before it sets the epoch.
+    """
+
+    def __init__(self, sampler: EpochSeededSampler) -> None:
+        self.sampler = sampler
+        self.epoch: int | None = None
+        self.position = 0
+        self.order: list[int] | None = None
+
+    def __next__(self) -> int:
+        if self.order is None:
+            self.epoch = self.sampler.epoch if self.epoch is None else self.epoch
+            self.order = epoch_permutation(self.sampler.num_samples, self.sampler.seed, self.epoch)
+        if self.position >= len(self.order):
+            raise StopIteration
+        self.position += 1
+        return self.order[self.position - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch if self.epoch is None else self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self.order = int(state["epoch"]), int(state["position"]), None
 
 
 class EpochSeededSampler(Sampler[int]):
-    """Random permutation of `range(num_samples)` drawn from a generator seeded with `seed * 1_000_003 + epoch`
-    (so that seed s at epoch 1 does not replay seed s+1 at epoch 0).
+    """A random permutation of `range(num_samples)` per epoch (`epoch_permutation`).
 
-    The order depends only on (seed, epoch), never on how many batches were drawn before, so a run resumed
-    from a checkpoint shuffles exactly like an uninterrupted one. Lightning calls `set_epoch` at the start
-    of every training epoch (also when the sampler is wrapped for DDP).
+    The order depends only on (seed, epoch), never on how many batches were drawn before, and the iterator's
+    position is saved in checkpoints, so a run resumed from a checkpoint, also one written mid-epoch, shuffles
+    exactly like an uninterrupted one. Lightning calls `set_epoch` at the start of every training epoch.
     """
 
     def __init__(self, num_samples: int, seed: int) -> None:
@@ -30,23 +73,22 @@ class EpochSeededSampler(Sampler[int]):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        # A private generator: the global torch RNG (model init, dropout) neither affects nor is affected by it.
-        generator = torch.Generator()
-        generator.manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        return _EpochOrder(self)
 
     def __len__(self) -> int:
         return self.num_samples
 
 
-def seeded_loader(dataset: Dataset, *, batch_size: int, seed: int, shuffle: bool, **kwargs: Any) -> DataLoader:
-    """A DataLoader whose order and worker seeds depend only on `seed` (and the epoch, when shuffled).
+def seeded_loader(
+    dataset: Dataset, *, batch_size: int, seed: int, shuffle: bool, **kwargs: Any
+) -> StatefulDataLoader:
+    """A resumable loader whose order and worker seeds depend only on `seed` (and the epoch, when shuffled).
 
     Shuffled loaders use `EpochSeededSampler`. Every loader gets its own generator, so creating an iterator never
     draws on the global RNG: the sanity check of a resumed run then cannot shift the dropout masks that follow
     (see tasks.common.callbacks.RngStateCheckpoint).
     """
     sampler = EpochSeededSampler(len(dataset), seed) if shuffle else None
-    return DataLoader(
+    return StatefulDataLoader(
         dataset, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kwargs
     )

@@ -23,11 +23,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.common.datamodule import DataStatus, TaskDataModule
 from tasks.common.sampling import seeded_loader
 from tasks.lra import datasets as lra
 from tasks.lra.tokenize import BYTE_VOCAB_SIZE, PAD_ID, bytes_to_ids
@@ -127,7 +127,7 @@ class Collate:
         return batch
 
 
-class LRADataModule(L.LightningDataModule):
+class LRADataModule(TaskDataModule):
     """The LRA tasks (see the module docstring).
 
     Args:
@@ -185,12 +185,22 @@ class LRADataModule(L.LightningDataModule):
         self.text_source, self.cache = text_source, bool(cache)
         self.vocab_size: int | None = None
         self.splits: dict[str, Dataset] = {}
-        self.data_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------------------
     @property
     def cache_dir(self) -> Path | None:
         return self.data_dir / "cache" if self.cache else None
+
+    def data_status(self) -> DataStatus:
+        """Available when the task's official layout under `data_dir` passes the download check."""
+        from tasks.lra.download import validate_task
+
+        problems = validate_task(self.data_dir, self.dataset)
+        if not problems:
+            return DataStatus(True, f"found under {self.data_dir}")
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        fix = "`make listops` (generate) or `make data-lra`" if self.dataset == "listops" else "`make data-lra`"
+        return DataStatus(False, f"{problems[0]}{more}; fetch it with {fix}")
 
     def prepare_data(self) -> None:
         """Nothing to download here (`make data-lra` does that); reading in `setup` builds the cache."""
@@ -260,6 +270,10 @@ class LRADataModule(L.LightningDataModule):
         if self.vocab_size is None:
             raise RuntimeError("call setup() before model_dims()")
         return {"vocab_size": self.vocab_size, "num_classes": NUM_CLASSES[self.dataset], "max_len": self.max_len}
+
+    def module_dims(self) -> dict[str, int]:
+        """The number of classes, for the classification module."""
+        return {"num_classes": NUM_CLASSES[self.dataset]}
 
     def _collate(self) -> Collate:
         if self.dataset == "retrieval":

@@ -12,11 +12,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.common.datamodule import DataStatus, TaskDataModule
 from tasks.common.sampling import seeded_loader
 from tasks.uea.datasets import (
     KNOWN_DATASETS,
@@ -355,7 +355,7 @@ class UEACaseDataset(Dataset):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class UEADataModule(pl.LightningDataModule):
+class UEADataModule(TaskDataModule):
     """One UEA dataset, preprocessed as in the official code (see module docstring).
 
     Batches are {"x": float32 (B, T, C), "padding_mask": bool (B, T) True = padding, "target": int64 (B,)}.
@@ -393,13 +393,21 @@ class UEADataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.train_file_pattern = train_file_pattern
-        self.data_info: dict = {}
         # Kept out of data_info (metrics.json) because they grow with the dataset; tests and analyses read them.
         self.feature_mean: np.ndarray | None = None  # (C,)
         self.feature_std: np.ndarray | None = None  # (C,), ddof=1
         self.split_indices: dict[str, np.ndarray] = {}  # rows of the training file in the train / val parts
         self._splits: dict[str, UEACaseDataset] | None = None
         self._dims: dict[str, int] | None = None
+
+    def data_status(self) -> DataStatus:
+        """Available when both `.ts` files are under `data_dir/<Name>/` or bundled with aeon."""
+        try:
+            files = resolve_dataset_files(self.dataset, self.data_dir, self.train_file_pattern)
+        except UEADataError as error:
+            return DataStatus(False, str(error))
+        where = "bundled with aeon" if files.source == SOURCE_BUNDLED else f"found in {files.train.parent}"
+        return DataStatus(True, where)
 
     def prepare_data(self) -> None:
         """Check that both files can be found (raises a clear error otherwise); downloads nothing."""
@@ -520,6 +528,10 @@ class UEADataModule(pl.LightningDataModule):
         if self._dims is None:
             raise RuntimeError("UEADataModule.model_dims() needs setup() to have run first")
         return dict(self._dims)
+
+    def module_dims(self) -> dict[str, int]:
+        """{"num_classes": K} for the classification module (after setup())."""
+        return {"num_classes": self.model_dims()["num_classes"]}
 
     def _split(self, name: str) -> UEACaseDataset:
         if self._splits is None:

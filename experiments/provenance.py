@@ -1,17 +1,13 @@
-"""What a run writes about itself: `metrics.json` (the DESIGN.md run contract), written atomically."""
+"""Provenance recorded with every run and benchmark: the commit, the package versions and the time."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
-
-from tasks.common.atomic_io import write_text_atomic
 
 # Packages whose versions decide whether a result can be redone; recorded in every metrics.json.
 RECORDED_PACKAGES = (
@@ -49,7 +45,3 @@ def git_sha(cwd: Path | None = None) -> str | None:
         return None
     return sha.strip() + ("-dirty" if dirty.strip() else "")
 
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write `payload` as JSON through a temporary file and a rename: readers never see half a file."""
-    write_text_atomic(path, json.dumps(payload, indent=2, default=str))

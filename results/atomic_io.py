@@ -1,11 +1,13 @@
 """Atomic file writes: a reader never sees a half-written metrics.json, checkpoint, table or figure."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -35,3 +37,8 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON to ``path`` atomically (values JSON cannot hold are written as str)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str))

@@ -1,0 +1,133 @@
+"""The run record (``metrics.json``) and the run-directory layout: defined here once, for writer and reader.
+
+The training entry point writes a :class:`RunRecord`; the aggregator, the reproduction planner and the W&B
+reader validate what they read with the same class. This module imports only the standard library, so the
+training side and the results side can both import it without pulling each other in.
+"""
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from results.atomic_io import write_json_atomic
+
+METRICS_FILE = "metrics.json"
+COMPLETE = "complete"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What one finished run says about itself.
+
+    Identity: ``experiment`` (``<domain>/<Name>``), ``task``, ``dataset``, ``attention``, ``seed``, ``selection``.
+    Result: ``primary_metric`` and ``primary_value`` (in the paper's unit: accuracy in %, perplexity as is, D4RL
+    score x100), ``metrics`` (every final metric), ``history`` (every evaluation). Provenance: ``timing``,
+    ``data`` (what the datamodule read), ``git_sha``, ``versions``, ``started_at``/``finished_at``, ``status``,
+    ``run_dir`` and the resolved ``config``.
+    """
+
+    experiment: str
+    task: str
+    dataset: str | None
+    attention: str
+    seed: int
+    selection: str
+    primary_metric: str
+    primary_value: float
+    metrics: dict[str, Any]
+    git_sha: str | None
+    versions: dict[str, Any]
+    started_at: str
+    finished_at: str
+    status: str
+    config: dict[str, Any]
+    history: list[Any] = field(default_factory=list)
+    timing: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    run_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _accepted(hint: Any) -> tuple[type, ...]:
+    """The runtime types a field annotation admits (``float`` also admits ``int``)."""
+    parts = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    accepted: list[type] = []
+    for part in parts:
+        base = type(None) if part is None else (get_origin(part) or part)
+        accepted += [base, int] if base is float else [base]
+    return tuple(accepted)
+
+
+_HINTS = get_type_hints(RunRecord)
+FIELD_TYPES: dict[str, tuple[type, ...]] = {f.name: _accepted(_HINTS[f.name]) for f in fields(RunRecord)}
+REQUIRED_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(RunRecord) if f.default is MISSING and f.default_factory is MISSING
+)
+
+
+def validate_record(data: Any) -> tuple[str, list[str]]:
+    """Check a parsed ``metrics.json`` against :class:`RunRecord`.
+
+    Returns ``(kind, errors)``: kind is ``"malformed"`` for a wrong structure or type, ``"partial"`` for a run
+    that did not finish (status not complete, or required fields missing); ``errors`` is empty when usable.
+    """
+    if not isinstance(data, dict):
+        return "malformed", [f"top level is {type(data).__name__}, expected a JSON object"]
+    errors = []
+    for name, accepted in FIELD_TYPES.items():
+        if name not in data:
+            continue
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            expected = "/".join(t.__name__ for t in accepted)
+            errors.append(f"`{name}` is {value!r} ({type(value).__name__}), expected {expected}")
+    value = data.get("primary_value")
+    if isinstance(value, float) and not math.isfinite(value):
+        errors.append(f"`primary_value` is {value!r}, expected a finite number")
+    if errors:
+        return "malformed", errors
+    missing = [name for name in REQUIRED_FIELDS if name not in data]
+    if data.get("status") != COMPLETE:
+        reason = (f"status is {data.get('status')!r}, not {COMPLETE!r} (the run did not finish; "
+                  "`make reproduce-<table>` resumes it)")
+        return "partial", [reason] + ([f"missing field(s) {missing}"] if missing else [])
+    if missing:
+        return "partial", [f"missing field(s) {missing}"]
+    return "", []
+
+
+def write_record(run_dir: str | Path, record: RunRecord) -> Path:
+    """Write ``record`` as ``<run_dir>/metrics.json`` atomically (readers never see half a file)."""
+    path = Path(run_dir) / METRICS_FILE
+    write_json_atomic(path, record.to_dict())
+    return path
+
+
+# ------------------------------------------------------------------------------------ run-directory layout
+
+def run_subdir(experiment: str, attention: str, selection: str, seed: int | str) -> str:
+    """The deterministic run directory of a cell, relative to the runs root:
+    ``<experiment>/<attention>/<selection>/seed<seed>`` (the experiment name has its own ``/``).
+
+    Hydra's ``hydra.run.dir`` and multirun ``subdir`` (``conf/hydra/default.yaml``, through the ``run_subdir``
+    resolver), the reproduction planner and the aggregator's layout check all use this function.
+    """
+    return f"{experiment}/{attention}/{selection}/seed{seed}"
+
+
+def run_dir_of(runs_dir: str | Path, experiment: str, attention: str, selection: str, seed: int) -> Path:
+    """The run directory of a cell under ``runs_dir``."""
+    return Path(runs_dir) / run_subdir(experiment, attention, selection, seed)
+
+
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """``<run_dir>/checkpoints/last.ckpt``: what ``resume=true`` continues from."""
+    return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+
