@@ -84,7 +84,7 @@ ATTENTION_COLUMNS: dict[str, str] = {
     "cosformer": "cosFormer",
     "flow_no_competition": "Flowformer w/o Competition",
     "flow_no_allocation": "Flowformer w/o Allocation",
-    # The official LRA code computes the competition softmax over heads (official-settings §10.1). It is our
+    # The official LRA code computes the competition softmax over heads (results/paper/official_code.md §10.1). It is our
     # own model column, never merged into "Flowformer"; see PAPER_REFERENCE for what it is compared with.
     "flow_lra_official": "Flowformer (official LRA code)",
 }

@@ -121,8 +121,8 @@ def load_paper_table(name: str, paper_dir: str | Path = PAPER_DIR) -> PaperTable
     path = Path(paper_dir) / f"{name}.csv"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path}: paper table missing. Copy it from shared/reference/paper_tables/{name}.csv "
-            f"(the paper's numbers live only in results/paper/)."
+            f"{path}: paper table missing. The paper's numbers live only in results/paper/; restore the file "
+            f"from git (`git checkout -- results/paper/{name}.csv`) or pass the folder that holds it with --paper."
         )
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)

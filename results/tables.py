@@ -5,7 +5,7 @@ Arithmetic, all per (table, row, model, selection); different selection protocol
 - An average (the paper's "Avg" row) is computed for a model only when every paper row of that column has
   a result; otherwise it is shown as missing with the number of rows present. Rows outside the paper never
   enter an average. The average's ``std`` is the mean of the per-row stds, which is how the paper's D4RL
-  table computes its "±" (official-settings §9).
+  table computes its "±" (results/paper/official_code.md §9).
 - A cell is "within" the paper when |mean - paper| <= max(1 point, the paper's std); beyond that it is
   "better" or "worse" according to the table's direction (perplexity: lower is better).
 """

@@ -157,7 +157,7 @@ TASK_DIMS = {
     "image": {"vocab_size": 256, "num_classes": 10, "max_len": 1024},
     "pathfinder": {"vocab_size": 256, "num_classes": 2, "max_len": 1024},
 }
-# (emb, layers, heads, head dim, mlp, dropout, pooling, positions) per official-settings §2.4
+# (emb, layers, heads, head dim, mlp, dropout, pooling, positions) per results/paper/official_code.md §2.4
 PAPER = {
     "listops": (512, 1, 2, 256, 1024, 0.1, "cls", "sinusoidal"),
     "text": (256, 1, 4, 64, 1024, 0.1, "cls", "sinusoidal"),

@@ -16,7 +16,7 @@ CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def official_lr(step: int, base: float, factors: str, warmup: int, steps_per_cycle: int = 100_000) -> float:
-    """The official create_learning_rate_scheduler, written out independently (official-settings §2.3)."""
+    """The official create_learning_rate_scheduler, written out independently (results/paper/official_code.md §2.3)."""
     lr = 1.0
     for name in [f.strip() for f in factors.split("*")]:
         if name == "constant":

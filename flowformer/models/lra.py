@@ -1,4 +1,4 @@
-"""The Long Range Arena networks of the paper (official-settings.md §2.2): a sequence classifier and a dual encoder.
+"""The Long Range Arena networks of the paper (results/paper/official_code.md §2.2): a sequence classifier and a dual encoder.
 
 Both follow the official Flax model:
 token embedding N(0, 1) → [zero-initialised CLS prepended] → + positions (the Flax sinusoid, or learned N(0, 0.02))

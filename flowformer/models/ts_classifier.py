@@ -1,4 +1,4 @@
-"""The UEA time-series classifier of the paper (official-settings.md §3.3, after mvts_transformer)."""
+"""The UEA time-series classifier of the paper (results/paper/official_code.md §3.3, after mvts_transformer)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`LRADataModule`: the five Long Range Arena tasks behind one LightningDataModule (official-settings.md §2.4–2.5).
+"""`LRADataModule`: the five Long Range Arena tasks behind one LightningDataModule (results/paper/official_code.md §2.4–2.5).
 
 `data.dataset` picks the task: listops | text | retrieval | image | pathfinder.
 
@@ -13,7 +13,7 @@ Batches are dicts: `tokens` (B, L) int64 with `padding_mask` (B, L) bool (True =
 `tokens1/padding_mask1/tokens2/padding_mask2` for Retrieval, and `tokens` alone for Image and Pathfinder, whose pixel
 value 0 is a real token (black), never padding. `target` holds the labels.
 
-Batch size: `batch_size` is per device. The paper's batch sizes (official-settings §2.4) are global, so a run on
+Batch size: `batch_size` is per device. The paper's batch sizes (results/paper/official_code.md §2.4) are global, so a run on
 D devices with `trainer.accumulate_grad_batches=A` matches them when batch_size × D × A equals the paper's number.
 """
 

@@ -1,4 +1,4 @@
-"""Readers for the five LRA tasks, each in its real on-disk format, with a tokenised cache (official-settings.md §2.5).
+"""Readers for the five LRA tasks, each in its real on-disk format, with a tokenised cache (results/paper/official_code.md §2.5).
 
 Layout under ``DATA_DIR/lra/`` (the unpacked official ``lra_release`` plus the canonical IMDB and CIFAR-10 archives):
 

@@ -1,6 +1,6 @@
 """`make data-lra`: download, unpack and check the Long Range Arena data under ``DATA_DIR/lra/``.
 
-Sources (official-settings.md §2.1, §2.5):
+Sources (results/paper/official_code.md §2.1, §2.5):
 * ``lra_release.gz`` from the LRA bucket (7.7 GB): ListOps ``listops-1000/``, Retrieval ``tsv_data/`` and
   Pathfinder ``pathfinder32/``. Only those members are unpacked (the release also holds Pathfinder 64–256).
 * ``aclImdb_v1.tar.gz`` (the IMDB reviews, Text task) -> ``aclImdb/``.

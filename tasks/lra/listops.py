@@ -1,4 +1,4 @@
-"""Seeded, vectorised ListOps generator with the official distribution and text format (official-settings.md §2.6).
+"""Seeded, vectorised ListOps generator with the official distribution and text format (results/paper/official_code.md §2.6).
 
 The official script (`lra_benchmarks/data/listops.py`) draws one tree at a time with Python recursion, keeps trees
 with ``min_length < length < max_length`` in a `set` until enough unique ones exist, and is unseeded. This module

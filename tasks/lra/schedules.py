@@ -1,4 +1,4 @@
-"""The official LRA learning-rate schedule: a product of named factors (official-settings.md §2.3).
+"""The official LRA learning-rate schedule: a product of named factors (results/paper/official_code.md §2.3).
 
 ``lr(step) = Π factors(step)`` with
 

@@ -1,4 +1,4 @@
-"""Tokenisers of the official LRA pipelines (official-settings.md §2.5).
+"""Tokenisers of the official LRA pipelines (results/paper/official_code.md §2.5).
 
 * ListOps: ``]`` becomes ``X`` and parentheses are removed; a whitespace tokenizer builds the vocabulary from the first
   1002 validation examples; ids follow tfds `TokenTextEncoder`: 0 = padding, 1..V = the vocabulary, V+1 = OOV.

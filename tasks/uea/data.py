@@ -1,6 +1,6 @@
 """UEA multivariate time-series classification data: `.ts` reading (via aeon), preprocessing, DataModule.
 
-Preprocessing follows the official Flowformer_TimeSeries code (official-settings §3.1-3.2) with one fix:
+Preprocessing follows the official Flowformer_TimeSeries code (results/paper/official_code.md §3.1-3.2) with one fix:
 series are padded to the longest series of *either* split, whereas the official code pads/truncates to the
 longest TRAIN series and so cuts test series that are longer (JapaneseVowels loses steps 27-29 of one case).
 """

@@ -1,6 +1,6 @@
 """Facts about the UEA multivariate archive datasets the paper uses (and those aeon ships).
 
-The numbers come from the UEA archive itself (see `reference/official-settings.md` §3), not from the
+The numbers come from the UEA archive itself (listed in `results/paper/official_code.md` §3), not from the
 Flowformer repository. `tasks.uea.download` checks every downloaded dataset against them.
 
 This module imports nothing heavy (no aeon, no torch) so the download CLI and error paths stay fast.
@@ -32,7 +32,7 @@ class UEADatasetFacts:
     in_paper: bool = True
 
 
-# The paper's ten datasets (Table 4 of the Flowformer paper), in the order of official-settings §3.2's table.
+# The paper's ten datasets (Table 4 of the Flowformer paper), in the order of results/paper/official_code.md §3.2's table.
 PAPER_DATASETS: dict[str, UEADatasetFacts] = {
     f.name: f
     for f in (
