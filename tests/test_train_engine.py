@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import sys
 import types
@@ -237,3 +238,15 @@ def test_step_based_run_killed_between_evaluations_resumes_exactly(tmp_path):
     assert resumed["history"] == uninterrupted["history"] and resumed["metrics"] == uninterrupted["metrics"]
     full, again = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
     assert all(torch.equal(full[key], again[key]) for key in full)
+
+
+def test_a_monitor_that_is_never_logged_is_named(tmp_path):
+    with pytest.raises(KeyError, match=r"objective.monitor is 'val/accuracy'.*'val/acc'"):
+        run(tmp_path, "m", "objective.monitor=val/accuracy")
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
+    """`trainer.precision=bf16-mixed` runs the whole engine under autocast (every op must accept bf16)."""
+    record = run(tmp_path, "bf16", "trainer.precision=bf16-mixed", "trainer.max_epochs=2")
+    assert record["config"]["trainer"]["precision"] == "bf16-mixed"
+    assert all(map(math.isfinite, (h["val/loss"] for h in record["history"])))
