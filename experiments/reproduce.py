@@ -142,13 +142,28 @@ def _without_selection(extra: Sequence[str]) -> list[str]:
     return [ov for ov in extra if _selection_from([ov], "") == ""]
 
 
+@dataclass(frozen=True)
+class CellFilter:
+    """Which of a manifest's cells to plan: experiments matching `experiments` (globs), these `attentions`, and
+    `seeds` instead of the manifest's; None keeps the manifest's."""
+
+    experiments: Sequence[str] | None = None
+    attentions: Sequence[str] | None = None
+    seeds: Sequence[int] | None = None
+
+    def keeps(self, experiment: str) -> bool:
+        return not self.experiments or any(fnmatch.fnmatch(experiment, pat) for pat in self.experiments)
+
+    def attentions_of(self, entry: ExperimentEntry) -> list[str]:
+        return [a for a in entry.attentions if not self.attentions or a in self.attentions]
+
+
 def make_plan(manifest: Manifest, *, runs_dir: Path, conf_dir: Path, data_dir: Path,
-              seeds: Sequence[int] | None = None, only: Sequence[str] | None = None,
-              extra: Sequence[str] = ()) -> Plan:
+              cells: CellFilter = CellFilter(), extra: Sequence[str] = ()) -> Plan:
     """Inspect configs, data and run directories; decide the state of every cell of ``manifest``."""
     plans: list[ExperimentPlan] = []
     for entry in manifest.entries:
-        if only and not any(fnmatch.fnmatch(entry.experiment, pat) for pat in only):
+        if not cells.keeps(entry.experiment):
             continue
         selection = _selection_from(extra, entry.selection)
         cfg_file = conf_dir / "experiment" / f"{entry.experiment}.yaml"
@@ -157,8 +172,8 @@ def make_plan(manifest: Manifest, *, runs_dir: Path, conf_dir: Path, data_dir: P
         else:
             state, detail = data_status(conf_dir, entry, data_dir)
         plan = ExperimentPlan(entry, state, detail)
-        for attention in entry.attentions:
-            for seed in (seeds or entry.seeds):
+        for attention in cells.attentions_of(entry):
+            for seed in (cells.seeds or entry.seeds):
                 rdir = run_dir_of(runs_dir, entry.experiment, attention, selection, seed)
                 if state == "ready":
                     cstate, note = cell_state(rdir, entry, attention, seed, selection)
@@ -277,6 +292,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     p.add_argument("--seeds", type=int, nargs="+", help="override the manifest's seeds")
     p.add_argument("--only", nargs="+", metavar="PATTERN", help="only experiments matching these globs")
+    p.add_argument("--attentions", nargs="+", metavar="NAME", help="only these attentions of the manifest")
     p.add_argument("--extra", nargs="+", default=[], metavar="OVERRIDE",
                    help="extra Hydra overrides for every run (e.g. trainer=gpu, selection=holdout_val)")
     p.add_argument("--manifests", default=str(MANIFEST_DIR))
@@ -302,7 +318,8 @@ def main(argv: Sequence[str] | None = None, *,
     try:
         manifest = load_manifest(manifest_path)
         plan = make_plan(manifest, runs_dir=Path(args.runs_dir), conf_dir=Path(args.conf_dir),
-                         data_dir=Path(args.data_dir), seeds=args.seeds, only=args.only, extra=args.extra)
+                         data_dir=Path(args.data_dir), extra=args.extra,
+                         cells=CellFilter(experiments=args.only, attentions=args.attentions, seeds=args.seeds))
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

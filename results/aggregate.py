@@ -163,6 +163,8 @@ def main(argv: Sequence[str] | None = None, *, wandb_api: Any = None) -> int:
                   + (f", tags {tags}" if tags else ""))
     else:
         records, problems = [], []
+        # the same folder given twice (RUNS_DIR=results/runs under `make tables`) is read once
+        args.runs = list({str(Path(root).resolve()): root for root in args.runs}.values())
         for root in args.runs:
             if not Path(root).is_dir():
                 print(f"note: {root} does not exist (yet); produce runs with `make reproduce-<table>` "

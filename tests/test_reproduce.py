@@ -119,15 +119,17 @@ def test_dry_run_prints_plan_and_runs_nothing(tree, capsys):
 
 def test_pending_cells_that_are_not_a_grid_get_separate_commands(tree):
     manifest = load_manifest(tree / "manifests" / "uea.yaml")
+    cells = reproduce.CellFilter(experiments=["uea/JapaneseVowels"], seeds=[0, 1, 2])
     plan = reproduce.make_plan(manifest, runs_dir=tree / "runs", conf_dir=tree / "conf", data_dir=tree / "data",
-                               only=["uea/JapaneseVowels"], seeds=[0, 1, 2])
+                               cells=cells)
     cmds = reproduce.build_commands(plan, python="py")
     sweeps = sorted((c[5], c[6]) for c in cmds)
     # flow: 1 resumes, 2 new; softmax: 0 is another recipe (left alone), 1 and 2 new -> same seeds, one command
     assert sweeps == [("model/attention=flow,softmax", "seed=1,2")]
     (tree / "runs/uea/JapaneseVowels/softmax/best_test/seed0/metrics.json").unlink()
+    cells = reproduce.CellFilter(experiments=["uea/JapaneseVowels"], seeds=[0, 1, 2])
     plan = reproduce.make_plan(manifest, runs_dir=tree / "runs", conf_dir=tree / "conf", data_dir=tree / "data",
-                               only=["uea/JapaneseVowels"], seeds=[0, 1, 2])
+                               cells=cells)
     sweeps = sorted((c[5], c[6]) for c in reproduce.build_commands(plan, python="py"))
     assert sweeps == [("model/attention=flow", "seed=1,2"), ("model/attention=softmax", "seed=0,1,2")]
 
@@ -193,3 +195,11 @@ def test_data_status_asks_the_domain_datamodule(tmp_path):
                              overrides=("data.datset=listops",))
     state, detail = reproduce.data_status(CONF_DIR, broken, tmp_path)
     assert state == "config error" and "datset" in detail
+
+
+def test_attentions_narrow_the_plan_to_some_columns(tree, capsys):
+    args = argv(tree, "--dry-run", "--only", "uea/JapaneseVowels", "--attentions", "softmax", "--extra",
+                "selection=holdout_val")
+    assert reproduce.main(args, runner=Recorder()) == 0
+    out = capsys.readouterr().out
+    assert "runs (cell x seed): 2 = 0 done" in out and "model/attention=softmax seed=0,1 selection=holdout_val" in out
