@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from tasks.lra.schedules import FactorSchedule
+from tasks.common.schedules import FactorSchedule
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 

@@ -1,5 +1,9 @@
-"""The official LRA learning-rate schedule: a product of named factors (results/paper/official_code.md §2.3).
+"""Learning-rate schedules written as multipliers for `torch.optim.lr_scheduler.LambdaLR`.
 
+With `LambdaLR` stepped once per optimiser step (Lightning's ``interval: step``), optimiser step s (0-based) uses
+``base_lr · lambda(s)``, where base_lr is the optimiser's lr (``module.optimizer.lr``).
+
+`FactorSchedule`: the official LRA schedule, a product of named factors (results/paper/official_code.md §2.3):
 ``lr(step) = Π factors(step)`` with
 
 * ``constant``        × base_lr
@@ -9,11 +13,14 @@
 * ``decay_every``     × decay_factor ** (step // steps_per_decay)
 * ``cosine_decay``    × max(0, ½(1 + cos(π · (max(0, (step − warmup_steps) / steps_per_cycle) mod 1))))
 
-`step` is the 0-based optimiser step: the official loop uses lr(0) = 0 for its first update. With
-`torch.optim.lr_scheduler.LambdaLR` stepped once per optimiser step (Lightning's ``interval: step``), optimiser
-step s uses ``base_lr · lambda(s)``, so `FactorSchedule` returns every factor except ``constant``: the optimiser's
-lr *is* the constant, and the effective lr equals the official formula. Note that with ``rsqrt_decay`` the configured
-lr is not the peak: the peak is base_lr / √warmup_steps.
+`step` is the 0-based optimiser step: the official loop uses lr(0) = 0 for its first update. `FactorSchedule`
+returns every factor except ``constant``: the optimiser's lr *is* the constant, and the effective lr equals the
+official formula. Note that with ``rsqrt_decay`` the configured lr is not the peak: the peak is
+base_lr / √warmup_steps.
+
+`InverseSqrtSchedule`: fairseq's ``inverse_sqrt`` (the WikiText-103 recipe, results/paper/official_code.md §6): a
+linear warm-up from ``warmup_init_lr`` to the optimiser's lr over ``warmup_updates`` updates, then decay with the
+inverse square root of the update count.
 """
 
 from __future__ import annotations
@@ -87,4 +94,44 @@ class FactorSchedule:
         )
 
 
-__all__ = ["KNOWN_FACTORS", "FactorSchedule"]
+class InverseSqrtSchedule:
+    """Multiplier for `LambdaLR` that reproduces fairseq's ``inverse_sqrt`` scheduler.
+
+    fairseq sets the lr after every update from the number of updates done so far, n:
+    ``warmup_init_lr + n · (peak_lr − warmup_init_lr) / warmup_updates`` while n < warmup_updates, then
+    ``peak_lr · √warmup_updates / √n``. Update n (0-based) therefore runs with lr(n): the first one with
+    ``warmup_init_lr``, update ``warmup_updates`` with the peak. This returns lr(n) / peak_lr.
+
+    Args:
+        peak_lr: the lr reached at the end of warm-up; must equal the optimiser's lr (the config interpolates
+            ``module.optimizer.lr``), since `LambdaLR` multiplies that lr.
+        warmup_updates: warm-up length in optimiser steps (fairseq ``--warmup-updates``).
+        warmup_init_lr: the lr of the first update (fairseq ``--warmup-init-lr``).
+    """
+
+    def __init__(self, peak_lr: float, warmup_updates: int = 4000, warmup_init_lr: float = 1e-7) -> None:
+        if peak_lr <= 0 or warmup_updates < 1 or not 0 <= warmup_init_lr <= peak_lr:
+            raise ValueError(
+                f"InverseSqrtSchedule needs peak_lr > 0, warmup_updates >= 1 and 0 <= warmup_init_lr <= peak_lr; got "
+                f"peak_lr={peak_lr}, warmup_updates={warmup_updates}, warmup_init_lr={warmup_init_lr} "
+                "(module.optimizer.lr, module.warmup_updates, module.warmup_init_lr)"
+            )
+        self.peak_lr, self.warmup_updates, self.warmup_init_lr = float(peak_lr), int(warmup_updates), float(warmup_init_lr)
+
+    def learning_rate(self, step: int) -> float:
+        """fairseq's lr for update `step` (0-based)."""
+        if step < self.warmup_updates:
+            return self.warmup_init_lr + step * (self.peak_lr - self.warmup_init_lr) / self.warmup_updates
+        return self.peak_lr * math.sqrt(self.warmup_updates / step)
+
+    def __call__(self, step: int) -> float:
+        return self.learning_rate(step) / self.peak_lr
+
+    def __repr__(self) -> str:
+        return (
+            f"InverseSqrtSchedule(peak_lr={self.peak_lr}, warmup_updates={self.warmup_updates}, "
+            f"warmup_init_lr={self.warmup_init_lr})"
+        )
+
+
+__all__ = ["KNOWN_FACTORS", "FactorSchedule", "InverseSqrtSchedule"]
