@@ -2,7 +2,7 @@
 
 Each op is built through `flowformer.attention.registry.build_attention(name, head_dim=d, n_heads=H)` with its
 registry defaults and called in eval mode (so random ops such as Reformer's LSH are deterministic). The contract
-(/work/contracts.md, "Attention op contract"):
+(also stated in the docstring of flowformer/attention/baselines.py):
 
 * q (B, H, L, d), k (B, H, S, d), v (B, H, S, dv) -> (B, H, L, dv), same dtype, finite values and gradients;
 * masks are bool, True = padding; a padded key is never attended to; padded query outputs are exactly 0;

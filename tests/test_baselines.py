@@ -13,17 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowformer.attention import baselines
+from flowformer.attention import causal_linear_attention, reformer
 from flowformer.attention.baselines import (
     CosformerAttention,
     LinearAttention,
     PerformerAttention,
-    ReformerAttention,
     SoftmaxAttention,
-    _causal_linear_attention,
     default_nb_features,
     orthogonal_gaussian_projection,
 )
+from flowformer.attention.reformer import ReformerAttention
 
 F64 = torch.float64
 
@@ -58,7 +57,7 @@ def test_causal_helper_matches_dense_forward_and_backward(length, chunk_size):
     phi_q = randn(2, 3, length, 4, seed=1).abs().requires_grad_()
     phi_k = randn(2, 3, length, 4, seed=2).abs().requires_grad_()
     v = randn(2, 3, length, 5, seed=3).requires_grad_()
-    out = _causal_linear_attention(phi_q, phi_k, v, chunk_size)
+    out = causal_linear_attention(phi_q, phi_k, v, chunk_size=chunk_size)
     lower = torch.ones(length, length, dtype=F64).tril()
     expected = ((phi_q @ phi_k.transpose(-1, -2)) * lower) @ v
     torch.testing.assert_close(out, expected)
@@ -350,13 +349,13 @@ def test_reformer_rejects_cross_attention():
 
 
 def test_reformer_missing_package_names_the_extra(monkeypatch):
-    baselines._padded_lsh_class.cache_clear()
+    reformer._padded_lsh_class.cache_clear()
     monkeypatch.setitem(sys.modules, "reformer_pytorch.reformer_pytorch", None)  # import now raises ImportError
     try:
         with pytest.raises(ImportError, match=r"pip install -e '\.\[reformer\]'"):
             ReformerAttention(8, 2)
     finally:
-        baselines._padded_lsh_class.cache_clear()
+        reformer._padded_lsh_class.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,53 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowformer.attention.flow import causal_linear_attention, flow_attention
-from flowformer.attention.reference import flow_attention_reference
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
-def random_qkv(batch, heads, length, dim, *, source_length=None, value_dim=None, dtype=torch.float32, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    source_length = source_length or length
-    q = torch.randn(batch, heads, length, dim, generator=generator, dtype=dtype)
-    k = torch.randn(batch, heads, source_length, dim, generator=generator, dtype=dtype)
-    v = torch.randn(batch, heads, source_length, value_dim or dim, generator=generator, dtype=dtype)
-    return q, k, v
-
-
-def official_style(q, k, v, causal, eps=1e-6, clamp=1.0):
-    """The official core code's equations (official-settings §1.2-1.3), written with einsum and, for the causal
-    case, the materialised (B,H,L,d,dv) cumulative sum. Unpadded inputs only."""
-    q, k = torch.sigmoid(q), torch.sigmoid(k)
-    n_q, n_k = q.shape[2], k.shape[2]
-    if not causal:
-        sink = 1 / torch.einsum("bhld,bhd->bhl", q + eps, k.sum(2) + eps)
-        source = 1 / torch.einsum("bhsd,bhd->bhs", k + eps, q.sum(2) + eps)
-        conserved_sink = torch.einsum("bhld,bhd->bhl", q + eps, (k * source[..., None]).sum(2) + eps)
-        conserved_source = torch.einsum("bhsd,bhd->bhs", k + eps, (q * sink[..., None]).sum(2) + eps).clamp(-clamp, clamp)
-        allocation = torch.sigmoid(conserved_sink * (n_q / n_k))
-        competition = torch.softmax(conserved_source, -1) * n_k
-        kv = torch.einsum("bhsd,bhse->bhde", k, v * competition[..., None])
-        return torch.einsum("bhld,bhde->bhle", q * sink[..., None], kv) * allocation[..., None]
-    position = torch.arange(1, n_q + 1, dtype=q.dtype)
-    sink = position / torch.einsum("bhld,bhld->bhl", q + eps, k.cumsum(2) + eps)
-    source = position / torch.einsum("bhld,bhld->bhl", k + eps, q.cumsum(2) + eps)
-    conserved_sink = torch.einsum("bhld,bhld->bhl", q + eps, (k * source[..., None]).cumsum(2) + eps) / position
-    conserved_source = torch.einsum("bhld,bhld->bhl", k + eps, (q * sink[..., None]).cumsum(2) + eps) / position
-    conserved_source = conserved_source.clamp(-clamp, clamp).exp()
-    competition = conserved_source / conserved_source.cumsum(-1) * position
-    prefix_kv = torch.einsum("bhld,bhle->bhlde", k, v * competition[..., None]).cumsum(2)
-    out = torch.einsum("bhld,bhlde->bhle", q * (sink / position)[..., None], prefix_kv)
-    return out * torch.sigmoid(conserved_sink)[..., None]
+from flowformer.attention import causal_linear_attention, flow_attention
+from flowformer.attention.reference import flow_attention_reference, official_causal_flow, official_noncausal_flow
+from tests.helpers import random_qkv, relative_error
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_equals_the_official_formulation(causal):
     q, k, v = random_qkv(2, 3, 50, 16, dtype=torch.float64)
-    expected = official_style(q, k, v, causal)
+    expected = (official_causal_flow if causal else official_noncausal_flow)(q, k, v)
     assert relative_error(flow_attention(q, k, v, causal=causal, chunk_size=16), expected) < 1e-12
     assert relative_error(flow_attention_reference(q, k, v, causal=causal), expected) < 1e-12
 
@@ -61,7 +23,7 @@ def test_equals_the_official_formulation(causal):
 @pytest.mark.parametrize("dim", [16, 60])
 def test_forward_and_gradients_match_reference_fp32(causal, length, dim):
     heads = 2 if length == 1000 else 3
-    q, k, v = random_qkv(2, heads, length, dim, seed=length + dim)
+    q, k, v = random_qkv(2, heads, length, dim, dtype=torch.float32, seed=length + dim)
     weights = torch.randn(2, heads, length, dim, generator=torch.Generator().manual_seed(1))
 
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -104,7 +66,7 @@ def test_ablations_change_the_output():
     full = flow_attention(q, k, v)
     assert not torch.allclose(full, flow_attention(q, k, v, competition=False))
     assert not torch.allclose(full, flow_attention(q, k, v, allocation=False))
-    # the clamp is active: about half of the conserved outgoing flows exceed 1 (official-settings §1.2)
+    # the clamp is active: about half of the conserved outgoing flows exceed 1 (results/paper/official_code.md §1.2)
     assert not torch.allclose(full, flow_attention(q, k, v, clamp=None))
 
 
@@ -114,7 +76,7 @@ def test_competition_over_heads_matches_reference_and_differs_from_keys():
     expected = flow_attention_reference(q, k, v, **options)
     got = flow_attention(q, k, v, **options)
     assert relative_error(got, expected) < 1e-10
-    # the official LRA variant inflates outputs by roughly S/H (official-settings §1.4)
+    # the official LRA variant inflates outputs by roughly S/H (results/paper/official_code.md §1.4)
     assert got.abs().mean() > 3 * flow_attention(q, k, v, kernel="relu", clamp=None).abs().mean()
 
 
@@ -166,7 +128,7 @@ def test_key_padding_only_in_cross_attention():
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 64])
 def test_causality_future_tokens_do_not_change_the_past(chunk_size):
-    q, k, v = random_qkv(1, 2, 40, 8)
+    q, k, v = random_qkv(1, 2, 40, 8, dtype=torch.float32)
     cut = 23
     out = flow_attention(q, k, v, causal=True, chunk_size=chunk_size)
     changed = [t.clone() for t in (q, k, v)]
@@ -205,7 +167,7 @@ def test_half_precision_inputs_stay_finite(dtype, causal):
 
 
 def test_bad_inputs_raise_clear_errors():
-    q, k, v = random_qkv(1, 2, 5, 4)
+    q, k, v = random_qkv(1, 2, 5, 4, dtype=torch.float32)
     with pytest.raises(ValueError, match="kernel"):
         flow_attention(q, k, v, kernel="softplus")
     with pytest.raises(TypeError, match="bool"):

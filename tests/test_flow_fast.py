@@ -1,71 +1,40 @@
-"""The fast Flow-Attention paths against the dense reference: hand-written backward, chunk-level prefix sums, every
-backend and chunk size, causality, and half-precision numerics at long lengths."""
+"""The fast CPU Flow-Attention paths against the dense reference: hand-written backward, chunk-level prefix sums, every
+chunk size, causality, and half-precision numerics at long lengths."""
 
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import pytest
 import torch
 
-import flowformer.attention.flow as flow_module
-from flowformer.attention.flow import (
-    _blocked_exclusive_prefix,
-    _exclusive_chunk_prefix,
-    _exclusive_scan_,
-    _ExclusiveScan,
-    causal_linear_attention,
-    flow_attention,
-    resolve_backend,
-)
+from flowformer.attention import causal_linear_attention, flow_attention
+from flowformer.attention.flow import causal, chunks
 from flowformer.attention.reference import flow_attention_reference
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
-def random_inputs(batch, heads, length, dim, *, source_length=None, value_dim=None, dtype=torch.float64, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    source_length = source_length or length
-    shapes = [(batch, heads, length, dim), (batch, heads, source_length, dim), (batch, heads, source_length, value_dim or dim)]
-    return [torch.randn(shape, generator=generator, dtype=dtype) for shape in shapes]
-
-
-def gradients(fn, inputs, weights):
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    (out * weights).sum().backward()
-    return out.detach(), [t.grad for t in leaves]
+from tests.helpers import FLOW_OPTION_SETS, gradients, random_qkv, relative_error
 
 
 def assert_output_and_gradients_match_reference(inputs, weights, **kwargs):
     """flow_attention(**kwargs) against the dense reference: outputs to 1e-12, input gradients to 1e-10."""
-    reference_kwargs = {key: value for key, value in kwargs.items() if key != "chunk_size"}
     out, grads = gradients(lambda *t: flow_attention(*t, **kwargs), inputs, weights)
-    ref, ref_grads = gradients(lambda *t: flow_attention_reference(*t, **reference_kwargs), inputs, weights)
+    ref, ref_grads = gradients(lambda *t: flow_attention_reference(*t, **kwargs), inputs, weights)
     assert relative_error(out, ref) < 1e-12
     for got, expected in zip(grads, ref_grads):
         assert relative_error(got, expected) < 1e-10
 
 
-OPTION_SETS = [
-    {},
-    {"competition": False},
-    {"allocation": False},
-    {"competition": False, "allocation": False},
-    {"clamp": None},
-    {"clamp": 25.0},
-    {"kernel": "relu", "clamp": None},
-    {"eps": 1e-3},
-]
+def count_passes(monkeypatch) -> list[int]:
+    """Make every causal pass record its length in the returned list."""
+    calls: list[int] = []
+    one_pass = causal.causal_pass
+    monkeypatch.setattr(causal, "causal_pass", lambda x, *a, **kw: calls.append(x.q.shape[-2]) or one_pass(x, *a, **kw))
+    return calls
 
 
-@pytest.mark.parametrize("options", OPTION_SETS + [{"competition_over": "heads", "kernel": "relu", "clamp": None}])
+@pytest.mark.parametrize("options", FLOW_OPTION_SETS + [{"competition_over": "heads", "kernel": "relu", "clamp": None}])
 @pytest.mark.parametrize("masked", [False, True])
 def test_noncausal_hand_written_backward_matches_reference(options, masked):
-    q, k, v = random_inputs(2, 3, 13, 5, source_length=17, value_dim=4)
+    q, k, v = random_qkv(2, 3, 13, 5, source_length=17, value_dim=4)
     masks = {}
     if masked:
         key_mask = torch.zeros(2, 17, dtype=torch.bool)
@@ -77,10 +46,10 @@ def test_noncausal_hand_written_backward_matches_reference(options, masked):
     assert_output_and_gradients_match_reference((q, k, v), weights, **options, **masks)
 
 
-@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("options", FLOW_OPTION_SETS)
 @pytest.mark.parametrize("chunk_size", [1, 4, 16])
 def test_causal_gradients_match_reference_with_padding(options, chunk_size):
-    q, k, v = random_inputs(2, 2, 23, 6, value_dim=3, seed=1)
+    q, k, v = random_qkv(2, 2, 23, 6, value_dim=3, seed=1)
     mask = torch.zeros(2, 23, dtype=torch.bool)
     mask[0, :5] = True  # left padding
     mask[1, 17:] = True  # right padding
@@ -104,8 +73,8 @@ def test_causal_gradients_match_reference_with_padding(options, chunk_size):
 )
 def test_noncausal_blocked_passes_match_reference(monkeypatch, options):
     # the smallest block is 256 rows: 700 queries and 600 keys take 3 blocks each, the last one partial
-    monkeypatch.setattr(flow_module, "_BLOCK_BYTES", 1)
-    q, k, v = random_inputs(2, 2, 700, 6, source_length=600, value_dim=5, seed=13)
+    monkeypatch.setattr(chunks, "BLOCK_BYTES", 1)
+    q, k, v = random_qkv(2, 2, 700, 6, source_length=600, value_dim=5, seed=13)
     key_mask = torch.zeros(2, 600, dtype=torch.bool)
     key_mask[1, 450:] = True
     query_mask = torch.zeros(2, 700, dtype=torch.bool)
@@ -116,7 +85,7 @@ def test_noncausal_blocked_passes_match_reference(monkeypatch, options):
 
 
 def test_hand_written_backward_passes_gradcheck():
-    q, k, v = (t.requires_grad_() for t in random_inputs(1, 2, 6, 3, source_length=7, value_dim=2, seed=3))
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 6, 3, source_length=7, value_dim=2, seed=3))
     assert torch.autograd.gradcheck(lambda *t: flow_attention(*t), (q, k, v))
 
 
@@ -124,9 +93,9 @@ def test_hand_written_backward_passes_gradcheck():
 def test_exclusive_chunk_prefix_forms_agree(length):
     x = torch.randn(2, 3, length, 5, dtype=torch.float64)
     expected = torch.cat([torch.zeros_like(x[..., :1, :]), x[..., :-1, :].cumsum(-2)], dim=-2)
-    torch.testing.assert_close(_blocked_exclusive_prefix(x), expected)
-    torch.testing.assert_close(_ExclusiveScan.apply(x), expected)
-    torch.testing.assert_close(_exclusive_chunk_prefix(x), expected)
+    torch.testing.assert_close(chunks.blocked_exclusive_prefix(x), expected)
+    torch.testing.assert_close(chunks.ExclusiveScan.apply(x), expected)
+    torch.testing.assert_close(chunks.exclusive_chunk_prefix(x), expected)
 
 
 @pytest.mark.parametrize("with_start", [False, True])
@@ -137,7 +106,7 @@ def test_in_place_exclusive_scan_returns_the_prefixes_and_the_total(with_start):
     expected = torch.cat([torch.zeros_like(x[..., :1, :]), x[..., :-1, :].cumsum(-2)], dim=-2) + offset
     total = x.sum(-2) + (0.0 if start is None else start)
     scanned = x.clone()
-    got_total = _exclusive_scan_(scanned, start)
+    got_total = chunks.exclusive_scan_(scanned, start)
     torch.testing.assert_close(scanned, expected)
     torch.testing.assert_close(got_total, total)
 
@@ -145,8 +114,8 @@ def test_in_place_exclusive_scan_returns_the_prefixes_and_the_total(with_start):
 @pytest.mark.parametrize("options", [{}, {"competition": False}, {"allocation": False}, {"clamp": None}])
 def test_causal_inference_path_equals_the_training_path(options):
     # without gradients the causal path keeps nothing for a backward and scans the (d, dv) chunk states in place
-    # (d·dv = 1024 >= _SCAN_MIN_WIDTH); it must give the training path's output, padding included
-    q, k, v = random_inputs(2, 2, 150, 32, seed=8)
+    # (d·dv = 1024 >= chunks.SCAN_MIN_WIDTH); it must give the training path's output, padding included
+    q, k, v = random_qkv(2, 2, 150, 32, seed=8)
     mask = torch.zeros(2, 150, dtype=torch.bool)
     mask[1, 120:] = True
     run = lambda *t: flow_attention(*t, causal=True, key_padding_mask=mask, chunk_size=16, **options)
@@ -158,16 +127,14 @@ def test_causal_inference_path_equals_the_training_path(options):
     assert relative_error(inference, reference) < 1e-12
 
 
-@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("options", FLOW_OPTION_SETS)
 def test_causal_inference_in_segments_matches_reference(monkeypatch, options):
-    # _BLOCK_BYTES = 1 makes the segments as short as allowed: 8 chunks of 4 = 32 tokens, so 150 tokens run in five
+    # BLOCK_BYTES = 1 makes the segments as short as allowed: 8 chunks of 4 = 32 tokens, so 150 tokens run in five
     # segments, the last one (22 tokens) with a padded tail inside its last chunk
-    monkeypatch.setattr(flow_module, "_BLOCK_BYTES", 1)
-    calls = []
-    one_piece = flow_module._causal_flow
-    monkeypatch.setattr(flow_module, "_causal_flow", lambda *a, **kw: calls.append(a[0].shape[-2]) or one_piece(*a, **kw))
+    monkeypatch.setattr(chunks, "BLOCK_BYTES", 1)
+    calls = count_passes(monkeypatch)
     # (seed 21 makes the dense reference itself overflow to NaN for relu without a clamp)
-    q, k, v = random_inputs(2, 2, 150, 6, value_dim=5, seed=22)
+    q, k, v = random_qkv(2, 2, 150, 6, value_dim=5, seed=22)
     mask = torch.zeros(2, 150, dtype=torch.bool)
     mask[0, :40] = True  # left padding across the first segment boundary
     mask[1, 100:] = True  # right padding across the last boundaries
@@ -186,9 +153,9 @@ def test_causal_inference_in_segments_matches_reference(monkeypatch, options):
 
 
 def test_causal_inference_in_segments_stays_exactly_causal_in_float32(monkeypatch):
-    monkeypatch.setattr(flow_module, "_BLOCK_BYTES", 1)
-    q, k, v = random_inputs(1, 2, 300, 16, dtype=torch.float32, seed=22)
-    assert flow_module._inference_segment(q, k, v, 16) == 128
+    monkeypatch.setattr(chunks, "BLOCK_BYTES", 1)
+    q, k, v = random_qkv(1, 2, 300, 16, dtype=torch.float32, seed=22)
+    assert causal.inference_segment(q, k, v, 16) == 128
     with torch.no_grad():
         out = flow_attention(q, k, v, causal=True, chunk_size=16)
         changed = [t.clone() for t in (q, k, v)]
@@ -201,27 +168,27 @@ def test_causal_inference_in_segments_stays_exactly_causal_in_float32(monkeypatc
 
 
 def test_causal_segments_only_for_cpu_inference_longer_than_a_segment():
-    q, k, v = random_inputs(1, 8, 4096, 64, dtype=torch.float32)
-    assert flow_module._inference_segment(q, k, v, 64) == 1024  # (1, 8, 1024, 64) fp32 = 2 MiB
-    assert flow_module._inference_segment(q[:, :, :1024], k[:, :, :1024], v[:, :, :1024], 64) is None
-    assert flow_module._inference_segment(q.requires_grad_(), k, v, 64) is None
+    q, k, v = random_qkv(1, 8, 4096, 64, dtype=torch.float32)
+    assert causal.inference_segment(q, k, v, 64) == 1024  # (1, 8, 1024, 64) fp32 = 2 MiB
+    assert causal.inference_segment(q[:, :, :1024], k[:, :, :1024], v[:, :, :1024], 64) is None
+    assert causal.inference_segment(q.requires_grad_(), k, v, 64) is None
     with torch.no_grad():
-        assert flow_module._inference_segment(q, k, v, 64) == 1024
-    wide = random_inputs(16, 8, 4096, 64, dtype=torch.float32)
-    assert flow_module._inference_segment(*wide, 64) == 8 * 64  # never fewer than _MIN_SEGMENT_CHUNKS chunks
+        assert causal.inference_segment(q, k, v, 64) == 1024
+    wide = random_qkv(16, 8, 4096, 64, dtype=torch.float32)
+    assert causal.inference_segment(*wide, 64) == 8 * 64  # never fewer than causal.MIN_SEGMENT_CHUNKS chunks
 
 
 def test_exclusive_scan_gradient():
     x = torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_ExclusiveScan.apply, (x,))
+    assert torch.autograd.gradcheck(chunks.ExclusiveScan.apply, (x,))
 
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_wide_chunk_states_take_the_scan_and_stay_exactly_causal(grad):
-    # d·dv = 1024 >= _SCAN_MIN_WIDTH, so the (d, dv) chunk states go through _ExclusiveScan (with gradients) or
+    # d·dv = 1024 >= SCAN_MIN_WIDTH, so the (d, dv) chunk states go through ExclusiveScan (with gradients) or
     # the in-place scan (inference)
-    assert 32 * 32 >= flow_module._SCAN_MIN_WIDTH
-    q, k, v = random_inputs(1, 2, 300, 32, dtype=torch.float32, seed=4)
+    assert 32 * 32 >= chunks.SCAN_MIN_WIDTH
+    q, k, v = random_qkv(1, 2, 300, 32, dtype=torch.float32, seed=4)
     with torch.set_grad_enabled(grad):
         inputs = [t.clone().requires_grad_(grad) for t in (q, k, v)]
         out = flow_attention(*inputs, causal=True, chunk_size=16).detach()
@@ -236,7 +203,7 @@ def test_wide_chunk_states_take_the_scan_and_stay_exactly_causal(grad):
 
 
 def test_causal_linear_attention_with_wide_states_equals_masked_dense():
-    q, k, v = random_inputs(1, 2, 70, 24, value_dim=40)
+    q, k, v = random_qkv(1, 2, 70, 24, value_dim=40)
     dense = torch.tril(q @ k.transpose(-2, -1)) @ v
     torch.testing.assert_close(causal_linear_attention(q, k, v, chunk_size=8), dense)
 
@@ -244,107 +211,12 @@ def test_causal_linear_attention_with_wide_states_equals_masked_dense():
 @pytest.mark.parametrize("clamp", [1.0, 10.0, 25.0, None, 1e6])
 def test_prefix_softmax_forms_agree(clamp):
     # clamp <= 30: exp + float64 cumsum; larger or None: logcumsumexp
-    q, k, v = random_inputs(2, 2, 40, 8, seed=6)
+    q, k, v = random_qkv(2, 2, 40, 8, seed=6)
     mask = torch.zeros(2, 40, dtype=torch.bool)
     mask[0, :7] = True
     expected = flow_attention_reference(q, k, v, causal=True, key_padding_mask=mask, clamp=clamp)
     got = flow_attention(q, k, v, causal=True, key_padding_mask=mask, clamp=clamp, chunk_size=8)
     assert relative_error(got, expected) < 1e-12
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Backends
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def test_auto_backend_resolves_to_the_measured_fastest_which_is_eager():
-    q = torch.zeros(1, 1, 4, 2)
-    assert resolve_backend("auto", q, causal=True) == "eager"
-    assert resolve_backend("auto", q, causal=False) == "eager"
-    q, k, v = random_inputs(1, 2, 30, 8)
-    torch.testing.assert_close(flow_attention(q, k, v, causal=True, backend="auto"), flow_attention(q, k, v, causal=True))
-
-
-def test_triton_backend_without_gpu_or_interpreter_says_what_to_do(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    q, k, v = random_inputs(1, 1, 8, 4, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        flow_attention(q, k, v, causal=True, backend="triton")
-
-
-def test_compile_backend_falls_back_to_eager_with_a_warning(monkeypatch):
-    def broken_compile(fn, **kwargs):
-        def run(*args, **kw):
-            raise RuntimeError("no C++ compiler")
-
-        return run
-
-    monkeypatch.setattr(flow_module, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    q, k, v = random_inputs(1, 2, 20, 8)
-    with pytest.warns(RuntimeWarning, match="falling back to backend='eager'"):
-        out = flow_attention(q, k, v, backend="compile")
-    torch.testing.assert_close(out, flow_attention(q, k, v))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the fallback is remembered: no second warning
-        flow_attention(q, k, v, backend="compile")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("causal", [False, True])
-def test_compile_backend_matches_reference(causal):
-    q, k, v = random_inputs(2, 2, 37, 8, dtype=torch.float32, seed=7)
-    mask = torch.zeros(2, 37, dtype=torch.bool)
-    mask[1, 30:] = True
-    weights = torch.randn(2, 2, 37, 8, generator=torch.Generator().manual_seed(8))
-    for length in (37, 21):  # a second length must reuse the dynamic-shape graph and still be right
-        args = [t[:, :, :length].contiguous() for t in (q, k, v)]
-        m = mask[:, :length]
-        out, grads = gradients(
-            lambda *t, m=m: flow_attention(*t, causal=causal, key_padding_mask=m, backend="compile"),
-            args, weights[:, :, :length],
-        )
-        ref, ref_grads = gradients(
-            lambda *t, m=m: flow_attention_reference(*t, causal=causal, key_padding_mask=m),
-            [t.double() for t in args], weights[:, :, :length].double(),
-        )
-        assert relative_error(out.double(), ref) < 1e-5
-        for got, expected in zip(grads, ref_grads):
-            assert relative_error(got.double(), expected) < 1e-4
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("chunk_size", [1, 5, 16, 64])
-def test_triton_backend_in_the_interpreter_matches_reference(monkeypatch, chunk_size):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    q, k, v = random_inputs(2, 2, 45, 16, value_dim=20, dtype=torch.float32, seed=9)
-    mask = torch.zeros(2, 45, dtype=torch.bool)
-    mask[0, :6] = True
-    weights = torch.randn(2, 2, 45, 20, generator=torch.Generator().manual_seed(10))
-    run = lambda *t: flow_attention(*t, causal=True, key_padding_mask=mask, chunk_size=chunk_size, backend="triton")
-    out, grads = gradients(run, (q, k, v), weights)
-    ref, ref_grads = gradients(
-        lambda *t: flow_attention_reference(*t, causal=True, key_padding_mask=mask), [t.double() for t in (q, k, v)],
-        weights.double(),
-    )
-    assert relative_error(out.double(), ref) < 1e-5
-    for got, expected in zip(grads, ref_grads):
-        assert relative_error(got.double(), expected) < 1e-4
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("reverse", [False, True])
-def test_triton_kernel_in_the_interpreter_matches_masked_dense(monkeypatch, reverse):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from flowformer.attention.triton_causal import _launch
-
-    q, k, w = random_inputs(1, 3, 100, 24, value_dim=70, dtype=torch.float32, seed=11)
-    scores = q @ k.transpose(-2, -1)
-    dense = (scores.triu() if reverse else scores.tril()) @ w
-    torch.testing.assert_close(_launch(q, k, w, reverse=reverse, block_t=32), dense, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -377,15 +249,3 @@ def test_half_precision_at_8192_is_finite_and_accurate(dtype, causal):
 @pytest.mark.parametrize("dtype, causal", list(itertools.product([torch.bfloat16, torch.float16], [False, True])))
 def test_half_precision_at_65536_is_finite(dtype, causal):
     _finite_outputs_and_gradients(dtype, causal, 65536, 8, 64)
-
-
-def test_triton_block_size_and_precision_are_checked(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from flowformer.attention.triton_causal import causal_linear_attention_triton
-
-    q, k, w = random_inputs(1, 1, 32, 16, dtype=torch.float32)
-    with pytest.raises(ValueError, match="block_size must be one of"):
-        causal_linear_attention_triton(q, k, w, block_size=128)
-    with pytest.raises(ValueError, match="precision must be one of"):
-        causal_linear_attention_triton(q, k, w, precision="fp8")

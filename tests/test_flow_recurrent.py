@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import flowformer.attention.flow as flow_module
-from flowformer.attention.flow import flow_attention
-from flowformer.attention.recurrent import FlowOptions, FlowState, flow_attention_prefill, flow_attention_step
+from flowformer.attention import (
+    FlowAttention,
+    FlowOptions,
+    FlowState,
+    flow_attention,
+    flow_attention_prefill,
+    flow_attention_step,
+)
+from flowformer.attention.flow import causal, chunks
 
 OPTION_SETS = [
     {},
@@ -79,9 +85,9 @@ def test_prefill_then_steps_and_segmented_prefill_equal_full_causal(options, mas
 
 @pytest.mark.parametrize("options", OPTION_SETS)
 def test_prefill_without_autograd_in_segments_equals_the_one_piece_prefill(monkeypatch, options):
-    # _BLOCK_BYTES = 1: segments of 8 chunks of 2 = 16 tokens, so a 37-token prompt after a 6-token one runs in
+    # BLOCK_BYTES = 1: segments of 8 chunks of 2 = 16 tokens, so a 37-token prompt after a 6-token one runs in
     # three segments, the last with a padded tail, and continues the first prompt's state
-    monkeypatch.setattr(flow_module, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(chunks, "BLOCK_BYTES", 1)
     q, k, v = random_inputs(length=43, seed=4)
     mask = torch.zeros(2, 43, dtype=torch.bool)
     mask[0, :4] = True
@@ -95,10 +101,8 @@ def test_prefill_without_autograd_in_segments_equals_the_one_piece_prefill(monke
 
     first, state = prefill(0, 6, None)
     calls = []
-    one_piece_pass = flow_module._causal_flow
-    monkeypatch.setattr(
-        flow_module, "_causal_flow", lambda *a, **kw: calls.append(a[0].shape[-2]) or one_piece_pass(*a, **kw)
-    )
+    one_piece_pass = causal.causal_pass
+    monkeypatch.setattr(causal, "causal_pass", lambda x, *a, **kw: calls.append(x.q.shape[-2]) or one_piece_pass(x, *a, **kw))
     with torch.no_grad():
         segmented, segmented_state = prefill(6, 43, state)
     assert calls == [16, 16, 5]
@@ -181,3 +185,22 @@ def test_mismatched_options_or_shapes_raise_clear_errors():
         flow_attention_step(q[:, :, :2], k[:, :, :2], v[:, :, :2], state, clamp=5.0)
     with pytest.raises(ValueError, match="kernel"):
         flow_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], kernel="softplus")
+
+
+def test_a_module_and_the_step_mode_share_one_options_object():
+    op = FlowAttention(5, 3, clamp=10.0, kernel="relu", chunk_size=4)
+    q, k, v = random_inputs(seed=9)
+    full = op(q, k, v, causal=True)
+    cut = 15
+    prompt, state = flow_attention_prefill(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], options=op.options)
+    steps, _ = run_steps(q, k, v, state=state, start=cut, options=op.options)
+    torch.testing.assert_close(torch.cat([prompt, steps], dim=2), full, rtol=1e-12, atol=1e-12)
+    # the options object also unpacks as keywords, and a keyword overrides a field of `options=`
+    keywords, _ = flow_attention_prefill(q, k, v, **op.options)
+    torch.testing.assert_close(keywords, full, rtol=1e-12, atol=1e-12)
+    _, other = flow_attention_prefill(q, k, v, options=op.options, chunk_size=16)
+    assert other.options == FlowOptions(clamp=10.0, kernel="relu", chunk_size=16)
+    # chunk size and backend change speed only: a state continues under either
+    flow_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], other, options=op.options)
+    with pytest.raises(TypeError, match="unknown flow-attention option"):
+        flow_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], other, options=op.options, clammp=1.0)

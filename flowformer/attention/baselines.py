@@ -1,6 +1,6 @@
 """Baseline attention ops compared against Flow-Attention in the paper's tables.
 
-Every op follows the attention op contract (``/work/contracts.md``, "Attention op contract"):
+Every op follows the attention op contract (checked for every registered op by tests/test_attention_ops.py):
 
 * constructor ``(head_dim, n_heads, **options)``;
 * ``forward(q, k, v, *, causal=False, key_padding_mask=None, query_padding_mask=None)`` with
@@ -13,34 +13,38 @@ Every op follows the attention op contract (``/work/contracts.md``, "Attention o
 
 Ops: :class:`SoftmaxAttention` (exact, SDPA), :class:`LinearAttention` (Katharopoulos et al. 2020),
 :class:`PerformerAttention` (FAVOR+, Choromanski et al. 2021), :class:`CosformerAttention` (Qin et al. 2022)
-and :class:`ReformerAttention` (LSH attention, Kitaev et al. 2020; needs the optional ``[reformer]`` extra).
+and :class:`flowformer.attention.reformer.ReformerAttention` (LSH attention, Kitaev et al. 2020; needs the
+optional ``[reformer]`` extra).
 
 The three kernelised ops share :func:`_kernel_attention`, whose causal path is chunked so that memory stays
 linear in the sequence length.
+
+Mixed precision: under autocast every op takes q, k and v in the autocast dtype, as a matmul would. Softmax
+attention then runs SDPA in that dtype (it accumulates its softmax in fp32 itself); the other ops compute in at
+least fp32 with autocast off, because their normalisers and key-value states are sums over the whole sequence
+(they overflow fp16 at long lengths) and Performer's random features are exponentials, which bf16 rounds
+coarsely. Outputs come back in the input (or autocast) dtype.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowformer.attention.flow import causal_linear_attention
+from flowformer.attention.flow import DEFAULT_CHUNK_SIZE, causal_linear_attention
+from flowformer.attention.precision import autocast_inputs
 
 __all__ = [
+    "BaselineAttention",
     "CosformerAttention",
     "LinearAttention",
     "PerformerAttention",
-    "ReformerAttention",
     "SoftmaxAttention",
 ]
 
-_DEFAULT_CHUNK_SIZE = 64
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -93,17 +97,6 @@ def _zero_padded_queries(out: torch.Tensor, query_padding_mask: torch.Tensor | N
     return out.masked_fill(query_padding_mask[:, None, :, None], 0.0)
 
 
-def _causal_linear_attention(
-    phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
-    """Causal un-normalised kernel attention ``out_i = sum_{j <= i} <phi_q_i, phi_k_j> v_j`` in linear memory.
-
-    phi_q, phi_k: (B, H, L, m) features (zero rows for padded keys); v: (B, H, L, dv). Returns (B, H, L, dv).
-    One chunked implementation serves Flow-Attention and every kernel baseline.
-    """
-    return causal_linear_attention(phi_q, phi_k, v, chunk_size=chunk_size)
-
-
 def _kernel_attention(
     phi_q: torch.Tensor,
     phi_k: torch.Tensor,
@@ -117,34 +110,36 @@ def _kernel_attention(
 
     phi_q: (B, H, L, m), phi_k: (B, H, S, m), v: (B, H, S, dv) -> (B, H, L, dv). ``eps`` is a float or a tensor
     broadcastable to (B, H, L, 1). With ``causal`` the sums run over j <= i (L == S) through
-    :func:`_causal_linear_attention`. The normaliser is computed in the same pass by appending a column of ones
+    :func:`flowformer.attention.flow.causal_linear_attention`. The normaliser is computed in the same pass by appending a column of ones
     to v.
     """
     ones = torch.ones_like(v[..., :1])
     v1 = torch.cat([v, ones], dim=-1)
     if causal:
-        out1 = _causal_linear_attention(phi_q, phi_k, v1, chunk_size)
+        out1 = causal_linear_attention(phi_q, phi_k, v1, chunk_size=chunk_size)
     else:
         out1 = phi_q @ (phi_k.transpose(-1, -2) @ v1)
     return out1[..., :-1] / (out1[..., -1:] + eps)
 
 
-def _check_positive(op: str, name: str, value: float, *, allow_zero: bool = False) -> None:
+def check_positive(op: str, name: str, value: float, *, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{op}: option {name} must be {bound}; got {value!r}. Fix it in conf/model/attention/.")
 
 
-class _BaselineAttention(nn.Module):
+class BaselineAttention(nn.Module):
     """Common base: stores sizes and the capability flags that tests and the layer may read.
 
     ``shares_qk`` is True for ops that use one shared query/key tensor (Reformer); the multi-head layer should
-    then tie the key projection to the query projection.
+    then tie the key projection to the query projection. ``float32_compute`` (default True) runs the op in at least
+    fp32 with autocast off (see the module docstring).
     """
 
     registry_name: str = ""
     shares_qk: bool = False
+    float32_compute: bool = True
 
     def __init__(self, head_dim: int, n_heads: int) -> None:
         super().__init__()
@@ -169,8 +164,15 @@ class _BaselineAttention(nn.Module):
     ) -> torch.Tensor:
         """q (B, H, L, d), k (B, H, S, d), v (B, H, S, dv) -> (B, H, L, dv); padded queries give exactly 0."""
         _check_inputs(self._op, q, k, v, causal, key_padding_mask, query_padding_mask)
-        out = self._attend(q, k, v, causal, key_padding_mask, query_padding_mask)
-        return _zero_padded_queries(out, query_padding_mask)
+        q, k, v = autocast_inputs(q, k, v)
+        dtype = q.dtype
+        if self.float32_compute:
+            wide = torch.promote_types(dtype, torch.float32)
+            with torch.autocast(q.device.type, enabled=False):
+                out = self._attend(q.to(wide), k.to(wide), v.to(wide), causal, key_padding_mask, query_padding_mask)
+        else:
+            out = self._attend(q, k, v, causal, key_padding_mask, query_padding_mask)
+        return _zero_padded_queries(out, query_padding_mask).to(dtype)
 
     def _attend(self, q, k, v, causal, key_padding_mask, query_padding_mask) -> torch.Tensor:
         """The op itself, on validated inputs; outputs at padded queries are zeroed by `forward`."""
@@ -180,15 +182,15 @@ class _BaselineAttention(nn.Module):
         return f"head_dim={self.head_dim}, n_heads={self.n_heads}"
 
 
-class _NormalisedKernelAttention(_BaselineAttention):
+class _NormalisedKernelAttention(BaselineAttention):
     """Base of the feature-map attentions with a normaliser: options `eps` and the causal `chunk_size`."""
 
     def __init__(
-        self, head_dim: int, n_heads: int, eps: float = 1e-6, chunk_size: int = _DEFAULT_CHUNK_SIZE
+        self, head_dim: int, n_heads: int, eps: float = 1e-6, chunk_size: int = DEFAULT_CHUNK_SIZE
     ) -> None:
         super().__init__(head_dim, n_heads)
-        _check_positive(self._op, "eps", eps, allow_zero=True)
-        _check_positive(self._op, "chunk_size", chunk_size)
+        check_positive(self._op, "eps", eps, allow_zero=True)
+        check_positive(self._op, "chunk_size", chunk_size)
         self.eps = float(eps)
         self.chunk_size = int(chunk_size)
 
@@ -198,7 +200,7 @@ class _NormalisedKernelAttention(_BaselineAttention):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class SoftmaxAttention(_BaselineAttention):
+class SoftmaxAttention(BaselineAttention):
     """Exact scaled dot-product attention through ``F.scaled_dot_product_attention`` (scale 1/sqrt(d)).
 
     Options:
@@ -209,6 +211,7 @@ class SoftmaxAttention(_BaselineAttention):
     """
 
     registry_name = "softmax"
+    float32_compute = False  # SDPA runs half inputs natively, with its softmax in fp32
 
     def __init__(self, head_dim: int, n_heads: int, dropout: float = 0.0) -> None:
         super().__init__(head_dim, n_heads)
@@ -300,7 +303,7 @@ def orthogonal_gaussian_projection(nb_features: int, head_dim: int, generator: t
     return (directions * norms[:, None]).to(torch.float32)
 
 
-class PerformerAttention(_BaselineAttention):
+class PerformerAttention(BaselineAttention):
     """FAVOR+ attention with positive orthogonal random features (Choromanski et al. 2021).
 
     Features: ``phi(x)_r = exp(w_r . x' - |x'|^2 / 2) / sqrt(m)`` with ``x' = x * d^(-1/4)``, so that
@@ -338,15 +341,15 @@ class PerformerAttention(_BaselineAttention):
         redraw_interval: int | None = 0,
         seed: int | None = None,
         eps: float = 1e-6,
-        chunk_size: int = _DEFAULT_CHUNK_SIZE,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__(head_dim, n_heads)
         self.nb_features = default_nb_features(self.head_dim) if nb_features is None else int(nb_features)
-        _check_positive(self._op, "nb_features", self.nb_features)
+        check_positive(self._op, "nb_features", self.nb_features)
         self.redraw_interval = int(redraw_interval or 0)
-        _check_positive(self._op, "redraw_interval", self.redraw_interval, allow_zero=True)
-        _check_positive(self._op, "eps", eps, allow_zero=True)
-        _check_positive(self._op, "chunk_size", chunk_size)
+        check_positive(self._op, "redraw_interval", self.redraw_interval, allow_zero=True)
+        check_positive(self._op, "eps", eps, allow_zero=True)
+        check_positive(self._op, "chunk_size", chunk_size)
         self.eps = float(eps)
         self.chunk_size = int(chunk_size)
         if seed is None:
@@ -479,196 +482,4 @@ class CosformerAttention(_NormalisedKernelAttention):
         if key_padding_mask is not None:
             phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
         out = _kernel_attention(phi_q, phi_k, v, causal=causal, chunk_size=self.chunk_size, eps=self.eps)
-        return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reformer (LSH attention, Kitaev et al. 2020) on top of reformer_pytorch
-# --------------------------------------------------------------------------------------------------------------
-
-_REFORMER_INSTALL_HINT = "ReformerAttention needs the optional extra: pip install -e '.[reformer]'"
-
-
-@functools.lru_cache(maxsize=1)
-def _padded_lsh_class() -> type:
-    """Build (once) a subclass of reformer_pytorch's LSHAttention that keeps padding out of the hash sort.
-
-    The package hashes every slot, padding included, and sorts slots by (bucket, position); chunks of that sorted
-    order are what attends to what. Padding that lands between real tokens would change which real tokens share
-    a chunk, so the output would depend on the amount and content of padding. Here every padded slot is sent to
-    the last bucket of each hashing round; since the caller also moves real tokens to the front, padding sorts
-    after every real token and the chunks of real tokens are the same as for the unpadded sequence (the trick
-    Trax and Hugging Face use: padding gets a bucket of its own).
-    """
-    try:
-        from reformer_pytorch.reformer_pytorch import LSHAttention
-    except ImportError as exc:
-        raise ImportError(_REFORMER_INSTALL_HINT) from exc
-
-    class _PaddedLSHAttention(LSHAttention):
-        pad_slots: torch.Tensor | None = None  # (batch, seqlen) bool, True = padding; set per call
-
-        def hash_vectors(self, n_buckets, vecs, key_namespace=None, fetch=False, set_cache=True):
-            # The package caches buckets for its reversible network; we never use that, so skip the cache.
-            buckets = super().hash_vectors(n_buckets, vecs, key_namespace=key_namespace, fetch=False, set_cache=False)
-            if self.pad_slots is None:
-                return buckets
-            batch, seqlen = self.pad_slots.shape
-            per_round = buckets.reshape(batch, self.n_hashes, seqlen)
-            last_bucket = torch.arange(self.n_hashes, device=buckets.device) * n_buckets + (n_buckets - 1)
-            per_round = torch.where(self.pad_slots[:, None, :], last_bucket[None, :, None], per_round)
-            return per_round.reshape(batch, self.n_hashes * seqlen)
-
-    return _PaddedLSHAttention
-
-
-@contextlib.contextmanager
-def _fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Run the block with the global RNG of ``device`` seeded to ``seed``; restore the previous state after."""
-    is_cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if is_cuda else []):
-        torch.random.default_generator.manual_seed(seed)
-        if is_cuda:
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            torch.cuda.default_generators[index].manual_seed(seed)
-        yield
-
-
-class ReformerAttention(_BaselineAttention):
-    """LSH attention (Kitaev et al. 2020) via the maintained ``reformer_pytorch`` package (imported lazily).
-
-    Shared query/key: Reformer attends with one tensor used as both query and key (keys are the unit-normalised
-    queries). This op uses **q as the shared query/key and ignores k** (only its shape is checked);
-    ``shares_qk = True`` tells the multi-head layer to tie the key projection to the query projection (otherwise
-    the key projection gets no gradient). Cross-attention (L != S) raises NotImplementedError. Scores are scaled
-    by 1/sqrt(d). As in the paper, a token attends to itself only when nothing else is visible to it.
-
-    Lengths: the package needs a multiple of ``2 * bucket_size``; inputs are padded internally (masked, and kept
-    in a bucket of their own) and cropped. Real tokens are moved to the front first, so real positions equal the
-    unpadded output *exactly* whenever both calls use the same internal length (i.e. ceil(n / (2 *
-    bucket_size)) agrees; always true for sequences up to 2 * bucket_size). Otherwise the number of buckets
-    differs, the hashes differ and the outputs agree only in distribution: LSH attention is randomised.
-
-    Randomness: training draws fresh hash rotations from the global torch RNG each call (as in the paper; the
-    Lightning seed makes it reproducible). Eval mode draws them from a generator seeded with ``eval_seed``, so
-    evaluation is deterministic; ``eval_seed=None`` keeps the global RNG in eval too.
-
-    Causal: the package masks keys after the query, so no later *value* or score reaches output i. But the hash
-    sort is global: later tokens' buckets change which earlier keys share a chunk with i, so output i can change
-    when later queries/keys change. That breaks the strict causal contract, so ``causal=True`` raises
-    NotImplementedError unless ``allow_causal_hash_leak=True``; set it to reproduce the paper's causal Reformer
-    rows (WikiText-103, D4RL) and record that choice in the config.
-
-    Options:
-        bucket_size: slots per chunk (default 32).
-        n_hashes: hashing rounds (default 4).
-        dropout: dropout on the attention probabilities, training only (default 0.0).
-        eval_seed: seed of the hash rotations in eval mode (default 0; None = global RNG).
-        allow_causal_hash_leak: permit causal=True with the leak described above (default False).
-    """
-
-    registry_name = "reformer"
-    shares_qk = True
-
-    def __init__(
-        self,
-        head_dim: int,
-        n_heads: int,
-        bucket_size: int = 32,
-        n_hashes: int = 4,
-        dropout: float = 0.0,
-        eval_seed: int | None = 0,
-        allow_causal_hash_leak: bool = False,
-    ) -> None:
-        super().__init__(head_dim, n_heads)
-        _check_positive(self._op, "bucket_size", bucket_size)
-        _check_positive(self._op, "n_hashes", n_hashes)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{self._op}: option dropout must be in [0, 1); got {dropout!r}.")
-        lsh_class = _padded_lsh_class()
-        self.bucket_size = int(bucket_size)
-        self.n_hashes = int(n_hashes)
-        self.eval_seed = None if eval_seed is None else int(eval_seed)
-        self.allow_causal_hash_leak = bool(allow_causal_hash_leak)
-        self.lsh = lsh_class(bucket_size=self.bucket_size, n_hashes=self.n_hashes, dropout=dropout, causal=False)
-        self.lsh_causal = lsh_class(bucket_size=self.bucket_size, n_hashes=self.n_hashes, dropout=dropout, causal=True)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, bucket_size={self.bucket_size}, n_hashes={self.n_hashes}, "
-            f"eval_seed={self.eval_seed}, allow_causal_hash_leak={self.allow_causal_hash_leak}"
-        )
-
-    def _attend(self, q, k, v, causal, key_padding_mask, query_padding_mask) -> torch.Tensor:
-        """q (B, H, L, d) is the shared query/key; k is ignored (its shape is checked); v (B, H, L, dv)."""
-        b, h, length, d = q.shape
-        dv = v.shape[-1]
-        if k.shape[2] != length:
-            raise NotImplementedError(
-                f"{self._op}: LSH attention shares queries and keys, so it is self-attention only; got L={length}, "
-                f"S={k.shape[2]}. Use 'softmax', 'linear', 'performer' or 'cosformer' for cross-attention."
-            )
-        if causal and not self.allow_causal_hash_leak:
-            raise NotImplementedError(
-                f"{self._op}: causal LSH attention is not strictly causal (later tokens' hash buckets change which "
-                "earlier keys a query sees). Set model.attention.allow_causal_hash_leak=true to accept this, as "
-                "the paper's Reformer baseline does, or use 'softmax', 'linear', 'performer' or 'cosformer'."
-            )
-
-        # Token mask for the shared query/key sequence: a padded key is never attended to, and its v is zeroed so
-        # the package's "attend to self when alone" rule cannot leak it into any output.
-        pad = key_padding_mask
-        qk = q
-        if pad is not None:
-            qk = qk.masked_fill(pad[:, None, :, None], 0.0)
-            v = v.masked_fill(pad[:, None, :, None], 0.0)
-            # Real tokens first (stable, so order and hence causality are kept), padding after.
-            order = torch.argsort(pad.to(torch.int8), dim=-1, stable=True)  # (B, L)
-            qk = qk.gather(2, order[:, None, :, None].expand(b, h, length, d))
-            v = v.gather(2, order[:, None, :, None].expand(b, h, length, dv))
-            n_real = (~pad).sum(dim=-1)  # (B,)
-            n_keep = max(int(n_real.max().item()), 1)
-        else:
-            n_real = torch.full((b,), length, device=q.device)
-            n_keep = length
-        qk, v = qk[:, :, :n_keep], v[:, :, :n_keep]
-
-        # The package scales by 1/sqrt(width) and needs v as wide as qk. Zero columns change neither the
-        # hash (argmax of a rotation of qk) nor the key normalisation, and the factor sqrt(width / d) restores the
-        # 1/sqrt(d) scale (the package uses the raw qk as the query and the normalised qk as the key).
-        width = max(d, dv)
-        if width > d:
-            qk = F.pad(qk, (0, width - d)) * math.sqrt(width / d)
-        if width > dv:
-            v = F.pad(v, (0, width - dv))
-        multiple = 2 * self.bucket_size
-        n_slots = -(-n_keep // multiple) * multiple
-        qk = F.pad(qk, (0, 0, 0, n_slots - n_keep))
-        v = F.pad(v, (0, 0, 0, n_slots - n_keep))
-        slot_pad = torch.arange(n_slots, device=q.device)[None, :] >= n_real[:, None]  # (B, n_slots)
-        slot_pad = slot_pad[:, None, :].expand(b, h, n_slots).reshape(b * h, n_slots)
-
-        lsh = self.lsh_causal if causal else self.lsh
-        rng = (
-            _fixed_rng(self.eval_seed, q.device)
-            if (not self.training and self.eval_seed is not None)
-            else contextlib.nullcontext()
-        )
-        lsh.pad_slots = slot_pad
-        try:
-            with rng:
-                out, _, _ = lsh(
-                    qk.reshape(b * h, n_slots, width), v.reshape(b * h, n_slots, width), input_mask=~slot_pad
-                )
-        finally:
-            lsh.pad_slots = None
-        out = out.reshape(b, h, n_slots, width)[:, :, :n_keep, :dv]
-
-        if pad is not None:
-            # Undo the "real tokens first" permutation; positions beyond n_keep are padding and get 0.
-            full = out.new_zeros(b, h, length, dv)
-            full[:, :, :n_keep] = out
-            inverse = torch.argsort(order, dim=-1)
-            out = full.gather(2, inverse[:, None, :, None].expand(b, h, length, dv))
-            out = out.masked_fill(pad[:, None, :, None], 0.0)
         return out

@@ -1,44 +1,26 @@
-"""`nn.Module` wrapper around `flow_attention`, so that every registered attention has the same module interface."""
+"""`nn.Module` wrapper around Flow-Attention, so that every registered attention has the same module interface."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
-from flowformer.attention.flow import flow_attention
+from flowformer.attention.flow import FlowOptions, apply_flow_attention
 
 
 class FlowAttention(nn.Module):
     """Flow-Attention with fixed options; call as `op(q, k, v, causal=..., key_padding_mask=..., ...)`.
 
-    q (B, H, L, d), k (B, H, S, d), v (B, H, S, dv) -> (B, H, L, dv). See `flow_attention` for the options.
+    q (B, H, L, d), k (B, H, S, d), v (B, H, S, dv) -> (B, H, L, dv). The keyword options are the fields of
+    `FlowOptions` (see `flow_attention`); the module keeps them as `self.options`, which the step mode takes as is
+    (`flow_attention_prefill(q, k, v, options=op.options)`).
     """
 
-    def __init__(
-        self,
-        head_dim: int,
-        n_heads: int,
-        *,
-        competition: bool = True,
-        allocation: bool = True,
-        clamp: float | None = 1.0,
-        eps: float = 1e-6,
-        kernel: str = "sigmoid",
-        competition_over: str = "keys",
-        chunk_size: int | None = None,
-        backend: str = "eager",
-    ) -> None:
+    def __init__(self, head_dim: int, n_heads: int, **options: Any) -> None:
         super().__init__()
         self.head_dim, self.n_heads = head_dim, n_heads
-        self.options = dict(
-            competition=competition,
-            allocation=allocation,
-            clamp=clamp,
-            eps=eps,
-            kernel=kernel,
-            competition_over=competition_over,
-            chunk_size=chunk_size,
-            backend=backend,
-        )
+        self.options = FlowOptions.resolve(None, options)
 
     def forward(
         self,
@@ -50,9 +32,10 @@ class FlowAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         query_padding_mask: Tensor | None = None,
     ) -> Tensor:
-        return flow_attention(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask, **self.options
+        return apply_flow_attention(
+            q, k, v, self.options, causal=causal, key_padding_mask=key_padding_mask,
+            query_padding_mask=query_padding_mask,
         )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{key}={value}" for key, value in self.options.items())
+        return ", ".join(f"{key}={value}" for key, value in vars(self.options).items())

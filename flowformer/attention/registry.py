@@ -19,7 +19,6 @@ class AttentionEntry:
 
     target: str
     defaults: dict[str, Any] = field(default_factory=dict)
-    summary: str = ""
 
     def load(self) -> type[nn.Module]:
         module_name, class_name = self.target.rsplit(".", 1)
@@ -30,19 +29,16 @@ _FLOW = "flowformer.attention.modules.FlowAttention"
 _BASELINES = "flowformer.attention.baselines"
 
 REGISTRY: dict[str, AttentionEntry] = {
-    "flow": AttentionEntry(_FLOW, {}, "Flow-Attention (paper)"),
-    "flow_no_competition": AttentionEntry(_FLOW, {"competition": False}, "ablation: without competition"),
-    "flow_no_allocation": AttentionEntry(_FLOW, {"allocation": False}, "ablation: without allocation"),
-    "flow_lra_official": AttentionEntry(
-        _FLOW,
-        {"kernel": "relu", "clamp": None, "competition_over": "heads"},
-        "the official LRA (JAX) variant: ReLU kernel, no clamp, competition softmax over heads",
-    ),
-    "softmax": AttentionEntry(f"{_BASELINES}.SoftmaxAttention", {}, "softmax attention (SDPA)"),
-    "linear": AttentionEntry(f"{_BASELINES}.LinearAttention", {}, "linear transformer, elu+1 features"),
-    "performer": AttentionEntry(f"{_BASELINES}.PerformerAttention", {}, "Performer, FAVOR+ positive features"),
-    "cosformer": AttentionEntry(f"{_BASELINES}.CosformerAttention", {}, "cosFormer, ReLU + cos re-weighting"),
-    "reformer": AttentionEntry(f"{_BASELINES}.ReformerAttention", {}, "Reformer, LSH attention"),
+    "flow": AttentionEntry(_FLOW, {}),
+    "flow_no_competition": AttentionEntry(_FLOW, {"competition": False}),
+    "flow_no_allocation": AttentionEntry(_FLOW, {"allocation": False}),
+    # the official LRA (JAX) variant: ReLU kernel, no clamp, competition softmax over heads
+    "flow_lra_official": AttentionEntry(_FLOW, {"kernel": "relu", "clamp": None, "competition_over": "heads"}),
+    "softmax": AttentionEntry(f"{_BASELINES}.SoftmaxAttention", {}),
+    "linear": AttentionEntry(f"{_BASELINES}.LinearAttention", {}),
+    "performer": AttentionEntry(f"{_BASELINES}.PerformerAttention", {}),
+    "cosformer": AttentionEntry(f"{_BASELINES}.CosformerAttention", {}),
+    "reformer": AttentionEntry("flowformer.attention.reformer.ReformerAttention", {}),
 }
 REGISTERED_NAMES: tuple[str, ...] = tuple(REGISTRY)
 

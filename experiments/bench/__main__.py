@@ -1,0 +1,5 @@
+import sys
+
+from experiments.bench.runner import main
+
+sys.exit(main())
