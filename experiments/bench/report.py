@@ -134,7 +134,7 @@ def render_markdown(results: dict[str, Any], figure: Path | None) -> str:
                 if shown:
                     rows = [(n, [fmt(raw.get((v, n))) for v in shown]) for n in lengths]
                     lines += _table(f"{MODE_TITLES[mode].capitalize()} {title} ({unit}, {dtype})", shown, rows)
-        lines += _throughput_table(records, found, dtype, lengths, variants, settings["gemm_size"])
+        lines += _throughput_table(results, dtype, lengths)
     lines += _skipped(records)
     lines += ["## Variants", ""] + [f"- `{name}`: {text}" for name, text in results["variants"].items()] + [""]
     return "\n".join(lines)
@@ -159,8 +159,9 @@ def _ratio_tables(found: dict, dtype: str, lengths: list[int], modes: list[str])
     return lines
 
 
-def _throughput_table(records, found, dtype, lengths, variants, gemm_size) -> list[str]:
-    rated = [v for v in variants if any(found.get((v, "forward", dtype, n), {}).get("gflops") for n in lengths)]
+def _throughput_table(results: dict[str, Any], dtype: str, lengths: list[int]) -> list[str]:
+    records, found, gemm_size = results["records"], index(results["records"]), results["settings"]["gemm_size"]
+    rated = [v for v in results["variants"] if any(found.get((v, "forward", dtype, n), {}).get("gflops") for n in lengths)]
     if not rated:
         return []
     ceiling = gemm_gflops(records, dtype)

@@ -109,93 +109,104 @@ class _Schedule:
 def run_suite(args: argparse.Namespace, isolation: Isolation | None = None) -> dict[str, Any]:
     """Measure every configuration of `args`; returns the run (header, settings and records)."""
     from experiments.provenance import git_sha
-    from results.atomic_io import write_json_atomic
 
-    isolation = isolation or Isolation(args.isolation)
-    variants = [spec for spec in args.variants if VARIANTS[parse_variant(spec)[0]].runs_on(args.device)]
-    settings = {key: getattr(args, key) for key in SETTING_KEYS}
-    records: list[dict[str, Any]] = []
-    started = time.time()
-    sha_at_start = git_sha(REPO)  # the code the children run is the code at the start
-    header = {
-        "command": "python -m experiments.bench " + " ".join(shlex.quote(a) for a in args.argv),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "git_sha": sha_at_start,
-        "machine": machine_info(args.device),
-        "allocator_env": ALLOCATOR_ENV,
-        "settings": {
-            **settings, "dtypes": args.dtypes, "modes": list(args.modes), "lengths": list(args.lengths),
-            "variants": variants, "memory_budget_gib": args.memory_budget, "time_budget_s": args.time_budget,
-            "isolation": args.isolation, "rounds": args.rounds, "recheck_max_s": args.recheck_max,
-        },
-        "variants": {spec: VARIANTS[parse_variant(spec)[0]].description for spec in variants},
-    }
-    # rewritten atomically after each measurement: a run that is killed keeps what it measured
-    partial = partial_path(args.out, args.tag)
+    suite = _Suite(args, isolation or Isolation(args.isolation))
+    sha_at_start = suite.header["git_sha"]
+    for dtype in args.dtypes:
+        suite.gemm(dtype)
+        suite.first_round(dtype)
+        for round_index in range(1, args.rounds):
+            print(f"round {round_index + 1} of {args.rounds}: configurations up to {args.recheck_max} s per call",
+                  flush=True)
+            suite.retime_quick(dtype)
+        suite.gemm(dtype)
+    sha_at_end = git_sha(REPO)
+    return {**suite.header, "wall_s": time.time() - suite.started,
+            "git_sha_at_end": sha_at_end if sha_at_end != sha_at_start else None, "records": suite.records}
 
-    def measure(config: dict[str, Any], keep: bool = True) -> dict[str, Any]:
+
+class _Suite:
+    """One run: its settings, its records so far, and how it measures a configuration."""
+
+    def __init__(self, args: argparse.Namespace, isolation: Isolation) -> None:
+        from experiments.provenance import git_sha
+
+        self.args, self.isolation = args, isolation
+        self.variants = [spec for spec in args.variants if VARIANTS[parse_variant(spec)[0]].runs_on(args.device)]
+        self.settings = {key: getattr(args, key) for key in SETTING_KEYS}
+        self.records: list[dict[str, Any]] = []
+        self.started = time.time()
+        self.header = {
+            "command": "python -m experiments.bench " + " ".join(shlex.quote(a) for a in args.argv),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+            "git_sha": git_sha(REPO),  # the code the children run is the code at the start
+            "machine": machine_info(args.device),
+            "allocator_env": ALLOCATOR_ENV,
+            "settings": {
+                **self.settings, "dtypes": args.dtypes, "modes": list(args.modes), "lengths": list(args.lengths),
+                "variants": self.variants, "memory_budget_gib": args.memory_budget, "time_budget_s": args.time_budget,
+                "isolation": args.isolation, "rounds": args.rounds, "recheck_max_s": args.recheck_max,
+            },
+            "variants": {spec: VARIANTS[parse_variant(spec)[0]].description for spec in self.variants},
+        }
+
+    def measure(self, config: dict[str, Any], keep: bool = True) -> dict[str, Any]:
+        """Run one configuration in its own process; a kept record is saved at once (a killed run keeps it)."""
+        from results.atomic_io import write_json_atomic
+
+        args = self.args
         timeout = args.timeout or max(120.0, 8 * args.time_budget * (2 + args.warmup + args.min_repeats))
-        record = isolation.run(config, timeout)
+        record = self.isolation.run(config, timeout)
         if keep:
-            records.append(record)
-            write_json_atomic(partial, {**header, "wall_s": time.time() - started, "records": records})
+            self.records.append(record)
+            write_json_atomic(partial_path(args.out, args.tag),
+                              {**self.header, "wall_s": time.time() - self.started, "records": self.records})
         shown = ("error: " + record["error"] if "error" in record
                  else f"{record['time_ms']:10.2f} ms {record['peak_mib']:9.1f} MiB")
         print(f"L={config['length']:>6} {config['dtype']:>8} {config['mode']:>8} {config['variant']:<26} {shown}",
               flush=True)
         return record
 
-    for dtype in args.dtypes:
-        if args.gemm_size:
-            measure({**settings, "variant": GEMM, "mode": "forward", "dtype": dtype, "length": args.gemm_size})
-        _first_round(args, variants, dtype, settings, measure, records)
-        for round_index in range(1, args.rounds):
-            print(f"round {round_index + 1} of {args.rounds}: configurations up to {args.recheck_max} s per call",
-                  flush=True)
-            _retime_quick(args, dtype, measure, records)
-        if args.gemm_size:
-            measure({**settings, "variant": GEMM, "mode": "forward", "dtype": dtype, "length": args.gemm_size})
+    def gemm(self, dtype: str) -> None:
+        """The square GEMM, the machine's matmul ceiling (at the start and the end of each dtype's pass)."""
+        if self.args.gemm_size:
+            self.measure({**self.settings, "variant": GEMM, "mode": "forward", "dtype": dtype,
+                          "length": self.args.gemm_size})
 
-    sha_at_end = git_sha(REPO)
-    return {**header, "wall_s": time.time() - started,
-            "git_sha_at_end": sha_at_end if sha_at_end != sha_at_start else None, "records": records}
+    def first_round(self, dtype: str) -> None:
+        """Every configuration once, interleaved: every variant at one length before the next length."""
+        schedule = _Schedule(self.args)
+        for length in self.args.lengths:
+            for spec in self.variants:
+                variant = VARIANTS[parse_variant(spec)[0]]
+                if not variant.runs_on(self.args.device, dtype):
+                    continue
+                for mode in self.args.modes:
+                    if mode == "backward" and variant.forward_only:
+                        continue
+                    base = {**self.settings, "variant": spec, "mode": mode, "dtype": dtype, "length": length}
+                    reason = schedule.skip_reason((spec, mode), length)
+                    if reason is not None:
+                        self.records.append({**base, "skipped": reason})
+                        continue
+                    schedule.record((spec, mode), length, self.measure(base))
 
-
-def _first_round(args, variants: list[str], dtype: str, settings: dict, measure: Callable, records: list) -> None:
-    """Every configuration once, interleaved: every variant at one length before the next length."""
-    schedule = _Schedule(args)
-    for length in args.lengths:
-        for spec in variants:
-            variant = VARIANTS[parse_variant(spec)[0]]
-            if not variant.runs_on(args.device, dtype):
+    def retime_quick(self, dtype: str) -> None:
+        """Re-time the configurations of at most `--recheck-max` s per call, in the same interleaved order, each in
+        a fresh process; keep the median of the least-contended round (a neighbour's burst of work lasts seconds,
+        long enough to hit one variant and miss the next)."""
+        for record in [r for r in self.records if r["dtype"] == dtype and r["variant"] != GEMM and "time_ms" in r]:
+            if record["time_ms"] / 1e3 > self.args.recheck_max:
                 continue
-            for mode in args.modes:
-                if mode == "backward" and variant.forward_only:
-                    continue
-                base = {**settings, "variant": spec, "mode": mode, "dtype": dtype, "length": length}
-                reason = schedule.skip_reason((spec, mode), length)
-                if reason is not None:
-                    records.append({**base, "skipped": reason})
-                    continue
-                schedule.record((spec, mode), length, measure(base))
-
-
-def _retime_quick(args, dtype: str, measure: Callable, records: list) -> None:
-    """Re-time the configurations of at most `--recheck-max` s per call, in the same interleaved order, each in a
-    fresh process; keep the median of the least-contended round (a neighbour's burst of work lasts seconds, long
-    enough to hit one variant and miss the next)."""
-    for record in [r for r in records if r["dtype"] == dtype and r["variant"] != GEMM and "time_ms" in r]:
-        if record["time_ms"] / 1e3 > args.recheck_max:
-            continue
-        config = {key: record[key] for key in ("variant", "mode", "dtype", "length", *SETTING_KEYS)}
-        again = measure(config, keep=False)
-        record.setdefault("round_medians_ms", [record["time_ms"]])
-        if "time_ms" not in again:
-            continue
-        record["round_medians_ms"].append(again["time_ms"])
-        if again["time_ms"] < record["time_ms"]:
-            for key in ("time_ms", "timed_calls", "times_ms", "gflops"):
-                record[key] = again[key]
+            config = {key: record[key] for key in ("variant", "mode", "dtype", "length", *SETTING_KEYS)}
+            again = self.measure(config, keep=False)
+            record.setdefault("round_medians_ms", [record["time_ms"]])
+            if "time_ms" not in again:
+                continue
+            record["round_medians_ms"].append(again["time_ms"])
+            if again["time_ms"] < record["time_ms"]:
+                for key in ("time_ms", "timed_calls", "times_ms", "gflops"):
+                    record[key] = again[key]
 
 
 def partial_path(out_dir: Path, tag: str) -> Path:

@@ -133,7 +133,7 @@ def flow_attention_prefill(
     with torch.autocast(q.device.type, enabled=False):
         # a long prompt without autograd runs in cache-sized segments, as in flow_attention
         segment = inference_segment(q, k, v, options.chunk)
-        x = prepare(q, k, v, (padding_mask, padding_mask), options.kernel, dtype=compute_dtype(q),
+        x = prepare((q, k, v), (padding_mask, padding_mask), options.kernel, dtype=compute_dtype(q),
                     mapped=segment is None)
         initial = None if state is None else state.to(x.q.dtype)
         if segment is None:

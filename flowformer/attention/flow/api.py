@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowformer.attention.flow import causal, causal_backward
+from flowformer.attention.flow import causal as chunked
+from flowformer.attention.flow import causal_backward
 from flowformer.attention.flow.batched import batched_flow
 from flowformer.attention.flow.chunks import EXP_PREFIX_MAX_CLAMP, needs_grad
 from flowformer.attention.flow.features import prepare, real_token_weights
@@ -69,7 +70,10 @@ def flow_attention(
         (B, H, L, dv), in the dtype of q (under autocast, in the autocast dtype: like a matmul, the op casts its
         inputs to it). Outputs at padded query positions are exactly 0.
     """
-    options = FlowOptions(competition, allocation, clamp, eps, kernel, competition_over, chunk_size, backend)
+    options = FlowOptions(
+        competition=competition, allocation=allocation, clamp=clamp, eps=eps, kernel=kernel,
+        competition_over=competition_over, chunk_size=chunk_size, backend=backend,
+    )
     return apply_flow_attention(
         q, k, v, options, causal=causal, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask
     )
@@ -100,10 +104,10 @@ def apply_flow_attention(
         if causal:
             out = _causal(q, k, v, masks, options)
         elif resolve_backend(options.backend, k) == "batched":
-            x = prepare(q, k, v, masks, options.kernel, dtype=q.dtype)
+            x = prepare((q, k, v), masks, options.kernel, dtype=q.dtype)
             out = batched_flow(x, options)
         else:
-            x = prepare(q, k, v, masks, options.kernel, dtype=compute_dtype(q), mapped=False)
+            x = prepare((q, k, v), masks, options.kernel, dtype=compute_dtype(q), mapped=False)
             out = BlockedFlow.apply(x.q, x.k, x.v, x.q_real, x.k_real, options)
         if query_padding_mask is not None:
             out = out * real_token_weights(query_padding_mask, out)
@@ -113,17 +117,17 @@ def apply_flow_attention(
 def _causal(q: Tensor, k: Tensor, v: Tensor, masks: tuple, options: FlowOptions) -> Tensor:
     """The causal path: in cache-sized segments for CPU inference, else in one piece, with the hand-written
     backward wherever it applies."""
-    segment = causal.inference_segment(q, k, v, options.chunk)
+    segment = chunked.inference_segment(q, k, v, options.chunk)
     if segment is not None:
-        x = prepare(q, k, v, masks, options.kernel, dtype=compute_dtype(q), mapped=False)
-        return causal.causal_flow_in_segments(x, options, segment).out
-    x = prepare(q, k, v, masks, options.kernel, dtype=compute_dtype(q))
+        x = prepare((q, k, v), masks, options.kernel, dtype=compute_dtype(q), mapped=False)
+        return chunked.causal_flow_in_segments(x, options, segment).out
+    x = prepare((q, k, v), masks, options.kernel, dtype=compute_dtype(q))
     clamp = options.clamp
     exp_softmax = not options.competition or (clamp is not None and clamp <= EXP_PREFIX_MAX_CLAMP)
     if needs_grad(x.q, x.k, x.v) and exp_softmax:
         return causal_backward.CausalFlow.apply(x.q, x.k, x.v, x.q_real, x.k_real, options)
     # inference keeps nothing for a backward; the logcumsumexp form of the prefix softmax is left to autograd
-    return causal.causal_pass(x, options).out
+    return chunked.causal_pass(x, options).out
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -135,10 +139,10 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def resolve_backend(backend: str, k: Tensor) -> str:
     """The non-causal form that `backend` runs for keys like `k` (B, H, S, d).
 
-    "auto" picks by device. On a GPU the official formulation's shape, a few large kernels, beat the blocked passes
-    at every length measured (results/bench/efficiency_cuda_*.md), and "batched" has that shape. On a CPU at its
-    default thread count, "blocked" is faster forward+backward from L = 256 up and within noise of "batched" in
-    the forward below that (results/bench/efficiency.md), so it serves every length.
+    "auto" picks by device. On a GPU the official formulation's shape, a few large kernels over the whole
+    sequence, ran the forward faster than the blocked passes at every length measured, in fp32 and bf16
+    (results/bench/efficiency_cuda_*.md), and "batched" has that shape. On a CPU the blocked passes, which keep
+    each block in cache while it is re-read, are the faster form for training (results/bench/efficiency.md).
     """
     if backend != "auto":
         return backend

@@ -89,13 +89,13 @@ class FlowInputs:
         return count.clamp_min(1)
 
 
-def prepare(q: Tensor, k: Tensor, v: Tensor, masks: tuple, kernel: str, *, dtype: torch.dtype, mapped: bool = True):
-    """Cast to `dtype`, apply the feature map (unless `mapped` is False) and zero padded tokens.
+def prepare(qkv: tuple[Tensor, ...], masks: tuple, kernel: str, *, dtype: torch.dtype, mapped: bool = True):
+    """Cast q, k, v to `dtype`, apply the feature map (unless `mapped` is False) and zero padded tokens.
 
     masks: (query_padding_mask, key_padding_mask), each (B, N) bool or None. Padded values are zeroed either way
     (0 * NaN padding would poison the flow sums). Returns `FlowInputs`.
     """
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v = (t.to(dtype) for t in qkv)
     q_real, k_real = (real_token_weights(mask, q) for mask in masks)
     if k_real is not None:
         v = v * k_real
