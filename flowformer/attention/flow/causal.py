@@ -229,14 +229,11 @@ def _final_sums(p: _Pass, x: FlowInputs, sums: dict[str, Tensor], kv: Tensor) ->
     def carried(name: str, fill: float, *shape: int) -> Tensor:  # a sum this pass's options did not need
         return p.start(name) if p.initial is not None else p.q.new_full(shape, fill)
 
-    def plus_start(name: str, value: Tensor) -> Tensor:
-        return value if p.initial is None else value + p.start(name)
-
     return RunningSums(
-        sinks=plus_start("sinks", _count_total(x.q_real, p.length, batch, p.q)),
-        sources=plus_start("sources", _count_total(x.k_real, p.length, batch, p.q)),
-        q_sum=plus_start("q_sum", p.q.sum(-2)),
-        k_sum=plus_start("k_sum", p.k.sum(-2)),
+        sinks=_plus(_count_total(x.q_real, p.length, batch, p.q), p.start("sinks")),
+        sources=_plus(_count_total(x.k_real, p.length, batch, p.q), p.start("sources")),
+        q_sum=_plus(p.q.sum(-2), p.start("q_sum")),
+        k_sum=_plus(p.k.sum(-2), p.start("k_sum")),
         sq_sum=sums["sq_sum"] if "sq_sum" in sums else carried("sq_sum", 0.0, batch, heads, dim),
         ok_sum=sums["ok_sum"] if "ok_sum" in sums else carried("ok_sum", 0.0, batch, heads, dim),
         lse=sums["lse"] if "lse" in sums else carried("lse", MASKED_LOGIT, batch, heads),
@@ -316,7 +313,7 @@ def _causal_flows(p: _Pass, scores: Tensor, options: FlowOptions, *, for_backwar
         softmax = prefix_softmax(logits, clamp, p.start("lse"), p.length)
         competition_weights = softmax.weights * p.sources_so_far  # c_j
         v = v * competition_weights[..., None]
-        sums.update(sq_sum=plus(chunk_sums[1].sum(2), p.start("sq_sum")), lse=softmax.lse_last)
+        sums.update(sq_sum=_plus(chunk_sums[1].sum(2), p.start("sq_sum")), lse=softmax.lse_last)
         kept.update(conserved_source=conserved_source, competition_weights=competition_weights, sq_before=sq_before,
                     scaled=softmax.scaled, denominator=softmax.denominator)
 
@@ -331,7 +328,7 @@ def _causal_flows(p: _Pass, scores: Tensor, options: FlowOptions, *, for_backwar
             + shift
         ) / p.sources_so_far
         gate_over_incoming = torch.sigmoid(conserved_sink) / incoming
-        sums.update(ok_sum=plus(ok_chunks.sum(2), p.start("ok_sum")))
+        sums.update(ok_sum=_plus(ok_chunks.sum(2), p.start("ok_sum")))
         kept.update(conserved_sink=conserved_sink, ok_before=ok_before)
     else:
         gate_over_incoming = 1.0 / incoming
@@ -344,7 +341,7 @@ def _causal_flows(p: _Pass, scores: Tensor, options: FlowOptions, *, for_backwar
     return _Flows(v, below, gate_over_incoming, sums, saved)
 
 
-def plus(value: Tensor, start: Tensor | None) -> Tensor:
+def _plus(value: Tensor, start: Tensor | None) -> Tensor:
     """value + start, where a missing start (the beginning of a sequence) adds nothing."""
     return value if start is None else value + start
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from flowformer.attention.flow.chunks import EXP_PREFIX_MAX_CLAMP, MASKED_LOGIT, add_matmul_, join, row_blocks
-from flowformer.attention.flow.features import feature_map_grad, map_rows
+from flowformer.attention.flow.features import FlowInputs, feature_map_grad, map_rows
 from flowformer.attention.flow.options import FlowOptions
 
 
@@ -78,8 +78,8 @@ class BlockedFlow(torch.autograd.Function):
     def forward(ctx, q_raw, k_raw, v, q_real, k_real, options: FlowOptions):
         q_blocks, k_blocks = row_blocks(q_raw), row_blocks(k_raw)
         q, k = torch.empty_like(q_raw), torch.empty_like(k_raw)
-        n_sinks = (q.new_tensor(q.shape[-2]) if q_real is None else q_real.sum(-2, keepdim=True)).clamp_min(1)
-        n_sources = (k.new_tensor(k.shape[-2]) if k_real is None else k_real.sum(-2, keepdim=True)).clamp_min(1)
+        tokens = FlowInputs(q_raw, k_raw, v, q_real, k_real, mapped=False)
+        n_sinks, n_sources = tokens.n_sinks(), tokens.n_sources()
         key_is_pad = None if k_real is None else k_real.transpose(-2, -1) == 0  # (B,1,1,S)
         competition, allocation, eps = options.competition, options.allocation, options.eps
 
