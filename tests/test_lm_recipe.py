@@ -52,3 +52,43 @@ def test_paper_schedule_points():
 def test_schedule_rejects_impossible_settings(kwargs):
     with pytest.raises(ValueError, match="module.warmup_updates"):
         InverseSqrtSchedule(**kwargs)
+
+
+def test_experiment_config_is_the_papers_recipe():
+    from hydra.utils import instantiate
+
+    from flowformer.models.transformer_lm import TransformerLM
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["experiment=wikitext103/transformer_lm"])
+    assert (cfg.experiment_name, cfg.task_name, cfg.selection) == ("wikitext103/transformer_lm", "wikitext103",
+                                                                   "holdout_val")
+    assert dict(cfg.objective) == {"monitor": "val/loss", "mode": "min", "primary": "ppl", "label": "perplexity",
+                                   "scale": 1}
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.d_ff) == (512, 6, 8, 2048)
+    assert cfg.model.dropout == 0.1 and cfg.model.activation == "relu" and cfg.model.tie_embeddings
+    assert cfg.model.attention.name == "flow" and cfg.model.attention.clamp == 5.0  # the NLP clamp
+    assert (cfg.data.tokens_per_sample, cfg.data.context_window, cfg.data.batch_size) == (512, 400, 4)
+    assert cfg.trainer.max_steps == 150_000 and cfg.trainer.gradient_clip_val is None
+    tokens_per_update = cfg.data.batch_size * cfg.data.tokens_per_sample * cfg.trainer.accumulate_grad_batches
+    assert tokens_per_update == 32_768  # 2,048 tokens per batch x 16 accumulation steps on one GPU
+    assert cfg.trainer.val_check_interval == 1000 * cfg.trainer.accumulate_grad_batches  # every 1,000 updates
+
+    model = TransformerLM(64, **{k: v for k, v in cfg.model.items() if k != "_target_"} | {"n_layers": 1})
+    module = instantiate(cfg.module, model=model, eval_splits=("valid", "test"))
+    setup = module.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.AdamW)  # fairseq's Adam decays decoupled from the gradient
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.98), 1e-8, 0.01)
+    assert group["lr"] == pytest.approx(1e-7)  # the first update
+    assert scheduler.lr_lambdas[0].learning_rate(6000) == pytest.approx(1e-3)
+    assert setup["lr_scheduler"]["interval"] == "step"
+
+
+def test_reformer_experiment_accepts_the_causal_hash_leak():
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["experiment=wikitext103/transformer_lm_reformer"])
+    assert cfg.model.attention.name == "reformer" and cfg.model.attention.allow_causal_hash_leak
+    assert cfg.trainer.max_steps == 150_000 and cfg.task_name == "wikitext103"

@@ -44,3 +44,36 @@ class LearnedPositionalEncoding(nn.Module):
         if x.shape[1] > self.table.shape[0]:
             raise ValueError(f"sequence length {x.shape[1]} exceeds the positional table ({self.table.shape[0]})")
         return x + self.table[: x.shape[1]]
+
+
+def fairseq_sinusoids(positions: Tensor, d_model: int) -> Tensor:
+    """fairseq's sinusoidal embedding of integer `positions` (L,) -> (L, D), computed in fp32 as fairseq does.
+
+    Unlike `SinusoidalPositionalEncoding`, sines fill the first half and cosines the second (not interleaved), and
+    the frequencies are 10000^(-i / (D/2 - 1)); an odd D leaves the last column zero.
+    """
+    half = d_model // 2
+    if half < 2:
+        raise ValueError(f"fairseq's sinusoids need d_model >= 4, got {d_model}")
+    frequency = torch.exp(torch.arange(half, dtype=torch.float32, device=positions.device) * -(math.log(10000) / (half - 1)))
+    angles = positions.to(torch.float32)[:, None] * frequency[None, :]
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(table, (0, d_model % 2))
+
+
+class FairseqSinusoidalPositions(nn.Module):
+    """fairseq's `SinusoidalPositionalEmbedding` for unpadded (or right-padded) token sequences.
+
+    fairseq numbers the tokens of a sequence from `padding_idx + 1` (2 with its dictionary), so token i gets the
+    sinusoid of position i + padding_idx + 1. `forward(length, offset)` returns the rows of tokens offset ..
+    offset + length − 1 (offset > 0 continues a sequence during generation), with no length limit.
+    """
+
+    def __init__(self, d_model: int, padding_idx: int = 1) -> None:
+        super().__init__()
+        self.d_model, self.first_position = d_model, padding_idx + 1
+
+    def forward(self, length: int, offset: int = 0, device: torch.device | None = None) -> Tensor:
+        """(length, D) fp32 position embeddings of tokens offset .. offset + length − 1."""
+        positions = torch.arange(offset, offset + length, device=device) + self.first_position
+        return fairseq_sinusoids(positions, self.d_model)

@@ -1,0 +1,112 @@
+"""Continue a prompt with a trained language model: `python -m experiments.generate run=<run dir> prompt="..."`.
+
+Keys (`key=value`, as Hydra overrides):
+    run             the run directory of a WikiText-103-domain training (holds metrics.json or .hydra/config.yaml,
+                    and checkpoints/)
+    prompt          words separated by spaces, as in the corpus (unknown words become <unk>)
+    max_new_tokens  tokens to draw (default 50)
+    temperature     softmax temperature; 0 draws the most likely word (default 1.0)
+    top_k           draw among the k most likely words only (default null: all)
+    seed            seeds the draws (default 0)
+    checkpoint      best | last (default best)
+    mode            auto | incremental | recompute (default auto: flow attention runs in its recurrent step mode,
+                    softmax with a key/value cache, other attentions recompute the sequence for each token)
+    device          cpu | cuda (default cpu)
+
+The dictionary is the one the run was trained with (its data's cache; the checksum recorded in metrics.json is
+checked). The continuation is printed with `</s>` as line breaks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from experiments import resolvers
+from results.run_record import CHECKPOINT_DIR, METRICS_FILE
+from tasks.wikitext103.dictionary import BOS, EOS, PAD, Dictionary
+from tasks.wikitext103.generation import MODES, generate
+
+resolvers.register()
+
+
+@dataclass
+class GenerateConfig:
+    run: str = "???"
+    prompt: str = ""
+    max_new_tokens: int = 50
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int = 0
+    checkpoint: str = "best"
+    mode: str = "auto"
+    device: str = "cpu"
+
+
+def parse_args(argv: list[str]) -> GenerateConfig:
+    """`key=value` arguments over the defaults; unknown keys and wrong types raise with the key's name."""
+    schema = OmegaConf.structured(GenerateConfig)
+    cfg = OmegaConf.merge(schema, OmegaConf.from_dotlist(argv))
+    if OmegaConf.is_missing(cfg, "run"):
+        raise SystemExit("usage: python -m experiments.generate run=<run dir> prompt=\"...\" [max_new_tokens=N] "
+                         "[temperature=T] [top_k=K] [seed=S] [checkpoint=best|last] [mode=auto|incremental|recompute]")
+    if cfg.mode not in MODES:
+        raise SystemExit(f"mode={cfg.mode!r}; expected one of {', '.join(MODES)}")
+    return OmegaConf.to_object(cfg)
+
+
+def run_config(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
+    """The run's resolved config and data record: from metrics.json when the run finished, else from .hydra/."""
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file():
+        record = json.loads(metrics.read_text())
+        return OmegaConf.create(record["config"]), record.get("data", {})
+    hydra_config = run_dir / ".hydra" / "config.yaml"
+    if hydra_config.is_file():
+        return OmegaConf.load(hydra_config), {}
+    raise SystemExit(f"{run_dir} holds neither {METRICS_FILE} nor .hydra/config.yaml; pass the run directory of a "
+                     "training (experiments/runs/wikitext103/...)")
+
+
+def load_model(cfg: DictConfig, run_dir: Path, checkpoint: str, device: str) -> tuple[torch.nn.Module, Dictionary]:
+    """The trained network (eval mode) and its dictionary."""
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    dictionary = datamodule.corpus.dictionary
+    model = instantiate(cfg.model, **datamodule.model_dims(), _convert_="all")
+    path = run_dir / CHECKPOINT_DIR / f"{checkpoint}.ckpt"
+    if not path.is_file():
+        raise SystemExit(f"no checkpoint {path}; checkpoint=best|last picks another one")
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")})
+    return model.to(device).eval(), dictionary
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    run_dir = Path(args.run)
+    cfg, data_record = run_config(run_dir)
+    model, dictionary = load_model(cfg, run_dir, args.checkpoint, args.device)
+    recorded = data_record.get("dictionary_sha256")
+    if recorded and recorded != dictionary.sha256:
+        raise SystemExit(f"the dictionary under {cfg.data.data_dir}/{cfg.data.dataset}/cache is not the one this run "
+                         f"was trained with (sha256 {dictionary.sha256[:12]}... vs {recorded[:12]}...)")
+    # the stream starts with </s>, as every training and evaluation stream does
+    prompt = torch.tensor([[EOS, *dictionary.encode_line(args.prompt)[:-1]]], device=args.device)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    tokens = generate(model, prompt, args.max_new_tokens, mode=args.mode, temperature=args.temperature,
+                      top_k=args.top_k, generator=generator, banned=(BOS, PAD))
+    text = dictionary.decode(tokens[0, prompt.shape[1] :].tolist())
+    print(f"{args.prompt} {text}".strip())
+    return text
+
+
+if __name__ == "__main__":
+    main()

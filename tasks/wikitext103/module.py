@@ -1,0 +1,156 @@
+"""The language-modelling LightningModule: token-level cross-entropy, exact perplexity, tokens per second.
+
+Batches are the dicts of `tasks.wikitext103.windows.collate_windows`: `input` (B, L), `target` (B, L) with
+IGNORE_INDEX on unscored positions, and `padding_mask` (B, L) when the batch is ragged.
+
+Metrics (loss in nats per token; perplexity = exp(loss), which equals fairseq's 2 ** (loss in bits)):
+- training: `train/loss` (the mean over the batch's tokens), `train/tokens_per_s`;
+- each evaluation during training: `val/loss`, `val/ppl`, `val/tokens` (scored tokens) and `val/tokens_per_s`,
+  summed over the whole split (exact also under DDP: the datamodule's evaluation samplers never repeat a window);
+- testing (the best checkpoint): the same four for every split the datamodule evaluates, under the split's name:
+  `valid/ppl`, `test/ppl`, `valid/tokens`, `test/tokens`, ...
+
+The optimiser is a Hydra partial (fairseq's Adam is AdamW: decoupled weight decay); the schedule is fairseq's
+inverse_sqrt (`tasks.common.schedules.InverseSqrtSchedule`) from `warmup_init_lr` to the optimiser's lr over
+`warmup_updates` optimiser steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.aggregation import SumMetric
+
+from tasks.common.module import TaskModule
+from tasks.common.objective import Objective
+from tasks.common.schedules import InverseSqrtSchedule
+from tasks.wikitext103.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy
+from tasks.wikitext103.windows import IGNORE_INDEX
+
+
+class SplitScore(nn.Module):
+    """Summed NLL, scored tokens and model time of one split's evaluation; reduced across processes on compute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sums = MetricCollection({"nll": SumMetric(), "tokens": SumMetric()})
+        self.sums.set_dtype(torch.float64)  # 10^8 summed losses need more than fp32's 7 digits
+        self.seconds = 0.0
+
+    def update(self, nll: Tensor, tokens: Tensor, seconds: float) -> None:
+        """Add a batch: its summed NLL and scored tokens (scalar tensors) and the seconds the model took."""
+        self.sums["nll"].update(nll.double())
+        self.sums["tokens"].update(tokens.double())
+        self.seconds += seconds
+
+    def metrics(self) -> dict[str, float]:
+        """loss (nats/token), ppl, tokens and tokens_per_s, then a reset for the next evaluation."""
+        sums = {name: float(value) for name, value in self.sums.compute().items()}
+        self.sums.reset()
+        seconds, self.seconds = self.seconds, 0.0
+        loss = sums["nll"] / max(sums["tokens"], 1.0)
+        return {"loss": loss, "ppl": math.exp(loss), "tokens": sums["tokens"],
+                "tokens_per_s": sums["tokens"] / seconds if seconds > 0 else 0.0}
+
+
+class LanguageModelModule(TaskModule):
+    """Causal LM training and fairseq-exact evaluation (see the module docstring).
+
+    Args:
+        eval_splits: names of the test loaders, in the datamodule's order (`module_dims()`).
+        warmup_updates, warmup_init_lr: fairseq's inverse_sqrt warm-up (paper: 6000 updates from 1e-7).
+        loss_chunk_tokens: tokens per chunk of the output layer's cross-entropy (memory, not results).
+        (model, optimizer, objective: see `TaskModule`; the model returns hidden states and has `output_weight`.)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        objective: Mapping[str, Any] | Objective,
+        eval_splits: Sequence[str] = ("valid", "test"),
+        warmup_updates: int = 4000,
+        warmup_init_lr: float = 1e-7,
+        loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> None:
+        super().__init__(model, optimizer, objective, scheduler=None, scheduler_interval="step")
+        self.eval_splits = tuple(eval_splits)
+        self.warmup_updates, self.warmup_init_lr = int(warmup_updates), float(warmup_init_lr)
+        self.loss_chunk_tokens = int(loss_chunk_tokens)
+        self.scores = nn.ModuleDict({name: SplitScore() for name in ("val", *self.eval_splits)})
+        self._train_tokens, self._train_seconds = 0, 0.0
+        self._batch_started = 0.0
+
+    # ------------------------------------------------------------------------------------------------ the loss
+    def nll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(summed NLL over the scored targets, their number) for a batch."""
+        hidden = self.model(batch["input"], padding_mask=batch.get("padding_mask"))
+        return linear_cross_entropy(hidden, self.model.output_weight, batch["target"],
+                                    chunk_tokens=self.loss_chunk_tokens)
+
+    def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        nll, count = self.nll(batch)
+        loss = nll / count.clamp_min(1)
+        if stage == "train":
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=int(count))
+        return loss
+
+    # ---------------------------------------------------------------------------------------------- training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._synchronize()
+        self._train_seconds += time.perf_counter() - self._batch_started
+        self._train_tokens += int((batch["target"] != IGNORE_INDEX).sum())
+        # the mean since the start of this fit (evaluations excluded), steadier than one batch's rate
+        self.log("train/tokens_per_s", self._train_tokens / max(self._train_seconds, 1e-9), on_step=True,
+                 on_epoch=False, prog_bar=True)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -------------------------------------------------------------------------------------------- evaluation
+    def _score(self, batch: dict[str, Tensor], name: str) -> None:
+        started = time.perf_counter()
+        nll, count = self.nll(batch)
+        self._synchronize()
+        self.scores[name].update(nll, count, time.perf_counter() - started)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._score(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._score(batch, self.eval_splits[dataloader_idx])
+
+    def _log_split(self, name: str) -> None:
+        for key, value in self.scores[name].metrics().items():
+            # fp64, so that metrics.json keeps every digit of sums over 10^5 tokens (Lightning keeps the dtype)
+            self.log(f"{name}/{key}", torch.tensor(value, dtype=torch.float64), sync_dist=False,
+                     add_dataloader_idx=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_split("val")
+        super().on_validation_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        for name in self.eval_splits:
+            self._log_split(name)
+
+    # ------------------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        peak = optimizer.param_groups[0]["lr"]
+        schedule = InverseSqrtSchedule(peak, self.warmup_updates, self.warmup_init_lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+__all__ = ["LanguageModelModule", "SplitScore"]

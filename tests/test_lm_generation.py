@@ -1,0 +1,96 @@
+"""Generation: incremental decoding (flow's recurrent step mode, softmax's KV cache) equals recomputing the whole
+sequence, the sampling options, and `python -m experiments.generate` on a trained run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experiments import generate as generate_cli
+from experiments.train import train
+from flowformer.models.transformer_lm import TransformerLM
+from tasks.wikitext103.generation import generate, next_tokens, resolve_mode
+from tests.fixtures.wikitext103 import write_fixture
+from tests.helpers import compose_config
+
+
+def tiny(name: str) -> TransformerLM:
+    torch.manual_seed(0)
+    options = {"name": name, "clamp": 5.0} if name.startswith("flow") else {"name": name}
+    return TransformerLM(60, d_model=16, n_layers=2, n_heads=2, d_ff=32, attention=options).double().eval()
+
+
+@pytest.mark.parametrize("name", ["flow", "flow_no_competition", "flow_no_allocation", "softmax"])
+def test_incremental_hidden_states_equal_the_full_forward(name):
+    model = tiny(name)
+    tokens = torch.randint(4, 60, (3, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(tokens)
+        hidden, state = model.extend(tokens[:, :9])  # the prompt
+        steps = [hidden]
+        for t in range(9, 21):  # then one token at a time
+            hidden, state = model.extend(tokens[:, t : t + 1], state)
+            steps.append(hidden)
+    assert state.length == 21
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["flow", "softmax"])
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 5)])
+def test_step_mode_generation_equals_recomputing(name, temperature, top_k):
+    model = tiny(name)
+    prompt = torch.randint(4, 60, (2, 6), generator=torch.Generator().manual_seed(1))
+    runs = {mode: generate(model, prompt, 15, mode=mode, temperature=temperature, top_k=top_k,
+                           generator=torch.Generator().manual_seed(7)) for mode in ("incremental", "recompute")}
+    assert runs["incremental"].shape == (2, 21)
+    assert torch.equal(runs["incremental"], runs["recompute"])
+    assert torch.equal(runs["incremental"][:, :6], prompt)
+
+
+def test_flow_state_stays_constant_while_the_kv_cache_grows():
+    sizes = {}
+    for name in ("flow", "softmax"):
+        model = tiny(name)
+        with torch.no_grad():
+            _, state = model.extend(torch.randint(4, 60, (1, 8)))
+            short = state.nbytes()
+            for _ in range(40):
+                _, state = model.extend(torch.randint(4, 60, (1, 1)), state)
+        sizes[name] = (short, state.nbytes())
+    assert sizes["flow"][0] == sizes["flow"][1]
+    assert sizes["softmax"][1] == sizes["softmax"][0] * 48 // 8
+
+
+def test_modes_and_sampling_options():
+    assert resolve_mode(tiny("flow"), "auto") == "incremental"
+    assert resolve_mode(tiny("linear"), "auto") == "recompute"
+    with pytest.raises(ValueError, match="mode=recompute"):
+        resolve_mode(tiny("performer"), "incremental")
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).repeat(200, 1)
+    assert next_tokens(logits, temperature=0.0).unique().tolist() == [1]
+    assert next_tokens(logits, temperature=0.0, banned=[1]).unique().tolist() == [3]
+    drawn = next_tokens(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {1, 3}
+
+
+def test_generate_command_on_a_trained_run(tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    overrides = write_fixture(data_dir)
+    cfg = compose_config([
+        "experiment=wikitext103/transformer_lm", f"paths.data_dir={data_dir}", "logger=csv",
+        "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "module.warmup_updates=1",
+        *[f"{key}={value}" for key, value in overrides.items()],
+    ])
+    run_dir = tmp_path / "run"
+    train(cfg, run_dir)
+    capsys.readouterr()
+    text = generate_cli.main([f"run={run_dir}", "prompt=the river", "max_new_tokens=7", "seed=3", "top_k=10"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("the river") and len(text.split()) + text.count("\n") >= 7
+    again = generate_cli.main([f"run={run_dir}", "prompt=the river", "max_new_tokens=7", "seed=3", "top_k=10",
+                               "mode=recompute"])
+    assert again == text  # the recurrent step mode draws what recomputing draws
+    with pytest.raises(SystemExit, match="checkpoint"):
+        generate_cli.main([f"run={run_dir}", "prompt=a", "checkpoint=missing"])
