@@ -15,7 +15,7 @@ ARGS ?=
 .DEFAULT_GOAL := help
 TABLES := uea lra imagenet wikitext103 d4rl
 REPRODUCE := $(addprefix reproduce-,$(TABLES))
-.PHONY: help install lock test test-all demo tables bench bench-gpu clean data-uea data-lra listops $(REPRODUCE)
+.PHONY: help install lock test test-all demo tables bench bench-gpu clean data-uea data-lra data-wikitext103 listops $(REPRODUCE)
 
 help: ## list the targets
 	@grep -hE '^[^#[:space:]].*:.*## ' $(MAKEFILE_LIST) | sed 's/^$$(REPRODUCE): reproduce-%:/reproduce-<table>:/' \
@@ -60,6 +60,9 @@ data-uea: ## download and check the paper's 10 UEA datasets into DATA_DIR/uea (b
 
 data-lra: ## download, unpack and check the LRA data (lra_release, aclImdb, CIFAR-10) into DATA_DIR/lra; ARGS='--check' only validates
 	$(PY) -m tasks.lra.download $(ARGS)
+
+data-wikitext103: ## fetch WikiText-103 into DATA_DIR/wikitext-103 (zip, else the HF files into their cache) and tokenise it once (checks its sizes); ARGS='--dataset wikitext-2' or '--check'
+	$(PY) -m tasks.wikitext103.download $(ARGS)
 
 listops: ## generate ListOps 96k/2k/2k (seeded, official distribution and format) into DATA_DIR/lra/listops-1000; SEED=0
 	$(PY) -m tasks.lra.listops --seed $(or $(SEED),0) --num-train 96000 --num-val 2000 --num-test 2000 --out $(or $(DATA_DIR),data)/lra/listops-1000 $(ARGS)
