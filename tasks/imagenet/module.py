@@ -1,0 +1,91 @@
+"""`ImageNetModule`: classification with timm's optimiser and schedule, the lr scaled by the global batch
+(results/paper/official_code.md §5.2), and the network's size recorded with the test metrics.
+
+- The optimiser is `timm.optim.create_optimizer_v2` (AdamW): it keeps biases, norms, other 1-D parameters (the
+  layer-scale γ) and the model's `no_weight_decay()` names (position embeddings) out of weight decay.
+- `lr` is the rate at a global batch of `reference_batch` (512) images; the optimiser runs at
+  lr × global batch / 512, the global batch being data.batch_size × devices × nodes × gradient accumulation.
+- The schedule is `timm.scheduler.create_scheduler_v2` (cosine with linear warm-up), stepped once per epoch as in
+  the official code: epoch e trains at the schedule's value for e. Lightning hands timm schedulers to
+  `lr_scheduler_step`, which says which epoch to step to.
+- Testing also logs `test/params_M` (parameters, millions) and `test/gmacs` (multiply-accumulates of one image, G),
+  counted as `python -m experiments.profile` counts them, so the aggregator fills those rows of the paper's table.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.common.classification import ClassificationModule
+from tasks.common.objective import Objective
+from tasks.imagenet.complexity import count_complexity
+
+log = logging.getLogger(__name__)
+
+
+class ImageNetModule(ClassificationModule):
+    """Top-k classification (hard or Mixup's soft targets) with the §5.2 optimiser and schedule.
+
+    Args:
+        model: the network; forward(x (B, 3, S, S)) -> logits (B, K).
+        optimizer: partial of `timm.optim.create_optimizer_v2`, completed with the model and the scaled lr.
+        scheduler: partial of `timm.scheduler.create_scheduler_v2`, completed with the optimiser and warm-up.
+        objective, num_classes, top_k, label_smoothing: see `ClassificationModule`; top-k above the class count
+            (top-5 of a 3-class folder) is left out.
+        lr: learning rate at the reference global batch (`module.lr`).
+        warmup_epochs: linear warm-up length in epochs (`module.warmup_epochs`).
+        batch_size: images per device and step (`data.batch_size`).
+        image_size: S, at which the MACs are counted (`data.image_size`).
+        reference_batch: the global batch at which `lr` applies (512).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        objective: Mapping[str, Any] | Objective,
+        num_classes: int,
+        scheduler: Callable[..., Any],
+        lr: float,
+        warmup_epochs: int,
+        batch_size: int,
+        image_size: int,
+        reference_batch: int = 512,
+        top_k: Sequence[int] = (1, 5),
+        label_smoothing: float = 0.1,
+    ) -> None:
+        kept = tuple(k for k in top_k if k <= num_classes)
+        if kept != tuple(top_k):
+            log.warning("module.top_k=%s: only %d classes, so top-k is logged for k in %s", list(top_k), num_classes, kept)
+        super().__init__(model, optimizer, objective, num_classes, scheduler, "epoch", kept, label_smoothing)
+        self.lr, self.warmup_epochs = float(lr), int(warmup_epochs)
+        self.batch_size, self.image_size, self.reference_batch = int(batch_size), int(image_size), int(reference_batch)
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimiser step across every device, node and accumulated micro-batch."""
+        trainer = self.trainer
+        return self.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+    def scaled_lr(self) -> float:
+        """The optimiser's peak lr: `lr` × global batch / reference batch."""
+        return self.lr * self.global_batch / self.reference_batch
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.model, lr=self.scaled_lr())
+        scheduler, _ = self.scheduler_factory(optimizer, warmup_epochs=self.warmup_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # called at the end of epoch `current_epoch`: set the rate of the next one
+        scheduler.step(epoch=self.current_epoch + 1)
+
+    def on_test_epoch_end(self) -> None:
+        size = count_complexity(self.model, self.image_size)
+        self.log("test/params_M", size.params_m)
+        self.log("test/gmacs", size.gmacs)

@@ -1,0 +1,149 @@
+"""ImageFolder data on fixtures written as real image files: the layout checks, the datamodule's batches, timm's
+transforms and Mixup, the hold-out protocol, and the digits converter."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from tasks.imagenet.data import ImageFolderDataModule, UnreadableImageError
+from tasks.imagenet.digits import write_digits
+from tasks.imagenet.layout import ImageFolderError, load_layout
+from tests.fixtures.imagenet import FIXTURE_CLASSES, write_image_folder
+
+CLASSES = FIXTURE_CLASSES[:3]
+
+
+def datamodule(data_dir: Path, dataset: str = "folder", **options) -> ImageFolderDataModule:
+    defaults = {"image_size": 32, "batch_size": 4, "num_workers": 0, "pin_memory": False}
+    return ImageFolderDataModule(dataset=dataset, data_dir=data_dir, **{**defaults, **options})
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "folder", CLASSES, {"train": 4, "val": 2})
+
+
+def test_setup_reads_classes_from_the_folders_and_batches_images(folder):
+    dm = datamodule(folder.parent)
+    assert dm.data_status().available
+    dm.setup("fit")
+    assert dm.model_dims() == {"num_classes": 3, "image_size": 32}
+    assert dm.data_info["sizes"] == {"train": 12, "val": 6} and dm.data_info["skipped_images"] == []
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["x"].shape == (4, 3, 32, 32) and batch["x"].dtype == torch.float32
+    assert batch["target"].tolist() == [0, 0, 1, 1]  # sorted class folders, sorted files
+    train = next(iter(dm.train_dataloader()))
+    assert train["x"].shape == (4, 3, 32, 32)
+    assert len(dm.train_dataloader()) == 3  # 12 images, full batches only
+
+
+def test_transforms_are_timms_recipe(folder):
+    dm = datamodule(folder.parent, image_size=224, train_transform={"auto_augment": "rand-m9-mstd0.5-inc1",
+                    "interpolation": "bicubic"}, eval_transform={"crop_pct": 0.875, "interpolation": "bicubic"})
+    dm.setup("fit")
+    train, evaluation = (str(dm.splits[split].transform) for split in ("train", "val"))
+    assert "RandomResizedCrop" in train and "RandAugment" in train and "bicubic" in train.lower()
+    assert "size=256" in evaluation and "CenterCrop(size=(224, 224))" in evaluation
+
+
+def test_mixup_mixes_training_batches_only(folder):
+    dm = datamodule(folder.parent, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    labels = batch["target"].clone()
+    dm.trainer = SimpleNamespace(training=False)
+    assert torch.equal(dm.on_after_batch_transfer(dict(batch), 0)["target"], labels)
+    dm.trainer = SimpleNamespace(training=True)
+    mixed = dm.on_after_batch_transfer(dict(batch), 0)["target"]
+    assert mixed.shape == (4, 3) and mixed.is_floating_point()
+    assert torch.allclose(mixed.sum(-1), torch.ones(4))
+    assert mixed.min() >= 0.1 / 3 - 1e-6  # label smoothing spreads 0.1 over the classes
+
+
+def test_no_mixing_keeps_hard_targets(folder):
+    dm = datamodule(folder.parent, mixup=0, cutmix=0, batch_size=3)  # an odd batch is fine without mixing
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(training=True)
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert batch["target"].dtype == torch.int64
+    with pytest.raises(ValueError, match="data.batch_size=3 must be even"):
+        datamodule(folder.parent, batch_size=3)
+
+
+def test_a_class_only_in_val_is_an_error_naming_it(folder):
+    write_image_folder(folder, ["n09999999"], {"val": 1})
+    with pytest.raises(ImageFolderError, match=r"val has class folders that .*train lacks: n09999999"):
+        datamodule(folder.parent).setup()
+
+
+def test_a_class_missing_from_val_is_an_error(folder):
+    shutil.rmtree(folder / "val" / CLASSES[1])
+    with pytest.raises(ImageFolderError, match=f"lacks class folders that .* has: {CLASSES[1]}"):
+        load_layout(folder)
+
+
+def test_an_empty_class_is_an_error_naming_it(folder):
+    for image in (folder / "train" / CLASSES[2]).iterdir():
+        image.unlink()
+    (folder / "train" / CLASSES[2] / "notes.txt").write_text("not an image")
+    with pytest.raises(ImageFolderError, match=f"empty class folder.* {CLASSES[2]}"):
+        load_layout(folder)
+
+
+def test_a_corrupt_image_is_fatal_or_skipped_and_listed(folder):
+    broken = folder / "train" / CLASSES[0] / "broken.JPEG"
+    broken.write_bytes(b"\xff\xd8 this is not a JPEG")
+    with pytest.raises(ImageFolderError, match="broken.JPEG") as error:
+        datamodule(folder.parent).setup()
+    assert "data.corrupt_images=skip" in str(error.value)
+    dm = datamodule(folder.parent, corrupt_images="skip")
+    dm.setup()
+    assert dm.data_info["skipped_images"] == [str(broken)] and dm.data_info["sizes"]["train"] == 12
+
+
+def test_an_image_that_fails_to_decode_names_its_path(folder):
+    image = folder / "val" / CLASSES[0] / f"{CLASSES[0]}_0.JPEG"
+    image.write_bytes(image.read_bytes()[:400])  # cut off; the check, which would catch it, is off
+    dm = datamodule(folder.parent, check_images=False)
+    dm.setup()
+    with pytest.raises(UnreadableImageError, match=image.name):
+        dm.splits["val"][0]
+
+
+def test_a_folder_named_imagenet_must_hold_imagenet(tmp_path):
+    root = write_image_folder(tmp_path / "imagenet", CLASSES, {"train": 1, "val": 1})
+    with pytest.raises(ImageFolderError, match="holds 3 classes.*where imagenet has 1000"):
+        load_layout(root)
+
+
+def test_missing_data_is_reported_with_the_command(tmp_path):
+    status = datamodule(tmp_path, dataset="imagenet").data_status()
+    assert not status.available and "make data-imagenet" in status.detail
+    with pytest.raises(ImageFolderError, match="make data-imagenet"):
+        datamodule(tmp_path, dataset="imagenet").setup()
+
+
+def test_holdout_val_picks_on_train_images_and_tests_on_val(folder):
+    dm = datamodule(folder.parent, selection="holdout_val", holdout_per_class=1, seed=3)
+    dm.setup()
+    held, kept, test = (dm.splits[split].samples for split in ("val", "train", "test"))
+    assert sorted(label for _, label in held) == [0, 1, 2]
+    assert not set(held) & set(kept) and len(kept) == 9
+    assert test == dm.layout.val
+    with pytest.raises(ImageFolderError, match="holdout_per_class=4"):
+        datamodule(folder.parent, selection="holdout_val", holdout_per_class=4).setup()
+
+
+def test_digits_are_written_as_a_real_image_folder(tmp_path):
+    counts = write_digits(tmp_path / "digits", size=24, val_fraction=0.2, seed=0)
+    assert counts["train"] + counts["val"] == 1797 and counts["val"] == 360
+    layout = load_layout(tmp_path / "digits")
+    assert layout.classes == [str(d) for d in range(10)] and len(layout.val) == 360
+    with Image.open(layout.train[0][0]) as image:
+        assert image.format == "PNG" and image.size == (24, 24)

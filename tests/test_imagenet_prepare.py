@@ -1,0 +1,67 @@
+"""`make data-imagenet` on fixtures in the real formats: a flat val folder sorted into class folders from the
+devkit's meta.mat and ground-truth file (unpacked or as the tar.gz), and the messages when files are missing."""
+
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import pytest
+
+from tasks.imagenet.layout import ImageFolderError, unreadable_images
+from tasks.imagenet.prepare import PrepareError, main, prepare, read_devkit, sort_val_folder
+from tests.fixtures.imagenet import write_devkit, write_image, write_image_folder
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+LABELS = [2, 1, 3, 1, 3]  # ILSVRC2012_ID of val images 1..5
+
+
+def flat_val(folder, count):
+    rng = np.random.default_rng(0)
+    return [write_image(folder / f"ILSVRC2012_val_{i:08d}.JPEG", rng) for i in range(1, count + 1)]
+
+
+def test_flat_val_is_sorted_into_class_folders_from_the_devkit(tmp_path):
+    root = write_image_folder(tmp_path / "subset", WNIDS, {"train": 2})
+    images = flat_val(root / "val", len(LABELS))
+    write_devkit(tmp_path / "ILSVRC2012_devkit_t12", WNIDS, LABELS)
+    prepare(root, devkit=tmp_path / "ILSVRC2012_devkit_t12", workers=0)
+    for image, label in zip(images, LABELS):
+        assert (root / "val" / WNIDS[label - 1] / image.name).is_file()
+    assert not any(path.is_file() for path in (root / "val").iterdir())
+
+
+def test_the_devkit_archive_is_read_like_its_folder(tmp_path):
+    folder = write_devkit(tmp_path / "ILSVRC2012_devkit_t12", WNIDS, LABELS)
+    archive = tmp_path / "ILSVRC2012_devkit_t12.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    assert read_devkit(archive) == read_devkit(folder) == [WNIDS[label - 1] for label in LABELS]
+
+
+def test_a_val_folder_that_disagrees_with_the_ground_truth_is_left_alone(tmp_path):
+    images = flat_val(tmp_path / "val", 3)
+    with pytest.raises(PrepareError, match="holds 3 files but the ground truth lists 5"):
+        sort_val_folder(tmp_path / "val", [WNIDS[label - 1] for label in LABELS])
+    assert all(image.is_file() for image in images)
+
+
+def test_missing_archives_explain_how_to_obtain_imagenet(tmp_path, capsys):
+    assert main(["--root", str(tmp_path / "imagenet")]) == 1
+    message = capsys.readouterr().err
+    assert "ILSVRC2012_img_train.tar" in message and "image-net.org" in message and "account" in message
+
+
+def test_a_prepared_subset_fails_the_imagenet_counts(tmp_path):
+    root = write_image_folder(tmp_path / "imagenet", WNIDS, {"train": 1, "val": 1})
+    with pytest.raises(ImageFolderError, match="1000"):
+        prepare(root, workers=0)
+
+
+def test_the_image_check_runs_in_worker_processes(tmp_path):
+    good = flat_val(tmp_path, 2)
+    broken = tmp_path / "broken.JPEG"
+    broken.write_bytes(b"not an image")
+    paths = [str(path) for path in good] * 200 + [str(broken)]
+    failures = unreadable_images(paths, workers=2)
+    assert [path for path, _ in failures] == [str(broken)] and failures == unreadable_images(paths, workers=0)
