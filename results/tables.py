@@ -194,6 +194,8 @@ class TableResult:
     def status(self, selection: str) -> Status:
         st = Status()
         for row in self.rows:
+            if row in self.spec.descriptive_rows:
+                continue
             for model in self.models:
                 c = self.cells[(selection, row, model)]
                 if c.paper is None:
@@ -409,6 +411,8 @@ def render_markdown(result: TableResult, heading_level: int = 2) -> str:
             legend.append(f"\"{m} (paper)\" shows the paper's {col} column, which that code produced.")
     if result.extra_rows():
         legend.append("\\* not in the paper; no paper value and not part of any average.")
+    if spec.descriptive_rows:
+        legend.append(f"Rows {', '.join(spec.descriptive_rows)} describe the models and are not compared.")
     legend.append(f"Paper values: results/paper/{result.name}.csv.")
     lines += [" ".join(legend), ""]
     for i, (_, text) in enumerate(notes, 1):
