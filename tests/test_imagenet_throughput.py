@@ -1,0 +1,35 @@
+"""The vision throughput benchmark script: one real measurement, and the ratios and report it writes."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments.vision_throughput import measure, ratio_rows, render_markdown
+
+
+def record(attention: str, size: int, train: float, infer: float, train_mib: float, infer_mib: float) -> dict:
+    return {"attention": attention, "image_size": size,
+            "training": {"images_per_s": train, "times_s": [1.0], "peak_mib": train_mib},
+            "inference": {"images_per_s": infer, "times_s": [1.0], "peak_mib": infer_mib}}
+
+
+def test_ratios_compare_flow_with_softmax_at_each_size():
+    records = [record("flow", 224, 4.0, 10.0, 100, 50), record("softmax", 224, 2.0, 5.0, 400, 100),
+               record("flow", 512, 1.0, 3.0, 200, 80), {"attention": "softmax", "image_size": 512, "error": "OOM"}]
+    assert ratio_rows(records) == [[224, "2.00x", "4.00x", "2.00x", "2.00x"]]
+    report = {"records": records, "command": "python -m experiments.vision_throughput", "started_at": "t",
+              "wall_s": 1.0, "git_sha": "abc", "settings": {"device": "cpu", "batch": 2, "repeats": 3, "warmup": 1},
+              "machine": {"cpu_count": 2, "platform": "linux", "torch": "2"}}
+    markdown = render_markdown(report)
+    ratios = next(line for line in markdown.splitlines() if "4.00x" in line)
+    assert [cell.strip() for cell in ratios.strip("|").split("|")] == ["224", "2.00x", "4.00x", "2.00x", "2.00x"]
+    assert "OOM" in markdown  # a failed configuration is listed, not dropped
+
+
+@pytest.mark.slow
+def test_one_configuration_is_measured_in_process():
+    config = {"attention": "flow", "image_size": 32, "batch": 2, "device": "cpu", "warmup": 1, "repeats": 1,
+              "threads": 1}
+    result = measure(config)
+    for mode in ("training", "inference"):
+        assert result[mode]["images_per_s"] > 0 and result[mode]["peak_mib"] >= 0 and len(result[mode]["times_s"]) == 1
