@@ -202,3 +202,18 @@ def test_datamodule_reports_status_without_reading(tmp_path):
 def test_datamodule_rejects_bad_settings(bad):
     with pytest.raises(ValueError, match="|".join(bad)):
         WikiTextDataModule(**bad)
+
+
+@pytest.mark.data
+def test_real_wikitext103_has_fairseqs_sizes():
+    """On the real corpus: the known token counts and fairseq's 267,744-entry dictionary (slow the first time: it
+    tokenises 103 M tokens into the cache)."""
+    from tasks.wikitext103.corpus import data_root_from_env
+
+    module = WikiTextDataModule("wikitext-103", data_root_from_env())
+    status = module.data_status()
+    if not status.available:
+        pytest.skip(f"WikiText-103 is not on disk ({status.detail})")
+    module.setup()  # raises KnownSizeError on any difference
+    assert module.data_info["tokens"] == {"train": 103_227_021, "valid": 217_646, "test": 245_569}
+    assert module.data_info["vocab_size"] == 267_744

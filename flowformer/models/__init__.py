@@ -1,6 +1,7 @@
 """The paper's per-domain networks, built from `flowformer.nn` blocks and any registered attention."""
 
 from flowformer.models.lra import LRADualEncoder, LRASequenceClassifier
+from flowformer.models.transformer_lm import TransformerLM
 from flowformer.models.ts_classifier import TimeSeriesClassifier
 
-__all__ = ["LRADualEncoder", "LRASequenceClassifier", "TimeSeriesClassifier"]
+__all__ = ["LRADualEncoder", "LRASequenceClassifier", "TimeSeriesClassifier", "TransformerLM"]
