@@ -1,0 +1,126 @@
+"""The Decision Transformer (Chen et al., 2021) with any registered causal attention.
+
+The network of results/paper/official_code.md §4.2: each step t of a window contributes three tokens, its
+return-to-go R_t, state s_t and action a_t, interleaved as (R_1, s_1, a_1, R_2, ...); a learned timestep embedding
+is added to all three, the sequence is layer-normalised, and pre-LN causal blocks mix it. The action of step t is
+predicted from the state token s_t (which sees R_≤t, s_≤t and a_<t) by a linear layer and tanh. There is no
+position embedding besides the timestep. Padded steps (`padding_mask`, True = padding) are masked in attention, so
+real steps get the outputs of the unpadded window whichever side the padding is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowformer.nn.blocks import CausalDecoderBlock
+
+TOKENS_PER_STEP = 3  # return-to-go, state, action
+
+
+def with_overrides(attention: Mapping[str, Any] | str, overrides: Mapping[str, Mapping[str, Any]] | None) -> Any:
+    """The attention node with the options `overrides[<its name>]` merged in (unchanged when none are given)."""
+    node = {"name": attention} if isinstance(attention, str) else dict(attention)
+    extra = (overrides or {}).get(node["name"])
+    return {**node, **extra} if extra else attention
+
+
+class DecisionTransformer(nn.Module):
+    """Return-conditioned policy over windows of K steps.
+
+    Args:
+        state_dim, act_dim: sizes of a state and an action (from the data).
+        context_length: K, steps per window (3K tokens).
+        max_timestep: size of the timestep embedding (timesteps lie in [0, max_timestep)).
+        d_model, n_layers, n_heads, d_ff, dropout, activation, ln_eps: the transformer; dropout applies to the
+            embedded sequence, after attention and in the feed-forward.
+        attention: the `model.attention` node (any registered causal attention).
+        attention_overrides: {attention name: options} merged into `attention` when its name matches (the paper's
+            causal Reformer baseline accepts LSH's hash leak this way; see conf/model/decision_transformer.yaml).
+        max_action: actions are tanh(·) · max_action.
+        init_std: weights of linear layers and embeddings start from N(0, init_std²), biases at 0 (GPT-2's scheme).
+    """
+
+    def __init__(
+        self,
+        state_dim: int,
+        act_dim: int,
+        context_length: int = 20,
+        max_timestep: int = 1000,
+        d_model: int = 256,
+        n_layers: int = 3,
+        n_heads: int = 4,
+        d_ff: int = 1024,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        attention: Mapping[str, Any] | str = "flow",
+        attention_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        max_action: float = 1.0,
+        ln_eps: float = 1e-5,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.state_dim, self.act_dim, self.context_length = int(state_dim), int(act_dim), int(context_length)
+        self.max_action = float(max_action)
+        self.timestep_embedding = nn.Embedding(max_timestep, d_model)
+        self.return_embedding = nn.Linear(1, d_model)
+        self.state_embedding = nn.Linear(state_dim, d_model)
+        self.action_embedding = nn.Linear(act_dim, d_model)
+        self.embedding_norm = nn.LayerNorm(d_model, eps=ln_eps)
+        self.embedding_dropout = nn.Dropout(dropout)
+        attention = with_overrides(attention, attention_overrides)
+        self.blocks = nn.ModuleList(
+            CausalDecoderBlock(d_model, n_heads, d_ff, attention, dropout, norm_first=True, activation=activation, ln_eps=ln_eps)
+            for _ in range(n_layers)
+        )
+        self.final_norm = nn.LayerNorm(d_model, eps=ln_eps)
+        self.action_head = nn.Linear(d_model, act_dim)
+        self.init_std = float(init_std)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def embed(self, states: Tensor, actions: Tensor, returns_to_go: Tensor, timesteps: Tensor) -> Tensor:
+        """The interleaved token sequence (B, 3K, D) of a window, before the blocks."""
+        time = self.timestep_embedding(timesteps)
+        tokens = torch.stack(
+            [
+                self.return_embedding(returns_to_go.unsqueeze(-1)) + time,
+                self.state_embedding(states) + time,
+                self.action_embedding(actions) + time,
+            ],
+            dim=2,
+        )  # (B, K, 3, D)
+        batch, steps = timesteps.shape
+        return self.embedding_dropout(self.embedding_norm(tokens.reshape(batch, TOKENS_PER_STEP * steps, -1)))
+
+    def forward(
+        self,
+        states: Tensor,
+        actions: Tensor,
+        returns_to_go: Tensor,
+        timesteps: Tensor,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Predicted actions (B, K, act_dim) in [−max_action, max_action] for a batch of windows.
+
+        states (B, K, state_dim) normalised; actions (B, K, act_dim); returns_to_go (B, K) scaled; timesteps (B, K)
+        int64 in [0, max_timestep); padding_mask (B, K) bool, True = padded step, or None. The prediction for
+        step t reads the state token of step t, so the action given at step t itself never enters it.
+        """
+        x = self.embed(states, actions, returns_to_go, timesteps)
+        token_mask = None if padding_mask is None else padding_mask.repeat_interleave(TOKENS_PER_STEP, dim=1)
+        for block in self.blocks:
+            x = block(x, token_mask)
+        state_tokens = self.final_norm(x[:, 1::TOKENS_PER_STEP])
+        return torch.tanh(self.action_head(state_tokens)) * self.max_action
+
+
+__all__ = ["DecisionTransformer", "with_overrides"]
