@@ -1,0 +1,128 @@
+"""The Decision Transformer's LightningModule: masked MSE on actions, and evaluation by MuJoCo rollouts.
+
+Training batches are windows (tasks/d4rl/windows.py); the loss is the mean squared error of the predicted actions
+over the real (unpadded) steps. Validation and test batches are requests, one per target return; each is played
+as a batch of episodes (tasks/d4rl/rollout.py) and logged as `<stage>/return_<target>` (mean raw return) and
+`<stage>/score_<target>` (D4RL's normalised score ×100), plus `<stage>/return` and `<stage>/score` for the reported
+target (`eval.report_target`), which the objective monitors. Evaluations during training play `eval.episodes`
+episodes per target, the last one (at `trainer.max_steps`) `eval.final_episodes`, as the official code does; the
+test plays `eval.final_episodes` fresh episodes with the checkpoint the objective picked. Every episode's seed,
+return and length go to `<run dir>/evaluations.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tasks.common.module import TaskModule
+from tasks.common.objective import Objective
+from tasks.d4rl.evaluation import EvaluationProtocol, target_name
+from tasks.d4rl.rollout import Episode, TransformerPolicy, run_episodes
+from tasks.d4rl.windows import Conditioning
+
+EPISODES_FILE = "evaluations.jsonl"
+POLICY_KEY = "d4rl_policy"
+MODEL_INPUTS = ("states", "actions", "returns_to_go", "timesteps", "padding_mask")
+
+
+def masked_action_error(predicted: Tensor, actions: Tensor, padding_mask: Tensor) -> Tensor:
+    """Mean squared error of predicted (B, K, A) against actions (B, K, A) over the steps where padding_mask (B, K)
+    is False."""
+    real = ~padding_mask
+    return (predicted[real] - actions[real]).pow(2).mean()
+
+
+class DecisionTransformerModule(TaskModule):
+    """Offline training and rollout evaluation of a Decision Transformer.
+
+    Args:
+        evaluation: the evaluation protocol (environment, targets, episodes, seeds), from the datamodule.
+        conditioning: state statistics and scales that build the model's input from an episode, from the datamodule.
+        policy_dims: the model's data dims; saved with `conditioning` in checkpoints, so that a checkpoint alone
+            is a policy (`python -m tasks.d4rl.collect --policy <run dir>`).
+        (model, optimizer, objective, scheduler, scheduler_interval: see `TaskModule`.)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        objective: Mapping[str, Any] | Objective,
+        evaluation: Mapping[str, Any] | EvaluationProtocol,
+        conditioning: Mapping[str, Any] | Conditioning,
+        policy_dims: Mapping[str, Any],
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "step",
+    ) -> None:
+        super().__init__(model, optimizer, objective, scheduler, scheduler_interval)
+        self.evaluation = evaluation if isinstance(evaluation, EvaluationProtocol) else EvaluationProtocol.from_dict(evaluation)
+        self.conditioning = conditioning if isinstance(conditioning, Conditioning) else Conditioning.from_dict(conditioning)
+        self.policy_dims = dict(policy_dims)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        return self.model(**{key: batch[key] for key in MODEL_INPUTS})
+
+    def step(self, batch: Mapping[str, Any], stage: str) -> Tensor:
+        if stage == "train":
+            loss = masked_action_error(self(batch), batch["actions"], batch["padding_mask"])
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch["actions"]))
+            return loss
+        return self.evaluate(float(batch["target"]), stage)
+
+    def final_evaluation(self) -> bool:
+        """Whether this validation is the last of the run (it plays `eval.final_episodes` per target)."""
+        return 0 < self.trainer.max_steps <= self.global_step
+
+    def evaluate(self, target: float, stage: str) -> Tensor:
+        """Play the episodes of one target and log their mean return and score; returns the score."""
+        protocol = self.evaluation
+        seeds = protocol.seeds(stage, final=stage == "val" and self.final_evaluation())
+        episodes = run_episodes(
+            TransformerPolicy(self.model), protocol.env_id, target, seeds, self.conditioning,
+            num_envs=protocol.num_envs, max_episode_steps=protocol.max_episode_steps,
+            vectorization=protocol.vectorization,
+        )  # fmt: skip
+        mean_return = float(np.mean([episode.episode_return for episode in episodes]))
+        score = protocol.reference.score(mean_return)
+        values = {f"return_{target_name(target)}": mean_return, f"score_{target_name(target)}": score}
+        if target == protocol.report_target:
+            values.update({"return": mean_return, "score": score})
+        for name, value in values.items():
+            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=1, prog_bar=name == "score")
+        self._record_episodes(stage, target, episodes)
+        return torch.tensor(score)
+
+    def _record_episodes(self, stage: str, target: float, episodes: list[Episode]) -> None:
+        if not self.trainer.is_global_zero or self.trainer.sanity_checking:
+            return
+        line = {
+            "stage": stage,
+            "step": self.global_step,
+            "target": target,
+            "env_id": self.evaluation.env_id,
+            "seeds": [episode.seed for episode in episodes],
+            "returns": [episode.episode_return for episode in episodes],
+            "lengths": [episode.length for episode in episodes],
+            "scores": [self.evaluation.reference.score(episode.episode_return) for episode in episodes],
+        }
+        path = Path(self.trainer.default_root_dir) / EPISODES_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[POLICY_KEY] = {
+            "model_dims": self.policy_dims,
+            "conditioning": self.conditioning.to_dict(),
+            "env_id": self.evaluation.env_id,
+            "targets": list(self.evaluation.targets),
+            "report_target": self.evaluation.report_target,
+        }
