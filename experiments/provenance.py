@@ -12,7 +12,7 @@ from pathlib import Path
 # Packages whose versions decide whether a result can be redone; recorded in every metrics.json.
 RECORDED_PACKAGES = (
     "torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "numpy", "pandas", "aeon", "scikit-learn",
-    "wandb", "timm", "datasets", "gymnasium", "mujoco", "flowformer-suite",
+    "wandb", "timm", "datasets", "gymnasium", "mujoco", "minari", "h5py", "flowformer-suite",
 )
 
 
