@@ -12,6 +12,7 @@ key may be overridden inside an ``experiments`` entry)::
     metric: primary_value           # or metrics.<key>, e.g. metrics.test/acc
     scale: 1.0                      # multiply the metric (e.g. 100 when a metric is a fraction)
     overrides: []                   # pinned Hydra `key=value` overrides, passed to every run and checked
+    notes: []                       # protocol notes printed under the table in results/README.md
     experiments:
       - experiment: uea/JapaneseVowels
         row: JapaneseVowels         # default: results.naming.experiment_row
@@ -36,7 +37,7 @@ MANIFEST_DIR = Path(__file__).resolve().parents[1] / "experiments" / "manifests"
 SELECTIONS = ("best_test", "holdout_val")
 
 _TOP_KEYS = {"table", "description", "selection", "seeds", "attentions", "metric", "scale", "overrides",
-             "experiments"}
+             "notes", "experiments"}
 _ENTRY_KEYS = {"experiment", "row", "rows", "selection", "seeds", "attentions", "metric", "scale", "overrides",
                "columns", "note"}
 
@@ -76,6 +77,7 @@ class Manifest:
     selection: str
     entries: list[ExperimentEntry]
     description: str = ""
+    notes: tuple[str, ...] = ()
 
     def entry(self, experiment: str) -> ExperimentEntry | None:
         for e in self.entries:
@@ -221,6 +223,7 @@ def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
         selection=selection,
         entries=entries,
         description=str(data.get("description", "")),
+        notes=_str_list(path, "notes", data.get("notes")),
     )
 
 

@@ -373,6 +373,8 @@ def render_markdown(result: TableResult, heading_level: int = 2) -> str:
     for i, (model, _) in enumerate(notes, 1):
         marks.setdefault(model, []).append(i)
 
+    if result.manifest is not None and result.manifest.notes:
+        lines += [" ".join(result.manifest.notes), ""]
     for sel in result.selections:
         lines += [f"{h}# Selection `{sel}`", "", _status_line(result, sel), ""]
         header = [spec.row_header]
