@@ -142,7 +142,8 @@ def experiment_row(experiment: str) -> str | None:
     """The paper's row label for an experiment name, or None when the name has no row in the paper.
 
     ``lra/listops`` -> ``ListOps``; ``uea/JapaneseVowels`` -> ``JapaneseVowels``;
-    ``d4rl/halfcheetah-medium-expert`` -> ``medium-expert/HalfCheetah``; ``imagenet/<any>`` -> ``top1_acc``;
+    ``d4rl/halfcheetah-medium-expert`` -> ``medium-expert/HalfCheetah`` (a Minari id such as
+    ``d4rl/mujoco/hopper/medium-v0`` has none); ``imagenet/<any>`` -> ``top1_acc``;
     ``wikitext103/<any>`` -> ``perplexity``. A UEA dataset outside the paper (e.g. BasicMotions) still gets its
     own name as a row; it is shown as an extra row without a paper value.
     """
@@ -154,6 +155,8 @@ def experiment_row(experiment: str) -> str | None:
     if domain == "uea":
         return name
     if domain == "d4rl":
+        if "/" in name:
+            return None  # a Minari id (mujoco/hopper/medium-v0): other environments and policies, never a paper cell
         env, _, setting = name.partition("-")
         setting = setting.removesuffix("-v2")
         if env.lower() in D4RL_ENVIRONMENTS and setting in D4RL_SETTINGS:

@@ -16,15 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from tasks.d4rl.environments import RL_EXTRA_HINT
+from tasks.d4rl.environments import GYMNASIUM_NAMES, RL_EXTRA_HINT
 
 D4RL_KEYS = {"observations": 2, "actions": 2, "rewards": 1, "terminals": 1, "timeouts": 1}  # key -> ndim
 D4RL_CACHE_ENV = "D4RL_DATASET_DIR"
 MINARI_ROOT_ENV = "MINARI_DATASETS_PATH"
 MINARI_DEFAULT_ROOT = Path("~/.minari/datasets")
 FETCH_HINT = (
-    "Fetch the paper's nine datasets with `make data-d4rl`, or collect one with "
-    "`python -m tasks.d4rl.collect --env hopper --policy random --episodes 1000 --out {data_dir}/hopper-random-collected.hdf5`"
+    "Fetch D4RL's datasets with `make data-d4rl`, or collect one with `python -m tasks.d4rl.collect --env {env} "
+    "--policy random --episodes 1000 --out {data_dir}/{env}-random-collected.hdf5`"
 )
 
 
@@ -88,8 +88,10 @@ def find_d4rl_file(name: str, data_dir: str | Path) -> Path | None:
 
 
 def missing_file_message(name: str, data_dir: str | Path) -> str:
+    """What was looked for, and the two ways to get a dataset (for the environment the name starts with)."""
     looked = ", ".join(str(path) for path in d4rl_candidates(name, data_dir))
-    return f"no file for data.dataset={name!r}; looked for {looked}. " + FETCH_HINT.format(data_dir=data_dir)
+    env = name.split("-", 1)[0] if name.split("-", 1)[0] in GYMNASIUM_NAMES else "hopper"
+    return f"no file for data.dataset={name!r}; looked for {looked}. " + FETCH_HINT.format(env=env, data_dir=data_dir)
 
 
 def _require_h5py() -> Any:
