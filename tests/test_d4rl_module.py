@@ -52,6 +52,7 @@ def test_evaluations_play_the_protocol_and_fill_the_run_record(tmp_path):
         ("val", 4, 3600.0, [10000, 10001, 10002]), ("val", 4, 1800.0, [10000, 10001, 10002]),  # the last evaluation
         ("test", 4, 3600.0, [20000, 20001, 20002]), ("test", 4, 1800.0, [20000, 20001, 20002]),
     ]  # fmt: skip
+    assert all(e["seconds"] >= 0 for e in played)
     last = played[2]
     assert metrics["last/val/return_3600"] == pytest.approx(np.mean(last["returns"]), rel=1e-6)
     assert record.data["evaluation"]["env_id"] == "Hopper-v4" and record.data["environment"]["mujoco"]

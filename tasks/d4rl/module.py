@@ -7,12 +7,13 @@ as a batch of episodes (tasks/d4rl/rollout.py) and logged as `<stage>/return_<ta
 target (`eval.report_target`), which the objective monitors. Evaluations during training play `eval.episodes`
 episodes per target, the last one (at `trainer.max_steps`) `eval.final_episodes`, as the official code does; the
 test plays `eval.final_episodes` fresh episodes with the checkpoint the objective picked. Every episode's seed,
-return and length go to `<run dir>/evaluations.jsonl`.
+return and length, and the evaluation's wall time, go to `<run dir>/evaluations.jsonl`.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ class DecisionTransformerModule(TaskModule):
         """Play the episodes of one target and log their mean return and score; returns the score."""
         protocol = self.evaluation
         seeds = protocol.seeds(stage, final=stage == "val" and self.final_evaluation())
+        started = time.perf_counter()
         episodes = run_episodes(
             TransformerPolicy(self.model), protocol.env_id, target, seeds, self.conditioning,
             num_envs=protocol.num_envs, max_episode_steps=protocol.max_episode_steps,
@@ -96,10 +98,10 @@ class DecisionTransformerModule(TaskModule):
             values.update({"return": mean_return, "score": score})
         for name, value in values.items():
             self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=1, prog_bar=name == "score")
-        self._record_episodes(stage, target, episodes)
+        self._record_episodes(stage, target, episodes, time.perf_counter() - started)
         return torch.tensor(score)
 
-    def _record_episodes(self, stage: str, target: float, episodes: list[Episode]) -> None:
+    def _record_episodes(self, stage: str, target: float, episodes: list[Episode], seconds: float) -> None:
         if not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
         line = {
@@ -111,6 +113,7 @@ class DecisionTransformerModule(TaskModule):
             "returns": [episode.episode_return for episode in episodes],
             "lengths": [episode.length for episode in episodes],
             "scores": [self.evaluation.reference.score(episode.episode_return) for episode in episodes],
+            "seconds": round(seconds, 3),
         }
         path = Path(self.trainer.default_root_dir) / EPISODES_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
