@@ -1,0 +1,95 @@
+"""Fetch the paper's nine D4RL datasets and check them: `make data-d4rl` (`python -m tasks.d4rl.download`).
+
+Each file comes from D4RL's own server (rail.eecs.berkeley.edu) and is saved as `$DATA_DIR/d4rl/<name>.hdf5`
+(e.g. `hopper-medium-replay-v2.hdf5`). A file already there, or in D4RL's cache (`$D4RL_DATASET_DIR`, with
+D4RL's underscore names), is not fetched again. Every file is then checked: the five arrays of D4RL's layout,
+their common length, the state and action sizes of its environment, finite values, and at least one episode.
+Without network, the message gives each URL and where to put the file by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import urllib.error
+from pathlib import Path
+
+from tasks.d4rl.environments import env_family
+from tasks.d4rl.trajectories import D4RLDataError, d4rl_file_names, find_d4rl_file, read_d4rl_arrays, read_d4rl_file
+
+ENVIRONMENTS = ("halfcheetah", "hopper", "walker2d")
+QUALITIES = ("medium", "medium-replay", "medium-expert")
+PAPER_DATASETS = tuple(f"{env}-{quality}-v2" for quality in QUALITIES for env in ENVIRONMENTS)
+BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
+# state and action sizes of each environment family (gymnasium's v4 environments take the same)
+SIZES = {"halfcheetah": (17, 6), "hopper": (11, 3), "walker2d": (17, 6)}
+
+
+def dataset_url(name: str) -> str:
+    """D4RL's download address of a v2 locomotion dataset (its files carry the underscore name)."""
+    return f"{BASE_URL}/{d4rl_file_names(name)[-1]}"
+
+
+def check_file(path: Path, name: str) -> list[str]:
+    """Problems with one dataset file (empty when it is usable)."""
+    try:
+        arrays = read_d4rl_arrays(path)
+        expected = SIZES[env_family(name)]
+        found = (arrays["observations"].shape[1], arrays["actions"].shape[1])
+        if found != expected:
+            return [f"{path}: states of size {found[0]} and actions of size {found[1]}, expected {expected[0]} and {expected[1]}"]
+        trajectories = read_d4rl_file(path)
+    except (D4RLDataError, ImportError) as error:
+        return [str(error)]
+    return [] if trajectories.num_episodes else [f"{path}: no complete episode"]
+
+
+def fetch(name: str, root: Path) -> Path:
+    """Download dataset `name` into `root/<name>.hdf5` (through a temporary file, renamed when complete)."""
+    from torch.hub import download_url_to_file
+
+    target = root / f"{name}.hdf5"
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {dataset_url(name)}", file=sys.stderr)
+    download_url_to_file(dataset_url(name), str(target), progress=True)
+    return target
+
+
+def prepare(root: Path, names: tuple[str, ...], check_only: bool = False) -> dict[str, list[str]]:
+    """Fetch what is missing (unless `check_only`), then check every requested dataset. Returns {name: problems}."""
+    report = {}
+    for name in names:
+        path = find_d4rl_file(name, root)
+        if path is None and not check_only:
+            try:
+                path = fetch(name, root)
+            except (urllib.error.URLError, OSError, TimeoutError) as error:
+                reason = getattr(error, "reason", error)
+                report[name] = [f"could not download {dataset_url(name)} ({reason}); download it by hand to {root / f'{name}.hdf5'}"]
+                continue
+        report[name] = check_file(path, name) if path is not None else [f"missing {root / f'{name}.hdf5'}"]
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.d4rl.download", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR") or "data"), help="the DATA_DIR root")
+    parser.add_argument("--datasets", nargs="+", choices=PAPER_DATASETS, default=list(PAPER_DATASETS))
+    parser.add_argument("--check", action="store_true", help="only check what is on disk")
+    args = parser.parse_args(argv)
+    root = args.data_dir / "d4rl"
+    report = prepare(root, tuple(args.datasets), check_only=args.check)
+    for name, problems in report.items():
+        print(f"[ok] {name}" if not problems else f"[missing] {name}: " + "; ".join(problems),
+              file=sys.stdout if not problems else sys.stderr)
+    failed = [name for name, problems in report.items() if problems]
+    if failed:
+        print(f"{len(failed)} of {len(report)} D4RL datasets are not usable under {root}. Run `make data-d4rl` where the "
+              "network allows, or place the files by hand (see data/README.md). Without them, collect a dataset with "
+              "`python -m tasks.d4rl.collect` and train with `experiment=d4rl/base`.", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""`make data-d4rl`: the nine paper datasets' addresses, and the check of what is on disk."""
+
+from __future__ import annotations
+
+import urllib.error
+
+from tasks.d4rl import download
+from tests.fixtures.d4rl import episode_arrays, write_d4rl_dataset, write_d4rl_file
+
+
+def test_the_nine_paper_datasets_and_their_addresses():
+    assert len(download.PAPER_DATASETS) == 9
+    assert download.dataset_url("hopper-medium-replay-v2").endswith("/gym_mujoco_v2/hopper_medium_replay-v2.hdf5")
+
+
+def test_check_accepts_good_files_and_names_the_problem_of_bad_ones(tmp_path, capsys):
+    write_d4rl_dataset(tmp_path, "hopper-medium-v2")
+    write_d4rl_file(tmp_path / "d4rl" / "walker2d-medium-v2.hdf5", episode_arrays("hopper", [5]))
+    code = download.main(["--data-dir", str(tmp_path), "--check",
+                          "--datasets", "hopper-medium-v2", "walker2d-medium-v2", "halfcheetah-medium-v2"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "[ok] hopper-medium-v2" in out
+    assert "walker2d-medium-v2: " in err and "states of size 11 and actions of size 3, expected 17 and 6" in err
+    assert "missing " + str(tmp_path / "d4rl" / "halfcheetah-medium-v2.hdf5") in err
+
+
+def test_without_network_the_message_gives_the_address_and_the_place(tmp_path, monkeypatch):
+    def offline(name, root):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(download, "fetch", offline)
+    report = download.prepare(tmp_path / "d4rl", ("hopper-medium-v2",))
+    assert report["hopper-medium-v2"] == [
+        f"could not download {download.dataset_url('hopper-medium-v2')} (Name or service not known); download it by "
+        f"hand to {tmp_path / 'd4rl' / 'hopper-medium-v2.hdf5'}"
+    ]
