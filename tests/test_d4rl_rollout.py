@@ -90,3 +90,11 @@ def test_the_collector_writes_d4rls_layout_reproducibly(tmp_path):
                                       handle["observations"][()][1:][~(terminals | timeouts)[:-1]])
     assert (terminals | timeouts).sum() == 4 and not (terminals & timeouts).any()
     assert (first.lengths[timeouts[first.boundaries[1:] - 1]] == 20).all()  # a timeout is the time limit
+
+
+def test_mujoco_warnings_go_to_logging_not_to_a_file_in_the_working_directory(tmp_path, monkeypatch, caplog):
+    from tasks.d4rl.environments import make_env
+
+    monkeypatch.chdir(tmp_path)
+    make_env("HalfCheetah-v4").close()  # its model makes MuJoCo warn about a deprecated attribute
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()

@@ -47,7 +47,13 @@ def require_gymnasium() -> Any:
 
 
 def _log_mujoco_warning(text: str) -> None:
-    log.warning("MuJoCo: %s", text.strip())
+    """Log each distinct MuJoCo warning once (every environment of a vector env compiles the same model)."""
+    if text not in _MUJOCO_WARNINGS_SEEN:
+        _MUJOCO_WARNINGS_SEEN.add(text)
+        log.warning("MuJoCo: %s", text.strip())
+
+
+_MUJOCO_WARNINGS_SEEN: set[str] = set()
 
 
 @contextmanager
