@@ -15,7 +15,7 @@ ARGS ?=
 .DEFAULT_GOAL := help
 TABLES := uea lra imagenet wikitext103 d4rl
 REPRODUCE := $(addprefix reproduce-,$(TABLES))
-.PHONY: help install lock test test-all demo tables bench bench-gpu clean data-uea data-lra data-wikitext103 data-d4rl listops $(REPRODUCE)
+.PHONY: help install lock test test-all demo tables bench bench-gpu clean data-uea data-lra data-wikitext103 data-d4rl data-imagenet listops $(REPRODUCE)
 
 help: ## list the targets
 	@grep -hE '^[^#[:space:]].*:.*## ' $(MAKEFILE_LIST) | sed 's/^$$(REPRODUCE): reproduce-%:/reproduce-<table>:/' \
@@ -66,6 +66,9 @@ data-wikitext103: ## fetch WikiText-103 into DATA_DIR/wikitext-103 (zip, else th
 
 data-d4rl: ## download the paper's nine D4RL datasets (v2 HDF5) into DATA_DIR/d4rl and check their keys and sizes; ARGS='--check' only checks (no network: python -m tasks.d4rl.collect)
 	$(PY) -m tasks.d4rl.download $(ARGS)
+
+data-imagenet: ## how to obtain ImageNet (an account is needed); unpacks the archives in DATA_DIR/imagenet, sorts a flat val into class folders from the devkit, checks it
+	$(PY) -m tasks.imagenet.prepare $(ARGS)
 
 listops: ## generate ListOps 96k/2k/2k (seeded, official distribution and format) into DATA_DIR/lra/listops-1000; SEED=0
 	$(PY) -m tasks.lra.listops --seed $(or $(SEED),0) --num-train 96000 --num-val 2000 --num-test 2000 --out $(or $(DATA_DIR),data)/lra/listops-1000 $(ARGS)
