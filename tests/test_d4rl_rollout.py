@@ -92,7 +92,7 @@ def test_the_collector_writes_d4rls_layout_reproducibly(tmp_path):
     assert (first.lengths[timeouts[first.boundaries[1:] - 1]] == 20).all()  # a timeout is the time limit
 
 
-def test_mujoco_warnings_go_to_logging_not_to_a_file_in_the_working_directory(tmp_path, monkeypatch, caplog):
+def test_mujoco_warnings_go_to_logging_not_to_a_file_in_the_working_directory(tmp_path, monkeypatch):
     from tasks.d4rl.environments import make_env
 
     monkeypatch.chdir(tmp_path)

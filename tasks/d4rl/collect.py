@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         low, high, state_dim = env.action_space.low, env.action_space.high, env.observation_space.shape[0]
         env.close()
         policy, target, source = RandomPolicy(low, high, args.seed), 0.0, "random"
-        # the histories the runner keeps are not read by a random policy: any conditioning does
-        conditioning = Conditioning(np.zeros(state_dim, np.float32), np.ones(state_dim, np.float32), 1.0, 1, 1)
+        conditioning = Conditioning.identity(state_dim)
     else:
         from tasks.d4rl.policy import load_trained_policy
 

@@ -27,8 +27,9 @@ from tasks.d4rl.windows import PAD_ACTION, Conditioning, window_positions
 
 
 class EpisodeHistories:
-    """The steps so far of the episode in each environment slot: normalised states, actions, returns-to-go (scaled)
-    and timesteps, (slots, max_steps + 1, ·) each; `length[i]` states are stored for slot i, the last one current."""
+    """The steps so far of the episode in each environment slot: normalised states, actions and scaled
+    returns-to-go, (slots, max_steps + 1, ·) each (a step's timestep is its index); `length[i]` states are stored
+    for slot i, the last one current; `episode[i]` is the episode slot i plays (-1: idle)."""
 
     def __init__(self, slots: int, max_steps: int, state_dim: int, act_dim: int, conditioning: Conditioning) -> None:
         self.conditioning, self.stats = conditioning, conditioning.stats
@@ -36,7 +37,7 @@ class EpisodeHistories:
         self.actions = np.zeros((slots, max_steps + 1, act_dim), np.float32)
         self.returns_to_go = np.zeros((slots, max_steps + 1), np.float32)
         self.length = np.zeros(slots, np.int64)
-        self.episode = np.full(slots, -1, np.int64)  # the episode each slot plays, -1 = idle
+        self.episode = np.full(slots, -1, np.int64)
 
     def start(self, slot: int, episode: int, observation: np.ndarray, target: float) -> None:
         self.episode[slot], self.length[slot] = episode, 1
@@ -189,7 +190,8 @@ def run_episodes_sequentially(
     without padding (results/paper/official_code.md §4.2), the history kept as tensors."""
     env = make_env(env_id, max_episode_steps=max_episode_steps)
     device = next(model.parameters()).device
-    mean, std = (torch.as_tensor(np.asarray(x, np.float32), device=device) for x in (conditioning.state_mean, conditioning.state_std))
+    mean = torch.as_tensor(np.asarray(conditioning.state_mean, np.float32), device=device)
+    std = torch.as_tensor(np.asarray(conditioning.state_std, np.float32), device=device)
     k, scale = conditioning.context_length, conditioning.return_scale
     episodes = []
     try:

@@ -6,7 +6,8 @@ actions with −10, returns-to-go and timesteps with 0, and `padding_mask` marks
 `padding="right"` (official) puts the pads after the real steps; `padding="left"` (the original Decision Transformer,
 kzl and CORL's convention for the same windows) puts them before. States are normalised with the mean and the std
 (+1e-6) of every step of the dataset; returns-to-go are undiscounted and divided by `return_scale`; timesteps (the
-step's index in its episode) are clipped to `max_timestep − 1`.
+step's index in its episode) are clipped to `max_timestep − 1`. `Conditioning` holds these choices, so that the
+rollouts (tasks/d4rl/rollout.py) build the model's input the same way.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class StateStats:
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What turns an episode's history into the model's input: the dataset's state statistics, the return scale,
-    the window length K, the timestep embedding's size and the side padding goes (see tasks/d4rl/windows.py)."""
+    """What turns steps into the model's input, in training and in rollouts alike: the dataset's state statistics,
+    the return scale, the window length K, the timestep embedding's size and the side the padding goes."""
 
     state_mean: np.ndarray
     state_std: np.ndarray
@@ -59,9 +60,15 @@ class Conditioning:
     def stats(self) -> StateStats:
         return StateStats(np.asarray(self.state_mean, np.float32), np.asarray(self.state_std, np.float32))
 
+    @classmethod
+    def identity(cls, state_dim: int) -> Conditioning:
+        """States as they are, returns unscaled, one-step windows: for policies that read no history (random)."""
+        return cls(np.zeros(state_dim, np.float32), np.ones(state_dim, np.float32), 1.0, 1, 1)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values (what the datamodule hands the module through Hydra, and checkpoints keep)."""
-        return {**asdict(self), "state_mean": [float(x) for x in self.state_mean], "state_std": [float(x) for x in self.state_std]}
+        as_lists = {"state_mean": [float(x) for x in self.state_mean], "state_std": [float(x) for x in self.state_std]}
+        return {**asdict(self), **as_lists}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Conditioning:
