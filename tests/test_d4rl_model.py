@@ -76,3 +76,18 @@ def test_attention_overrides_apply_only_to_their_name():
     assert with_overrides({"name": "reformer"}, OVERRIDES) == {"name": "reformer", "allow_causal_hash_leak": True}
     assert with_overrides({"name": "flow", "clamp": 10.0}, OVERRIDES) == {"name": "flow", "clamp": 10.0}
     assert with_overrides("softmax", None) == "softmax"
+
+
+@pytest.mark.parametrize("attention", ["flow", "softmax"])
+def test_bf16_autocast_trains_and_stays_close_to_fp32(attention):
+    """trainer.precision=bf16-mixed runs the model under autocast: forward close to fp32, finite gradients."""
+    model, batch = tiny(attention), window()
+    reference = model(**batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(**batch)
+    torch.testing.assert_close(mixed.float(), reference, atol=3e-2, rtol=0)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = (model(**batch).float() - batch["actions"]).pow(2).mean()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
