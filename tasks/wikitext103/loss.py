@@ -16,7 +16,7 @@ from torch import Tensor
 
 from tasks.wikitext103.windows import IGNORE_INDEX
 
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_TOKENS = 512
 
 
 def linear_cross_entropy(
@@ -48,7 +48,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, chunk_tokens: int, ignore_index: int,
                 wants_grad: bool) -> Tensor:
-        # under autocast the matmuls run in its dtype (as a plain output layer's would); sums stay in fp32
+        # under autocast the matmuls run in its dtype (as a plain output layer's would); softmax and sums in fp32+
         device = hidden.device.type
         matmul_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         wide = torch.promote_types(matmul_dtype, torch.float32)
@@ -62,17 +62,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             scored = t != ignore_index
             safe_t = torch.where(scored, t, 0)
             logits = (h @ w.T).to(wide)  # (n, V): the only vocabulary-sized tensor, one chunk at a time
-            log_norm = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe_t[:, None])[:, 0]
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # in place: no second vocabulary-sized temporary
+            sums = probs.sum(dim=-1, keepdim=True)
+            log_norm = row_max[:, 0] + sums[:, 0].log()
             total += ((log_norm - picked) * scored).sum()
             if wants_grad:
-                # d nll / d logits = softmax - one_hot(target), zero on unscored rows; written over the logits
-                probs = logits.sub_(log_norm[:, None]).exp_()
+                # d nll / d logits = softmax - one_hot(target), zero on unscored rows
+                probs.div_(sums)
                 probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
                 probs.mul_(scored[:, None])
                 g = probs.to(matmul_dtype)
                 grad_hidden[start : start + chunk_tokens] = (g @ w).to(hidden.dtype)
-                grad_weight.add_(g.T @ h)
+                if g.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(g.T, h)  # accumulates without a (V, D) temporary
+                else:
+                    grad_weight.add_(g.T @ h)
         if wants_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
