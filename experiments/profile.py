@@ -45,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--attentions", nargs="+", default=None, help="one row per registered attention")
     parser.add_argument("--num-classes", type=int, default=IMAGENET_CLASSES, help="classifier outputs (default 1000)")
     args = parser.parse_args(argv)
-    variants = [[*args.overrides, f"model/attention={name}"] for name in args.attentions] if args.attentions else [args.overrides]
+    variants = [args.overrides]
+    if args.attentions:
+        variants = [[*args.overrides, f"model/attention={name}"] for name in args.attentions]
     rows = []
     for overrides in variants:
         experiment, attention, image_size, size = profile(overrides, args.num_classes)

@@ -130,7 +130,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
         sync()
         memory.start()
         times = _timed(call, config["repeats"], sync)
-        record[mode] = {"images_per_s": batch / statistics.median(times), "times_s": times, "peak_mib": memory.peak_mib()}
+        peak = memory.peak_mib()
+        record[mode] = {"images_per_s": batch / statistics.median(times), "times_s": times, "peak_mib": peak}
     return record
 
 
@@ -212,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from experiments.provenance import git_sha, utc_now
 
-    parser = argparse.ArgumentParser(prog="python -m experiments.vision_throughput", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.vision_throughput",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384, 512])
     parser.add_argument("--attentions", nargs="+", default=["flow", "softmax"])
     parser.add_argument("--batch", type=int, default=2, help="images per call (default 2: CPU-sized)")

@@ -23,7 +23,7 @@ def _per_stage(value: int | Sequence[int], stages: int, key: str) -> list[int]:
     """An int (the same in every stage) or one value per stage, as a list of `stages` ints."""
     values = [int(value)] * stages if isinstance(value, int) else [int(v) for v in value]
     if len(values) != stages:
-        raise ValueError(f"model.{key} needs one value per stage ({stages} stages, from model.dims); got {list(values)}")
+        raise ValueError(f"model.{key} needs one value per stage ({stages}, as model.dims has); got {list(values)}")
     return values
 
 

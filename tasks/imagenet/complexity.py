@@ -54,7 +54,8 @@ def count_complexity(model: nn.Module, image_size: int, in_chans: int = 3) -> Co
     The model is copied to the CPU in fp32 and run in eval mode without gradients; `model` itself is untouched.
     """
     probe = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
-    op_names = {f"{type(probe).__name__}.{name}.op" for name, module in probe.named_modules() if isinstance(module, QkvAttention)}
+    root = type(probe).__name__  # the counter names modules "<root class>.<path>"
+    op_names = {f"{root}.{name}.op" for name, module in probe.named_modules() if isinstance(module, QkvAttention)}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         probe(torch.zeros(1, in_chans, image_size, image_size))
     per_module = counter.get_flop_counts()

@@ -159,7 +159,8 @@ class ImageFolderDataModule(TaskDataModule):
                 "dataset": self.dataset,
                 **self.layout.summary(),
                 "selection": self.selection,
-                "evaluated_on": "val" if self.selection == "best_test" else f"{self.holdout_per_class} train images per class",
+                "evaluated_on": "val" if self.selection == "best_test"
+                else f"{self.holdout_per_class} train images per class",
                 "train_images": len(train),
                 "image_size": self.image_size,
             }

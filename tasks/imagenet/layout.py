@@ -79,10 +79,11 @@ def class_files(split_dir: Path) -> dict[str, list[str]]:
             f"{split_dir} holds no class folders: images must sit in {split_dir}/<class>/ (a flat ImageNet val "
             f"folder is sorted into class folders by {PREPARE_HINT.split(' explains')[0]})"
         )
-    return {
-        folder.name: sorted(str(path) for path in folder.iterdir() if has_file_allowed_extension(path.name, IMG_EXTENSIONS))
-        for folder in folders
-    }
+    return {folder.name: sorted(str(path) for path in folder.iterdir() if _is_image(path)) for folder in folders}
+
+
+def _is_image(path: Path) -> bool:
+    return has_file_allowed_extension(path.name, IMG_EXTENSIONS)
 
 
 def check_classes(root: Path, splits: dict[str, dict[str, list[str]]]) -> list[str]:
@@ -161,7 +162,9 @@ def load_layout(root: Path, check_images: bool = True, corrupt_images: str = "er
     check_counts(root, classes, {split: sum(map(len, files.values())) for split, files in splits.items()})
     samples = {split: [(path, index) for index, name in enumerate(classes) for path in files[name]]
                for split, files in splits.items()}
-    failures = unreadable_images([path for split in SPLITS for path, _ in samples[split]], workers) if check_images else []
+    failures = []
+    if check_images:
+        failures = unreadable_images([path for split in SPLITS for path, _ in samples[split]], workers)
     if failures and corrupt_images == "error":
         listing = "\n".join(f"  {path}: {reason}" for path, reason in failures[:20])
         raise ImageFolderError(

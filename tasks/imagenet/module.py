@@ -61,7 +61,7 @@ class ImageNetModule(ClassificationModule):
     ) -> None:
         kept = tuple(k for k in top_k if k <= num_classes)
         if kept != tuple(top_k):
-            log.warning("module.top_k=%s: only %d classes, so top-k is logged for k in %s", list(top_k), num_classes, kept)
+            log.warning("module.top_k=%s: %d classes, so top-k is logged for k in %s", list(top_k), num_classes, kept)
         super().__init__(model, optimizer, objective, num_classes, scheduler, "epoch", kept, label_smoothing)
         self.lr, self.warmup_epochs = float(lr), int(warmup_epochs)
         self.batch_size, self.image_size, self.reference_batch = int(batch_size), int(image_size), int(reference_batch)

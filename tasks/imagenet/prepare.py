@@ -114,7 +114,7 @@ def prepare(root: Path, devkit: Path | None = None, workers: int = 8) -> None:
     devkit = devkit or root / DEVKIT_ARCHIVE
     if not _has_classes(root / "train"):
         if not (root / TRAIN_ARCHIVE).is_file():
-            raise PrepareError(f"no class folders in {root / 'train'} and no {root / TRAIN_ARCHIVE}. {_obtain_hint(root)}")
+            raise PrepareError(f"no class folders in {root / 'train'}, no {root / TRAIN_ARCHIVE}. {_obtain_hint(root)}")
         log.info("unpacking %s into %s", TRAIN_ARCHIVE, root / "train")
         parse_train_archive(str(root))
     val_dir = root / "val"
