@@ -15,7 +15,7 @@ from tasks.d4rl.trajectories import (
     read_d4rl_file,
     read_minari,
 )
-from tasks.d4rl.windows import PAD_ACTION, StateStats, WindowDataset, returns_to_go
+from tasks.d4rl.windows import PAD_ACTION, Conditioning, StateStats, WindowDataset, returns_to_go
 from tests.fixtures.d4rl import episode_arrays, write_d4rl_dataset, write_d4rl_file, write_minari_dataset
 
 EVAL = {
@@ -112,7 +112,8 @@ def windows(lengths, padding="right", context_length=4, max_timestep=1000, retur
     ends = arrays["terminals"] | arrays["timeouts"]
     trajectories = Trajectories(arrays["observations"], arrays["actions"], arrays["rewards"], split_episodes(ends))
     stats = StateStats.of(trajectories.observations)
-    return trajectories, stats, WindowDataset(trajectories, stats, context_length, return_scale, max_timestep, padding)
+    conditioning = Conditioning(stats.mean, stats.std, return_scale, context_length, max_timestep, padding)
+    return trajectories, stats, WindowDataset(trajectories, conditioning)
 
 
 def test_every_timestep_starts_a_right_padded_window_with_the_official_pad_values():

@@ -124,12 +124,10 @@ class D4RLDataModule(TaskDataModule):
         trajectories, env_id, family, reference, location = self._read()
         self._check_environment(env_id, trajectories)
         stats = StateStats.of(trajectories.observations)
-        self.windows = WindowDataset(
-            trajectories, stats, self.context_length, self.return_scale, self.max_timestep, self.padding
-        )
         self.conditioning = Conditioning(
             stats.mean, stats.std, self.return_scale, self.context_length, self.max_timestep, self.padding
         )
+        self.windows = WindowDataset(trajectories, self.conditioning)
         self.protocol = EvaluationProtocol.from_config(self.evaluation_config, env_id, family, reference)
         returns = trajectories.episode_returns()
         self.data_info.update(

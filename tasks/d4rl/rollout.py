@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tasks.d4rl.environments import make_env, make_vector_env
-from tasks.d4rl.windows import PAD_ACTION, Conditioning, window_positions
+from tasks.d4rl.windows import Conditioning, padded_inputs, window_positions
 
 
 class EpisodeHistories:
@@ -62,17 +62,11 @@ class EpisodeHistories:
         starts = np.maximum(ends - k, 0)
         positions, padded = window_positions(starts, ends, k, conditioning.padding)
         rows = slots[:, None]
-        pad_state = self.stats.normalise(np.zeros_like(self.stats.mean))
         timesteps = np.minimum(positions, conditioning.max_timestep - 1)
-        inputs = {
-            "states": np.where(padded[..., None], pad_state, self.states[rows, positions]),
-            "actions": np.where(padded[..., None], np.float32(PAD_ACTION), self.actions[rows, positions]),
-            "returns_to_go": np.where(padded, np.float32(0.0), self.returns_to_go[rows, positions]),
-            "timesteps": np.where(padded, 0, timesteps),
-            "padding_mask": padded,
-        }
+        inputs = padded_inputs(self.states[rows, positions], self.actions[rows, positions],
+                               self.returns_to_go[rows, positions], timesteps, padded, self.stats.pad_state)  # fmt: skip
         current = ends - starts - 1 if conditioning.padding == "right" else np.full(len(slots), k - 1)
-        return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in inputs.items()}, current
+        return inputs, current
 
 
 class Policy(Protocol):

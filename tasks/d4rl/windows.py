@@ -43,6 +43,11 @@ class StateStats:
     def normalise(self, states: np.ndarray) -> np.ndarray:
         return ((states - self.mean) / self.std).astype(np.float32)
 
+    @property
+    def pad_state(self) -> np.ndarray:
+        """A padded state: 0 before normalisation (the official code pads before it normalises), so −μ/σ."""
+        return self.normalise(np.zeros_like(self.mean))
+
 
 @dataclass(frozen=True)
 class Conditioning:
@@ -55,6 +60,12 @@ class Conditioning:
     context_length: int
     max_timestep: int
     padding: str = "right"
+
+    def __post_init__(self) -> None:
+        if self.padding not in PADDINGS:
+            raise ValueError(f"data.padding={self.padding!r}; expected one of {', '.join(PADDINGS)}")
+        if self.context_length < 1:
+            raise ValueError(f"data.context_length must be >= 1, got {self.context_length}")
 
     @property
     def stats(self) -> StateStats:
@@ -109,6 +120,21 @@ def window_positions(starts: np.ndarray, ends: np.ndarray, context_length: int, 
     return np.where(padded, starts[:, None], positions), padded
 
 
+def padded_inputs(
+    states: np.ndarray, actions: np.ndarray, returns_to_go: np.ndarray, timesteps: np.ndarray, padded: np.ndarray,
+    pad_state: np.ndarray,
+) -> dict[str, Tensor]:
+    """The model's input from gathered windows (B, K, ·), with the official pad values where `padded` (B, K)."""
+    inputs = {
+        "states": np.where(padded[..., None], pad_state, states).astype(np.float32),
+        "actions": np.where(padded[..., None], np.float32(PAD_ACTION), actions).astype(np.float32),
+        "returns_to_go": np.where(padded, np.float32(0.0), returns_to_go).astype(np.float32),
+        "timesteps": np.where(padded, 0, timesteps).astype(np.int64),
+        "padding_mask": padded,
+    }
+    return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in inputs.items()}
+
+
 class WindowDataset(Dataset):
     """Windows of K steps, one starting at every timestep; items and batches are dicts of tensors.
 
@@ -117,25 +143,15 @@ class WindowDataset(Dataset):
     bool (True = padding); `__getitem__` returns one window without the batch dimension.
     """
 
-    def __init__(
-        self,
-        trajectories: Trajectories,
-        stats: StateStats,
-        context_length: int = 20,
-        return_scale: float = 1000.0,
-        max_timestep: int = 1000,
-        padding: str = "right",
-    ) -> None:
-        if padding not in PADDINGS:
-            raise ValueError(f"data.padding={padding!r}; expected one of {', '.join(PADDINGS)}")
-        if context_length < 1:
-            raise ValueError(f"data.context_length must be >= 1, got {context_length}")
-        self.context_length, self.padding = int(context_length), padding
+    def __init__(self, trajectories: Trajectories, conditioning: Conditioning) -> None:
+        self.context_length, self.padding = conditioning.context_length, conditioning.padding
+        stats = conditioning.stats
         self.states = stats.normalise(trajectories.observations)
-        self.pad_state = stats.normalise(np.zeros_like(stats.mean))
+        self.pad_state = stats.pad_state
         self.actions = trajectories.actions
-        self.returns_to_go = (returns_to_go(trajectories.rewards, trajectories.boundaries) / return_scale).astype(np.float32)
-        self.timesteps = np.minimum(episode_timesteps(trajectories.boundaries), max_timestep - 1)
+        rtg = returns_to_go(trajectories.rewards, trajectories.boundaries) / conditioning.return_scale
+        self.returns_to_go = rtg.astype(np.float32)
+        self.timesteps = np.minimum(episode_timesteps(trajectories.boundaries), conditioning.max_timestep - 1)
         self.episode_ends = np.repeat(trajectories.boundaries[1:], trajectories.lengths)
 
     def __len__(self) -> int:
@@ -144,15 +160,8 @@ class WindowDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         starts = np.asarray(indices, dtype=np.int64)
         positions, padded = window_positions(starts, self.episode_ends[starts], self.context_length, self.padding)
-        states = np.where(padded[..., None], self.pad_state, self.states[positions])
-        actions = np.where(padded[..., None], np.float32(PAD_ACTION), self.actions[positions])
-        return {
-            "states": torch.from_numpy(states.astype(np.float32)),
-            "actions": torch.from_numpy(actions.astype(np.float32)),
-            "returns_to_go": torch.from_numpy(np.where(padded, np.float32(0.0), self.returns_to_go[positions])),
-            "timesteps": torch.from_numpy(np.where(padded, 0, self.timesteps[positions]).astype(np.int64)),
-            "padding_mask": torch.from_numpy(padded),
-        }
+        return padded_inputs(self.states[positions], self.actions[positions], self.returns_to_go[positions],
+                             self.timesteps[positions], padded, self.pad_state)  # fmt: skip
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         return {key: value[0] for key, value in self.__getitems__([index]).items()}
