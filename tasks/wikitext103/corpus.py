@@ -96,23 +96,24 @@ def _missing_message(path: Path, dataset: str) -> str:
 
 
 def hf_cached_files(dataset: str) -> dict[str, tuple[Path, ...]] | None:
-    """Each split's Parquet shards of the HF `Salesforce/wikitext` config of `dataset`, when all are in the local
-    cache (nothing is downloaded); None otherwise (also without `huggingface_hub`)."""
+    """Each split's Parquet shards of the HF `Salesforce/wikitext` config of `dataset`, from the first snapshot in the
+    local Hugging Face hub cache (where `datasets.load_dataset` and `make data-wikitext103` leave them) that holds
+    all three splits; None when there is none (nothing is downloaded)."""
     config = HF_CONFIGS.get(dataset)
     if config is None:
         return None
     try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-    except ImportError:
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+    except ImportError:  # the `lm` extra is not installed
         return None
-    try:
-        root = Path(snapshot_download(HF_REPO, repo_type="dataset", allow_patterns=f"{config}/*",
-                                      local_files_only=True))
-    except (LocalEntryNotFoundError, OSError, ValueError):
-        return None
-    found = {split: tuple(sorted((root / config).glob(f"{name}-*.parquet"))) for split, name in HF_SPLITS.items()}
-    return found if all(found.values()) else None
+    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=HF_REPO, repo_type="dataset") / "snapshots"
+    folders = sorted(snapshots.glob(f"*/{config}"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for folder in folders:
+        found = {split: tuple(sorted(folder.glob(f"{name}-*.parquet"))) for split, name in HF_SPLITS.items()}
+        if all(found.values()):
+            return found
+    return None
 
 
 def data_root_from_env() -> Path:

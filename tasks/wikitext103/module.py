@@ -55,7 +55,8 @@ class SplitScore(nn.Module):
         self.sums.reset()
         seconds, self.seconds = self.seconds, 0.0
         loss = sums["nll"] / max(sums["tokens"], 1.0)
-        return {"loss": loss, "ppl": math.exp(loss), "tokens": sums["tokens"],
+        ppl = math.exp(loss) if loss < 700 else math.inf  # a diverged model reports inf, not an OverflowError
+        return {"loss": loss, "ppl": ppl, "tokens": sums["tokens"],
                 "tokens_per_s": sums["tokens"] / seconds if seconds > 0 else 0.0}
 
 
