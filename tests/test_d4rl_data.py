@@ -19,10 +19,18 @@ from tasks.d4rl.windows import PAD_ACTION, Conditioning, StateStats, WindowDatas
 from tests.fixtures.d4rl import episode_arrays, write_d4rl_dataset, write_d4rl_file, write_minari_dataset
 
 EVAL = {
-    "env_version": "v4", "targets": None, "report_target": None, "episodes": 2, "final_episodes": 3, "num_envs": 2,
-    "max_episode_steps": 5, "vectorization": "sync", "seed": 100, "test_seed": 200,
+    "env_version": "v4",
+    "targets": None,
+    "report_target": None,
+    "episodes": 2,
+    "final_episodes": 3,
+    "num_envs": 2,
+    "max_episode_steps": 5,
+    "vectorization": "sync",
+    "seed": 100,
+    "test_seed": 200,
     "paper_targets": {"hopper": [3600, 1800], "halfcheetah": [12000, 6000], "walker2d": [5000, 2500]},
-}  # fmt: skip
+}
 
 
 def datamodule(data_dir, dataset="hopper-fixture", **kwargs) -> D4RLDataModule:
@@ -31,6 +39,7 @@ def datamodule(data_dir, dataset="hopper-fixture", **kwargs) -> D4RLDataModule:
 
 # ------------------------------------------------------------------------------------------------ reading files
 
+
 def test_episodes_end_at_terminals_or_timeouts_and_an_unfinished_tail_is_dropped(tmp_path):
     arrays = episode_arrays("hopper", [5, 3, 4], terminated=[True, False, True])
     arrays["terminals"][-1] = False  # the file stops in the middle of the third episode
@@ -38,12 +47,16 @@ def test_episodes_end_at_terminals_or_timeouts_and_an_unfinished_tail_is_dropped
     assert trajectories.boundaries.tolist() == [0, 5, 8]
     assert trajectories.info == {"rows": 12, "dropped_steps": 4}
     np.testing.assert_array_equal(trajectories.observations, arrays["observations"][:8])
-    np.testing.assert_allclose(trajectories.episode_returns(), [arrays["rewards"][:5].sum(), arrays["rewards"][5:8].sum()],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        trajectories.episode_returns(), [arrays["rewards"][:5].sum(), arrays["rewards"][5:8].sum()], rtol=1e-6
+    )
 
 
 def test_d4rl_cache_names_and_dir_are_found(tmp_path, monkeypatch):
-    assert d4rl_file_names("hopper-medium-replay-v2") == ["hopper-medium-replay-v2.hdf5", "hopper_medium_replay-v2.hdf5"]
+    assert d4rl_file_names("hopper-medium-replay-v2") == [
+        "hopper-medium-replay-v2.hdf5",
+        "hopper_medium_replay-v2.hdf5",
+    ]
     cache = tmp_path / "cache"
     write_d4rl_file(cache / "hopper_medium_replay-v2.hdf5", episode_arrays("hopper", [4]))
     assert find_d4rl_file("hopper-medium-replay-v2", tmp_path / "data") is None
@@ -94,8 +107,9 @@ def test_minari_episodes_drop_the_observation_after_the_last_action(tmp_path):
     assert dataset.env_id == "Hopper-v5"
     assert dataset.trajectories.lengths.tolist() == [len(e.rewards) for e in stored]
     assert all(len(e.observations) == len(e.rewards) + 1 for e in stored)
-    np.testing.assert_allclose(dataset.trajectories.observations[: len(stored[0].rewards)],
-                               stored[0].observations[:-1], rtol=1e-6)
+    np.testing.assert_allclose(
+        dataset.trajectories.observations[: len(stored[0].rewards)], stored[0].observations[:-1], rtol=1e-6
+    )
 
 
 def test_a_missing_minari_dataset_names_the_root_and_the_download(tmp_path):
@@ -104,6 +118,7 @@ def test_a_missing_minari_dataset_names_the_root_and_the_download(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ windows
+
 
 def windows(lengths, padding="right", context_length=4, max_timestep=1000, return_scale=10.0):
     from tasks.d4rl.trajectories import Trajectories, split_episodes
@@ -156,18 +171,29 @@ def test_state_statistics_come_from_every_step_of_the_dataset():
 
 # ------------------------------------------------------------------------------------------------ datamodule
 
+
 def test_data_status_reads_no_data_and_setup_fills_the_contract(tmp_path):
     path = write_d4rl_dataset(tmp_path, "hopper-fixture", lengths=[6, 9])
     module = datamodule(tmp_path)
     assert module.data_status().available and module.windows is None
     module.setup("fit")
-    assert module.model_dims() == {"state_dim": 11, "act_dim": 3, "max_action": 1.0, "context_length": 20, "max_timestep": 1000}
+    assert module.model_dims() == {
+        "state_dim": 11,
+        "act_dim": 3,
+        "max_action": 1.0,
+        "context_length": 20,
+        "max_timestep": 1000,
+    }
     dims = module.module_dims()
     assert dims["evaluation"]["env_id"] == "Hopper-v4" and dims["evaluation"]["targets"] == [3600.0, 1800.0]
     assert dims["evaluation"]["report_target"] == 3600.0
     info = module.data_info
     assert info["path"] == str(path) and info["steps"] == 15 and info["episodes"] == 2
-    assert info["evaluation"]["episode_seeds"] == {"val": [100, 101], "val_final": [100, 101, 102], "test": [200, 201, 202]}
+    assert info["evaluation"]["episode_seeds"] == {
+        "val": [100, 101],
+        "val_final": [100, 101, 102],
+        "test": [200, 201, 202],
+    }
     assert info["environment"]["env_id"] == "Hopper-v4" and info["environment"]["gymnasium"]
     batch = next(iter(module.train_dataloader()))
     assert batch["states"].shape == (15, 20, 11)  # every window start, in one (partial) batch

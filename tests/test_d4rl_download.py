@@ -16,8 +16,17 @@ def test_the_nine_paper_datasets_and_their_addresses():
 def test_check_accepts_good_files_and_names_the_problem_of_bad_ones(tmp_path, capsys):
     write_d4rl_dataset(tmp_path, "hopper-medium-v2")
     write_d4rl_file(tmp_path / "d4rl" / "walker2d-medium-v2.hdf5", episode_arrays("hopper", [5]))
-    code = download.main(["--data-dir", str(tmp_path), "--check",
-                          "--datasets", "hopper-medium-v2", "walker2d-medium-v2", "halfcheetah-medium-v2"])  # fmt: skip
+    code = download.main(
+        [
+            "--data-dir",
+            str(tmp_path),
+            "--check",
+            "--datasets",
+            "hopper-medium-v2",
+            "walker2d-medium-v2",
+            "halfcheetah-medium-v2",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 1
     assert "[ok] hopper-medium-v2" in out

@@ -15,8 +15,19 @@ OVERRIDES = {"reformer": {"allow_causal_hash_leak": True}}
 def tiny(attention="flow", **kwargs) -> DecisionTransformer:
     torch.manual_seed(0)
     node = {"name": attention, "clamp": 10.0} if attention == "flow" else {"name": attention}
-    return DecisionTransformer(5, 2, context_length=6, max_timestep=50, d_model=16, n_layers=2, n_heads=2, d_ff=32,
-                               attention=node, attention_overrides=OVERRIDES, **kwargs).eval()  # fmt: skip
+    return DecisionTransformer(
+        5,
+        2,
+        context_length=6,
+        max_timestep=50,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        d_ff=32,
+        attention=node,
+        attention_overrides=OVERRIDES,
+        **kwargs,
+    ).eval()
 
 
 def window(batch=3, steps=6, seed=1) -> dict[str, torch.Tensor]:
@@ -54,8 +65,12 @@ def test_padded_windows_give_the_outputs_of_the_unpadded_steps(attention, paddin
     """Masked pads on either side leave the real steps' predictions as in a window of only those steps."""
     model = tiny(attention)
     short = window(batch=1, steps=4)
-    pads = {"states": torch.full((1, 2, 5), 7.0), "actions": torch.full((1, 2, 2), -10.0),
-            "returns_to_go": torch.zeros(1, 2), "timesteps": torch.zeros(1, 2, dtype=torch.long)}  # fmt: skip
+    pads = {
+        "states": torch.full((1, 2, 5), 7.0),
+        "actions": torch.full((1, 2, 2), -10.0),
+        "returns_to_go": torch.zeros(1, 2),
+        "timesteps": torch.zeros(1, 2, dtype=torch.long),
+    }
     order = (lambda real, pad: (real, pad)) if padding == "right" else (lambda real, pad: (pad, real))
     padded = {key: torch.cat(order(short[key], pads[key]), dim=1) for key in short}
     mask = torch.cat(order(torch.zeros(1, 4, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)), dim=1)

@@ -16,19 +16,31 @@ from tests.fixtures.d4rl import write_d4rl_dataset
 from tests.helpers import compose_config
 
 TINY = [
-    "model.d_model=16", "model.n_heads=2", "model.d_ff=32", "model.n_layers=1", "data.batch_size=8",
-    "eval.episodes=2", "eval.final_episodes=3", "eval.num_envs=2", "eval.max_episode_steps=6",
-    "trainer.val_check_interval=2", "trainer.max_steps=4", "logger=csv", "callbacks.rich_progress_bar=null",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-]  # fmt: skip
+    "model.d_model=16",
+    "model.n_heads=2",
+    "model.d_ff=32",
+    "model.n_layers=1",
+    "data.batch_size=8",
+    "eval.episodes=2",
+    "eval.final_episodes=3",
+    "eval.num_envs=2",
+    "eval.max_episode_steps=6",
+    "trainer.val_check_interval=2",
+    "trainer.max_steps=4",
+    "logger=csv",
+    "callbacks.rich_progress_bar=null",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
 
 
 def run(tmp_path, name, *overrides):
     data_dir = tmp_path / "data"
     if not (data_dir / "d4rl" / "hopper-fixture.hdf5").exists():
         write_d4rl_dataset(data_dir, "hopper-fixture", lengths=[12, 20, 9, 15])
-    cfg = compose_config(["experiment=d4rl/base", "data.dataset=hopper-fixture", f"paths.data_dir={data_dir}", *TINY,
-                          *overrides])  # fmt: skip
+    cfg = compose_config(
+        ["experiment=d4rl/base", "data.dataset=hopper-fixture", f"paths.data_dir={data_dir}", *TINY, *overrides]
+    )
     return train(cfg, tmp_path / name)
 
 
@@ -48,10 +60,13 @@ def test_evaluations_play_the_protocol_and_fill_the_run_record(tmp_path):
     assert record.primary_value == pytest.approx(max(entry["val/score"] for entry in record.history))
     played = evaluations(tmp_path / "run")
     assert [(e["stage"], e["step"], e["target"], e["seeds"]) for e in played] == [
-        ("val", 2, 3600.0, [10000, 10001]), ("val", 2, 1800.0, [10000, 10001]),
-        ("val", 4, 3600.0, [10000, 10001, 10002]), ("val", 4, 1800.0, [10000, 10001, 10002]),  # the last evaluation
-        ("test", 4, 3600.0, [20000, 20001, 20002]), ("test", 4, 1800.0, [20000, 20001, 20002]),
-    ]  # fmt: skip
+        ("val", 2, 3600.0, [10000, 10001]),
+        ("val", 2, 1800.0, [10000, 10001]),
+        ("val", 4, 3600.0, [10000, 10001, 10002]),
+        ("val", 4, 1800.0, [10000, 10001, 10002]),  # the last evaluation
+        ("test", 4, 3600.0, [20000, 20001, 20002]),
+        ("test", 4, 1800.0, [20000, 20001, 20002]),
+    ]
     assert all(e["seconds"] >= 0 for e in played)
     last = played[2]
     assert metrics["last/val/return_3600"] == pytest.approx(np.mean(last["returns"]), rel=1e-6)
@@ -67,7 +82,13 @@ def test_a_run_killed_between_evaluations_resumes_to_the_same_result(tmp_path):
     every = ["callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.last_checkpoint.every_n_epochs=null"]
     whole = run(tmp_path, "whole", *every)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        run(tmp_path, "killed", *every, "+callbacks.kill._target_=tests.helpers.InterruptAtStep", "+callbacks.kill.step=3")
+        run(
+            tmp_path,
+            "killed",
+            *every,
+            "+callbacks.kill._target_=tests.helpers.InterruptAtStep",
+            "+callbacks.kill.step=3",
+        )
     resumed = run(tmp_path, "killed", *every, "resume=true")
     assert resumed.timing["resumed_from"]
     assert resumed.history == whole.history
@@ -77,11 +98,26 @@ def test_a_run_killed_between_evaluations_resumes_to_the_same_result(tmp_path):
 def test_a_trained_run_is_a_policy_for_the_collector(tmp_path):
     run(tmp_path, "run", "trainer.max_steps=2")
     out = tmp_path / "hopper-ours.hdf5"
-    code = collect.main(["--env", "hopper", "--policy", str(tmp_path / "run"), "--episodes", "2",
-                         "--max-episode-steps", "5", "--out", str(out)])  # fmt: skip
+    code = collect.main(
+        [
+            "--env",
+            "hopper",
+            "--policy",
+            str(tmp_path / "run"),
+            "--episodes",
+            "2",
+            "--max-episode-steps",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     assert read_d4rl_file(out).num_episodes == 2
-    assert collect.main(["--env", "walker2d", "--policy", str(tmp_path / "run"), "--episodes", "1", "--out", str(out)]) == 2
+    assert (
+        collect.main(["--env", "walker2d", "--policy", str(tmp_path / "run"), "--episodes", "1", "--out", str(out)])
+        == 2
+    )
 
 
 def test_the_loss_ignores_padded_steps():

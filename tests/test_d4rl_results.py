@@ -35,17 +35,34 @@ def test_only_the_papers_datasets_have_rows():
 
 def write_d4rl_run(root: Path, attention: str, seed: int, score: float, **config) -> None:
     experiment = "d4rl/hopper-medium"
-    cfg = {"experiment_name": experiment, "seed": seed, "selection": "best_test", "model": {"attention": {"name": attention}},
-           "data": {"source": "d4rl"}, "eval": {"env_version": "v4"}}  # fmt: skip
+    cfg = {
+        "experiment_name": experiment,
+        "seed": seed,
+        "selection": "best_test",
+        "model": {"attention": {"name": attention}},
+        "data": {"source": "d4rl"},
+        "eval": {"env_version": "v4"},
+    }
     for key, value in config.items():
         section, name = key.split("__")
         cfg[section][name] = value
     record = RunRecord(
-        experiment=experiment, task="d4rl", dataset="hopper-medium-v2", attention=attention, seed=seed,
-        selection="best_test", primary_metric="normalised_score", primary_value=score,
-        metrics={"best/val/score": score, "test/score_3600": score - 1}, git_sha=None, versions={},
-        started_at="2026-01-01T00:00:00", finished_at="2026-01-01T01:00:00", status="complete", config=cfg,
-    )  # fmt: skip
+        experiment=experiment,
+        task="d4rl",
+        dataset="hopper-medium-v2",
+        attention=attention,
+        seed=seed,
+        selection="best_test",
+        primary_metric="normalised_score",
+        primary_value=score,
+        metrics={"best/val/score": score, "test/score_3600": score - 1},
+        git_sha=None,
+        versions={},
+        started_at="2026-01-01T00:00:00",
+        finished_at="2026-01-01T01:00:00",
+        status="complete",
+        config=cfg,
+    )
     write_record(run_dir_of(root, experiment, attention, "best_test", seed), record)
 
 
@@ -56,8 +73,19 @@ def test_runs_fill_their_cell_and_minari_or_v5_runs_never_do(tmp_path):
     write_d4rl_run(runs, "softmax", 0, 50.0, data__source="minari")
     write_d4rl_run(runs, "softmax", 1, 50.0, eval__env_version="v5")
     out = tmp_path / "tables"
-    code = aggregate.main(["--runs", str(runs), "--out", str(out), "--readme", str(tmp_path / "README.md"),
-                           "--no-figures", "--tables", "d4rl"])  # fmt: skip
+    code = aggregate.main(
+        [
+            "--runs",
+            str(runs),
+            "--out",
+            str(out),
+            "--readme",
+            str(tmp_path / "README.md"),
+            "--no-figures",
+            "--tables",
+            "d4rl",
+        ]
+    )
     assert code == 0
     cells = {(row["row"], row["model"]): row for row in csv.DictReader((out / "d4rl.csv").open())}
     flow = cells[("medium/Hopper", "Flowformer")]

@@ -15,8 +15,17 @@ from tasks.d4rl.rollout import TransformerPolicy, run_episodes, run_episodes_seq
 from tasks.d4rl.trajectories import read_d4rl_file
 from tasks.d4rl.windows import Conditioning
 
-EVAL = {"targets": None, "report_target": None, "episodes": 2, "final_episodes": 5, "num_envs": 4,
-        "max_episode_steps": 30, "seed": 7, "test_seed": 70, "paper_targets": {"hopper": [3600, 1800]}}  # fmt: skip
+EVAL = {
+    "targets": None,
+    "report_target": None,
+    "episodes": 2,
+    "final_episodes": 5,
+    "num_envs": 4,
+    "max_episode_steps": 30,
+    "seed": 7,
+    "test_seed": 70,
+    "paper_targets": {"hopper": [3600, 1800]},
+}
 
 
 def policy_model(padding="right", attention="flow") -> tuple[DecisionTransformer, Conditioning]:
@@ -24,8 +33,9 @@ def policy_model(padding="right", attention="flow") -> tuple[DecisionTransformer
     node = {"name": attention, "clamp": 10.0} if attention == "flow" else {"name": attention}
     model = DecisionTransformer(11, 3, context_length=5, d_model=16, n_layers=1, n_heads=2, d_ff=32, attention=node)
     rng = np.random.default_rng(0)
-    conditioning = Conditioning(rng.normal(size=11).astype(np.float32), rng.uniform(0.5, 2, 11).astype(np.float32),
-                                1000.0, 5, 1000, padding)  # fmt: skip
+    conditioning = Conditioning(
+        rng.normal(size=11).astype(np.float32), rng.uniform(0.5, 2, 11).astype(np.float32), 1000.0, 5, 1000, padding
+    )
     return model.eval(), conditioning
 
 
@@ -35,20 +45,24 @@ def test_vectorised_episodes_equal_the_sequential_loop(padding, attention):
     plays with unpadded windows."""
     model, conditioning = policy_model(padding, attention)
     seeds = [11, 12, 13, 14, 15]
-    vectorised = run_episodes(TransformerPolicy(model), "Hopper-v4", 360.0, seeds, conditioning, num_envs=3,
-                              max_episode_steps=80)  # fmt: skip
+    vectorised = run_episodes(
+        TransformerPolicy(model), "Hopper-v4", 360.0, seeds, conditioning, num_envs=3, max_episode_steps=80
+    )
     sequential = run_episodes_sequentially(model, "Hopper-v4", 360.0, seeds, conditioning, max_episode_steps=80)
     assert [e.seed for e in vectorised] == seeds
     assert [e.length for e in vectorised] == [e.length for e in sequential]
-    np.testing.assert_allclose([e.episode_return for e in vectorised], [e.episode_return for e in sequential], rtol=1e-4)
+    np.testing.assert_allclose(
+        [e.episode_return for e in vectorised], [e.episode_return for e in sequential], rtol=1e-4
+    )
     # the hopper falls at different steps, so slots are refilled and idle at different times
     assert all(e.terminated for e in vectorised) and len({e.length for e in vectorised}) > 1
 
 
 def test_an_episode_does_not_depend_on_how_many_step_beside_it():
     model, conditioning = policy_model()
-    run = lambda n: run_episodes(TransformerPolicy(model), "Hopper-v4", 360.0, [5, 6, 7, 8], conditioning, num_envs=n,
-                                 max_episode_steps=80)  # fmt: skip
+    run = lambda n: run_episodes(
+        TransformerPolicy(model), "Hopper-v4", 360.0, [5, 6, 7, 8], conditioning, num_envs=n, max_episode_steps=80
+    )
     one, four = run(1), run(4)
     np.testing.assert_allclose([e.episode_return for e in one], [e.episode_return for e in four], rtol=1e-4)
 
@@ -76,8 +90,25 @@ def test_the_score_is_d4rls_normalised_return_times_100():
 def test_the_collector_writes_d4rls_layout_reproducibly(tmp_path):
     out = [tmp_path / f"hopper-random-{i}.hdf5" for i in range(2)]
     for path in out:
-        assert collect.main(["--env", "hopper", "--policy", "random", "--episodes", "4", "--max-episode-steps", "20",
-                             "--num-envs", "3", "--out", str(path)]) == 0  # fmt: skip
+        assert (
+            collect.main(
+                [
+                    "--env",
+                    "hopper",
+                    "--policy",
+                    "random",
+                    "--episodes",
+                    "4",
+                    "--max-episode-steps",
+                    "20",
+                    "--num-envs",
+                    "3",
+                    "--out",
+                    str(path),
+                ]
+            )
+            == 0
+        )
     first, second = read_d4rl_file(out[0]), read_d4rl_file(out[1])
     assert first.num_episodes == 4 and first.info["dropped_steps"] == 0
     np.testing.assert_array_equal(first.observations, second.observations)
@@ -86,8 +117,10 @@ def test_the_collector_writes_d4rls_layout_reproducibly(tmp_path):
     with h5py.File(out[0]) as handle:
         terminals, timeouts = handle["terminals"][()], handle["timeouts"][()]
         assert handle.attrs["env_id"] == "Hopper-v4" and list(handle.attrs["seeds"]) == [0, 1, 2, 3]
-        np.testing.assert_array_equal(handle["next_observations"][()][:-1][~(terminals | timeouts)[:-1]],
-                                      handle["observations"][()][1:][~(terminals | timeouts)[:-1]])
+        np.testing.assert_array_equal(
+            handle["next_observations"][()][:-1][~(terminals | timeouts)[:-1]],
+            handle["observations"][()][1:][~(terminals | timeouts)[:-1]],
+        )
     assert (terminals | timeouts).sum() == 4 and not (terminals & timeouts).any()
     assert (first.lengths[timeouts[first.boundaries[1:] - 1]] == 20).all()  # a timeout is the time limit
 

@@ -73,7 +73,9 @@ class DecisionTransformer(nn.Module):
         self.embedding_dropout = nn.Dropout(dropout)
         attention = with_overrides(attention, attention_overrides)
         self.blocks = nn.ModuleList(
-            CausalDecoderBlock(d_model, n_heads, d_ff, attention, dropout, norm_first=True, activation=activation, ln_eps=ln_eps)
+            CausalDecoderBlock(
+                d_model, n_heads, d_ff, attention, dropout, norm_first=True, activation=activation, ln_eps=ln_eps
+            )
             for _ in range(n_layers)
         )
         self.final_norm = nn.LayerNorm(d_model, eps=ln_eps)

@@ -1,7 +1,7 @@
 """Collect a dataset in D4RL's layout from gymnasium rollouts, with no download.
 
-    python -m tasks.d4rl.collect --env hopper --policy random --episodes 1000 --out data/d4rl/hopper-random-collected.hdf5
-    python -m tasks.d4rl.collect --env hopper --policy <run dir> --episodes 100 --out data/d4rl/hopper-ours-v0.hdf5
+    python -m tasks.d4rl.collect --env hopper --policy random --episodes 1000 --out data/d4rl/hopper-random.hdf5
+    python -m tasks.d4rl.collect --env hopper --policy <run dir> --episodes 100 --out data/d4rl/hopper-ours.hdf5
 
 `--policy random` draws uniform actions; `--policy <run dir>` plays a Decision Transformer trained by
 `experiments.train` (its best checkpoint, else its last), conditioned on `--target` (default: the run's reported
@@ -28,8 +28,10 @@ from tasks.d4rl.windows import Conditioning
 
 def to_d4rl_arrays(episodes: list[Episode]) -> dict[str, np.ndarray]:
     """The recorded episodes as D4RL's arrays (N rows, one per step)."""
-    arrays = {key: np.concatenate([np.stack(e.transitions[key]) for e in episodes]).astype(np.float32)
-              for key in ("observations", "actions", "rewards", "next_observations")}
+    arrays = {
+        key: np.concatenate([np.stack(e.transitions[key]) for e in episodes]).astype(np.float32)
+        for key in ("observations", "actions", "rewards", "next_observations")
+    }
     last = np.concatenate([np.arange(e.length) == e.length - 1 for e in episodes])
     terminated = np.concatenate([np.full(e.length, e.terminated) for e in episodes])
     arrays["terminals"] = last & terminated
@@ -55,12 +57,16 @@ def write_d4rl_file(path: str | Path, arrays: dict[str, np.ndarray], attributes:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tasks.d4rl.collect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", required=True, choices=sorted(GYMNASIUM_NAMES), help="environment family")
-    parser.add_argument("--policy", required=True, help="'random', or a run directory of a trained Decision Transformer")
+    parser.add_argument(
+        "--policy", required=True, help="'random', or a run directory of a trained Decision Transformer"
+    )
     parser.add_argument("--episodes", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True, help="the HDF5 file to write")
     parser.add_argument("--env-version", default="v4", choices=ENV_VERSIONS)
     parser.add_argument("--max-episode-steps", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0, help="episode j resets with seed + j (and the random policy's draws)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="episode j resets with seed + j (and the random policy's draws)"
+    )
     parser.add_argument("--target", type=float, help="return to condition a trained policy on (default: its run's)")
     parser.add_argument("--num-envs", type=int, default=100, help="episodes stepped together")
     return parser
@@ -92,16 +98,31 @@ def main(argv: list[str] | None = None) -> int:
         policy, conditioning = TransformerPolicy(trained.model), trained.conditioning
         target = trained.report_target if args.target is None else args.target
         source = str(trained.checkpoint)
-    episodes = run_episodes(policy, env_id, target, seeds, conditioning, num_envs=args.num_envs,
-                            max_episode_steps=args.max_episode_steps, record=True)
+    episodes = run_episodes(
+        policy,
+        env_id,
+        target,
+        seeds,
+        conditioning,
+        num_envs=args.num_envs,
+        max_episode_steps=args.max_episode_steps,
+        record=True,
+    )
     arrays = to_d4rl_arrays(episodes)
-    attributes = {"env_id": env_id, "policy": source, "target_return": target, "seeds": np.asarray(seeds),
-                  "gymnasium": gym.__version__}
+    attributes = {
+        "env_id": env_id,
+        "policy": source,
+        "target_return": target,
+        "seeds": np.asarray(seeds),
+        "gymnasium": gym.__version__,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_d4rl_file(args.out, arrays, attributes)
     returns = np.array([episode.episode_return for episode in episodes])
-    print(f"wrote {args.out}: {len(episodes)} episodes, {len(arrays['rewards'])} steps on {env_id}; "
-          f"return mean {returns.mean():.1f} (min {returns.min():.1f}, max {returns.max():.1f})")
+    print(
+        f"wrote {args.out}: {len(episodes)} episodes, {len(arrays['rewards'])} steps on {env_id}; "
+        f"return mean {returns.mean():.1f} (min {returns.min():.1f}, max {returns.max():.1f})"
+    )
     return 0
 
 

@@ -109,7 +109,9 @@ class D4RLDataModule(TaskDataModule):
             metadata = minari_data_dir(self.dataset, self.minari_root) / "metadata.json"
             if metadata.is_file():
                 return DataStatus(True, f"Minari dataset at {metadata.parent}")
-            return DataStatus(False, f"missing {metadata}; set MINARI_DATASETS_PATH or run `minari download {self.dataset}`")
+            return DataStatus(
+                False, f"missing {metadata}; set MINARI_DATASETS_PATH or run `minari download {self.dataset}`"
+            )
         path = find_d4rl_file(self.dataset, self.data_dir)
         if path is not None:
             return DataStatus(True, f"found {path}")
@@ -138,14 +140,23 @@ class D4RLDataModule(TaskDataModule):
                 "steps": trajectories.num_steps,
                 "episodes": trajectories.num_episodes,
                 **trajectories.info,
-                "episode_return": {"mean": float(returns.mean()), "min": float(returns.min()), "max": float(returns.max())},
+                "episode_return": {
+                    "mean": float(returns.mean()),
+                    "min": float(returns.min()),
+                    "max": float(returns.max()),
+                },
                 "windows": len(self.windows),
                 "conditioning": self.conditioning.to_dict(),
                 "evaluation": self.protocol.describe(),
             }
         )
-        log.info("D4RL %s: %d episodes, %d steps, evaluated on %s", self.dataset, trajectories.num_episodes,
-                 trajectories.num_steps, env_id)
+        log.info(
+            "D4RL %s: %d episodes, %d steps, evaluated on %s",
+            self.dataset,
+            trajectories.num_episodes,
+            trajectories.num_steps,
+            env_id,
+        )
 
     def _read(self) -> tuple[Trajectories, str, str, environments.ReferenceReturns, Path]:
         """(episodes, gymnasium id, environment family, reference returns, where the data came from)."""
@@ -157,9 +168,17 @@ class D4RLDataModule(TaskDataModule):
             elif family is not None:
                 reference = environments.d4rl_reference(family)
             else:
-                raise D4RLDataError(f"Minari dataset {self.dataset!r} ({minari.env_id}) has no reference scores to "
-                                    "normalise returns with (ref_min_score/ref_max_score in its metadata)")
-            return minari.trajectories, minari.env_id, family or "", reference, minari_data_dir(self.dataset, self.minari_root)
+                raise D4RLDataError(
+                    f"Minari dataset {self.dataset!r} ({minari.env_id}) has no reference scores to "
+                    "normalise returns with (ref_min_score/ref_max_score in its metadata)"
+                )
+            return (
+                minari.trajectories,
+                minari.env_id,
+                family or "",
+                reference,
+                minari_data_dir(self.dataset, self.minari_root),
+            )
         family = environments.env_family(self.dataset)
         path = find_d4rl_file(self.dataset, self.data_dir)
         if path is None:
@@ -184,8 +203,10 @@ class D4RLDataModule(TaskDataModule):
                 f"{env_id} has {state_dim} and {act_dim}: the file does not belong to this environment"
             )
         if not (np.allclose(high, high[0]) and np.allclose(low, -high)):
-            raise D4RLDataError(f"{env_id}: the action bounds [{low}, {high}] are not symmetric and equal; "
-                                "the tanh action head needs [-a, a] in every dimension")
+            raise D4RLDataError(
+                f"{env_id}: the action bounds [{low}, {high}] are not symmetric and equal; "
+                "the tanh action head needs [-a, a] in every dimension"
+            )
         self.dims = {"state_dim": state_dim, "act_dim": act_dim, "max_action": float(high[0])}
         self.data_info["environment"] = {"env_id": env_id, "gymnasium": gym.__version__, "mujoco": _mujoco_version()}
 

@@ -38,7 +38,8 @@ def check_file(path: Path, name: str) -> list[str]:
         expected = SIZES[env_family(name)]
         found = (arrays["observations"].shape[1], arrays["actions"].shape[1])
         if found != expected:
-            return [f"{path}: states of size {found[0]} and actions of size {found[1]}, expected {expected[0]} and {expected[1]}"]
+            sizes = f"states of size {found[0]} and actions of size {found[1]}"
+            return [f"{path}: {sizes}, expected {expected[0]} and {expected[1]}"]
         trajectories = read_d4rl_file(path)
     except (D4RLDataError, ImportError) as error:
         return [str(error)]
@@ -66,7 +67,9 @@ def prepare(root: Path, names: tuple[str, ...], check_only: bool = False) -> dic
                 path = fetch(name, root)
             except (urllib.error.URLError, OSError, TimeoutError) as error:
                 reason = getattr(error, "reason", error)
-                report[name] = [f"could not download {dataset_url(name)} ({reason}); download it by hand to {root / f'{name}.hdf5'}"]
+                report[name] = [
+                    f"could not download {dataset_url(name)} ({reason}); download it by hand to {root / f'{name}.hdf5'}"
+                ]
                 continue
         report[name] = check_file(path, name) if path is not None else [f"missing {root / f'{name}.hdf5'}"]
     return report
@@ -74,20 +77,27 @@ def prepare(root: Path, names: tuple[str, ...], check_only: bool = False) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.d4rl.download", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR") or "data"), help="the DATA_DIR root")
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR") or "data"), help="the DATA_DIR root"
+    )
     parser.add_argument("--datasets", nargs="+", choices=PAPER_DATASETS, default=list(PAPER_DATASETS))
     parser.add_argument("--check", action="store_true", help="only check what is on disk")
     args = parser.parse_args(argv)
     root = args.data_dir / "d4rl"
     report = prepare(root, tuple(args.datasets), check_only=args.check)
     for name, problems in report.items():
-        print(f"[ok] {name}" if not problems else f"[missing] {name}: " + "; ".join(problems),
-              file=sys.stdout if not problems else sys.stderr)
+        print(
+            f"[ok] {name}" if not problems else f"[missing] {name}: " + "; ".join(problems),
+            file=sys.stdout if not problems else sys.stderr,
+        )
     failed = [name for name, problems in report.items() if problems]
     if failed:
-        print(f"{len(failed)} of {len(report)} D4RL datasets are not usable under {root}. Run `make data-d4rl` where the "
-              "network allows, or place the files by hand (see data/README.md). Without them, collect a dataset with "
-              "`python -m tasks.d4rl.collect` and train with `experiment=d4rl/base`.", file=sys.stderr)
+        print(
+            f"{len(failed)} of {len(report)} D4RL datasets are not usable under {root}. Run `make data-d4rl` where the "
+            "network allows, or place the files by hand (see data/README.md). Without them, collect a dataset with "
+            "`python -m tasks.d4rl.collect` and train with `experiment=d4rl/base`.",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 

@@ -39,7 +39,9 @@ def require_gymnasium() -> Any:
         import gymnasium
         import mujoco
     except ImportError as error:
-        raise ImportError(f"evaluating or collecting D4RL episodes needs gymnasium with MuJoCo: {RL_EXTRA_HINT}") from error
+        raise ImportError(
+            f"evaluating or collecting D4RL episodes needs gymnasium with MuJoCo: {RL_EXTRA_HINT}"
+        ) from error
     if mujoco.get_mju_user_warning() is None:
         # MuJoCo appends its warnings to MUJOCO_LOG.TXT in the working directory (HalfCheetah's model raises one)
         mujoco.set_mju_user_warning(_log_mujoco_warning)

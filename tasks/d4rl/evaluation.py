@@ -50,12 +50,16 @@ class EvaluationProtocol:
         if not self.targets:
             raise ValueError("eval.targets is empty; give at least one target return, e.g. eval.targets=[3600]")
         if self.report_target not in self.targets:
-            raise ValueError(f"eval.report_target={self.report_target:g} is not one of eval.targets={list(self.targets)}")
+            raise ValueError(
+                f"eval.report_target={self.report_target:g} is not one of eval.targets={list(self.targets)}"
+            )
         for key in ("episodes", "final_episodes", "num_envs", "max_episode_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
         if self.vectorization not in VECTORIZATION_MODES:
-            raise ValueError(f"eval.vectorization={self.vectorization!r}; expected one of {', '.join(VECTORIZATION_MODES)}")
+            raise ValueError(
+                f"eval.vectorization={self.vectorization!r}; expected one of {', '.join(VECTORIZATION_MODES)}"
+            )
 
     @classmethod
     def from_config(
@@ -101,8 +105,13 @@ class EvaluationProtocol:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EvaluationProtocol:
         values = dict(values)
-        return cls(**{**values, "targets": tuple(float(t) for t in values["targets"]),
-                      "reference": ReferenceReturns(**dict(values["reference"]))})
+        return cls(
+            **{
+                **values,
+                "targets": tuple(float(t) for t in values["targets"]),
+                "reference": ReferenceReturns(**dict(values["reference"])),
+            }
+        )
 
     def describe(self) -> dict[str, Any]:
         """The protocol for metrics.json, with the seeds of every kind of evaluation spelt out."""

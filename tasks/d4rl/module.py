@@ -63,8 +63,12 @@ class DecisionTransformerModule(TaskModule):
         scheduler_interval: str = "step",
     ) -> None:
         super().__init__(model, optimizer, objective, scheduler, scheduler_interval)
-        self.evaluation = evaluation if isinstance(evaluation, EvaluationProtocol) else EvaluationProtocol.from_dict(evaluation)
-        self.conditioning = conditioning if isinstance(conditioning, Conditioning) else Conditioning.from_dict(conditioning)
+        self.evaluation = (
+            evaluation if isinstance(evaluation, EvaluationProtocol) else EvaluationProtocol.from_dict(evaluation)
+        )
+        self.conditioning = (
+            conditioning if isinstance(conditioning, Conditioning) else Conditioning.from_dict(conditioning)
+        )
         self.policy_dims = dict(policy_dims)
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -87,10 +91,15 @@ class DecisionTransformerModule(TaskModule):
         seeds = protocol.seeds(stage, final=stage == "val" and self.final_evaluation())
         started = time.perf_counter()
         episodes = run_episodes(
-            TransformerPolicy(self.model), protocol.env_id, target, seeds, self.conditioning,
-            num_envs=protocol.num_envs, max_episode_steps=protocol.max_episode_steps,
+            TransformerPolicy(self.model),
+            protocol.env_id,
+            target,
+            seeds,
+            self.conditioning,
+            num_envs=protocol.num_envs,
+            max_episode_steps=protocol.max_episode_steps,
             vectorization=protocol.vectorization,
-        )  # fmt: skip
+        )
         mean_return = float(np.mean([episode.episode_return for episode in episodes]))
         score = protocol.reference.score(mean_return)
         values = {f"return_{target_name(target)}": mean_return, f"score_{target_name(target)}": score}

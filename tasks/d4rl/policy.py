@@ -60,8 +60,10 @@ def _run_config(run_dir: Path) -> DictConfig | None:
 def load_trained_policy(run_dir: str | Path, device: str = "cpu") -> TrainedPolicy:
     """The model of `<run_dir>/checkpoints/best.ckpt` (else last.ckpt), rebuilt from the run's config."""
     run_dir = Path(run_dir)
-    checkpoint_path = next((run_dir / CHECKPOINT_DIR / name for name in CHECKPOINT_ORDER
-                            if (run_dir / CHECKPOINT_DIR / name).is_file()), None)
+    checkpoint_path = next(
+        (run_dir / CHECKPOINT_DIR / name for name in CHECKPOINT_ORDER if (run_dir / CHECKPOINT_DIR / name).is_file()),
+        None,
+    )
     config = _run_config(run_dir)
     if checkpoint_path is None or config is None:
         raise FileNotFoundError(
@@ -74,7 +76,9 @@ def load_trained_policy(run_dir: str | Path, device: str = "cpu") -> TrainedPoli
         raise ValueError(f"{checkpoint_path} holds no {POLICY_KEY!r} entry: it was not written by a D4RL run")
     policy = checkpoint[POLICY_KEY]
     model = instantiate(config.model, **policy["model_dims"], _convert_="all")
-    weights = {key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items() if key.startswith("model.")}
+    weights = {
+        key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items() if key.startswith("model.")
+    }
     model.load_state_dict(weights)
     return TrainedPolicy(
         model=model.to(device).eval(),

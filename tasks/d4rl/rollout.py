@@ -63,8 +63,9 @@ class EpisodeHistories:
         positions, padded = window_positions(starts, ends, k, conditioning.padding)
         rows = slots[:, None]
         timesteps = np.minimum(positions, conditioning.max_timestep - 1)
-        inputs = padded_inputs(self.states[rows, positions], self.actions[rows, positions],
-                               self.returns_to_go[rows, positions], timesteps, padded, self.stats.pad_state)  # fmt: skip
+        states, actions = self.states[rows, positions], self.actions[rows, positions]
+        returns = self.returns_to_go[rows, positions]
+        inputs = padded_inputs(states, actions, returns, timesteps, padded, self.stats.pad_state)
         current = ends - starts - 1 if conditioning.padding == "right" else np.full(len(slots), k - 1)
         return inputs, current
 
@@ -166,8 +167,12 @@ def _restart(
 
 
 def _record(episode: Episode, observation, action, reward, next_observation) -> None:
-    for key, value in (("observations", observation), ("actions", action), ("rewards", reward),
-                       ("next_observations", next_observation)):
+    for key, value in (
+        ("observations", observation),
+        ("actions", action),
+        ("rewards", reward),
+        ("next_observations", next_observation),
+    ):
         episode.transitions.setdefault(key, []).append(np.asarray(value))
 
 

@@ -61,10 +61,13 @@ class Trajectories:
 
     def episode_returns(self) -> np.ndarray:
         """(E,) undiscounted return of every episode."""
-        return np.add.reduceat(self.rewards.astype(np.float64), self.boundaries[:-1]) if self.num_episodes else np.zeros(0)
+        return (
+            np.add.reduceat(self.rewards.astype(np.float64), self.boundaries[:-1]) if self.num_episodes else np.zeros(0)
+        )
 
 
 # --------------------------------------------------------------------------------------------- D4RL files
+
 
 def d4rl_file_names(name: str) -> list[str]:
     """The file names a D4RL dataset may have: ours (`hopper-medium-replay-v2.hdf5`) and D4RL's cache name, with
@@ -113,7 +116,8 @@ def read_d4rl_arrays(path: str | Path) -> dict[str, np.ndarray]:
                 if key not in handle or not isinstance(handle[key], h5py.Dataset):
                     raise D4RLDataError(
                         f"{path}: no array {key!r} (found {sorted(handle.keys())}); a D4RL file holds "
-                        f"{', '.join(D4RL_KEYS)}. Re-fetch it with `make data-d4rl` or rewrite it with tasks.d4rl.collect."
+                        f"{', '.join(D4RL_KEYS)}. Fetch it again with `make data-d4rl`, or write it with "
+                        "`python -m tasks.d4rl.collect`."
                     )
                 value = np.asarray(handle[key][()])
                 if key == "rewards" and value.ndim == 2 and value.shape[1] == 1:
@@ -134,7 +138,9 @@ def _check_finite(path: Path, key: str, values: np.ndarray) -> None:
     finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
-        raise D4RLDataError(f"{path}: {key!r} holds NaN or Inf (first at row {row} of {len(values)}); the file is corrupt")
+        raise D4RLDataError(
+            f"{path}: {key!r} holds NaN or Inf (first at row {row} of {len(values)}); the file is corrupt"
+        )
 
 
 def split_episodes(ends: np.ndarray) -> np.ndarray:
@@ -163,6 +169,7 @@ def read_d4rl_file(path: str | Path) -> Trajectories:
 
 # --------------------------------------------------------------------------------------------- Minari
 
+
 def minari_root(root: str | Path | None) -> Path:
     """The Minari datasets root: `root`, else MINARI_DATASETS_PATH, else Minari's default `~/.minari/datasets`."""
     chosen = root or os.environ.get(MINARI_ROOT_ENV) or MINARI_DEFAULT_ROOT
@@ -185,7 +192,8 @@ class MinariDataset:
 
 
 def read_minari(dataset_id: str, root: str | Path | None) -> MinariDataset:
-    """Episodes of the Minari dataset `dataset_id` (e.g. `mujoco/hopper/medium-v0`) under the local root; no download."""
+    """Episodes of the Minari dataset `dataset_id` (e.g. `mujoco/hopper/medium-v0`) under the local root (no
+    download)."""
     data_dir = minari_data_dir(dataset_id, root)
     if not (data_dir / "metadata.json").is_file():
         raise D4RLDataError(
@@ -201,7 +209,9 @@ def read_minari(dataset_id: str, root: str | Path | None) -> MinariDataset:
     parts: dict[str, list[np.ndarray]] = {"observations": [], "actions": [], "rewards": []}
     for episode in dataset.iterate_episodes():
         if not isinstance(episode.observations, np.ndarray):
-            raise D4RLDataError(f"{data_dir}: episode {episode.id} has structured observations; only flat arrays are supported")
+            raise D4RLDataError(
+                f"{data_dir}: episode {episode.id} has structured observations; only flat arrays are supported"
+            )
         steps = len(episode.rewards)
         parts["observations"].append(episode.observations[:steps])  # drop the observation after the last action
         parts["actions"].append(episode.actions)

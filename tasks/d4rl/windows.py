@@ -84,8 +84,13 @@ class Conditioning:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Conditioning:
         values = dict(values)
-        return cls(**{**values, "state_mean": np.asarray(values["state_mean"], np.float32),
-                      "state_std": np.asarray(values["state_std"], np.float32)})
+        return cls(
+            **{
+                **values,
+                "state_mean": np.asarray(values["state_mean"], np.float32),
+                "state_std": np.asarray(values["state_std"], np.float32),
+            }
+        )
 
 
 def returns_to_go(rewards: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
@@ -102,7 +107,9 @@ def episode_timesteps(boundaries: np.ndarray) -> np.ndarray:
     return np.arange(boundaries[-1]) - starts
 
 
-def window_positions(starts: np.ndarray, ends: np.ndarray, context_length: int, padding: str) -> tuple[np.ndarray, np.ndarray]:
+def window_positions(
+    starts: np.ndarray, ends: np.ndarray, context_length: int, padding: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Steps read by windows that start at `starts` (B,) in episodes ending at `ends` (B,), with `context_length` K.
 
     Returns (positions (B, K) int64, padded (B, K) bool): position of each window slot in the data (clamped to
@@ -121,7 +128,11 @@ def window_positions(starts: np.ndarray, ends: np.ndarray, context_length: int, 
 
 
 def padded_inputs(
-    states: np.ndarray, actions: np.ndarray, returns_to_go: np.ndarray, timesteps: np.ndarray, padded: np.ndarray,
+    states: np.ndarray,
+    actions: np.ndarray,
+    returns_to_go: np.ndarray,
+    timesteps: np.ndarray,
+    padded: np.ndarray,
     pad_state: np.ndarray,
 ) -> dict[str, Tensor]:
     """The model's input from gathered windows (B, K, ·), with the official pad values where `padded` (B, K)."""
@@ -160,8 +171,14 @@ class WindowDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         starts = np.asarray(indices, dtype=np.int64)
         positions, padded = window_positions(starts, self.episode_ends[starts], self.context_length, self.padding)
-        return padded_inputs(self.states[positions], self.actions[positions], self.returns_to_go[positions],
-                             self.timesteps[positions], padded, self.pad_state)  # fmt: skip
+        return padded_inputs(
+            self.states[positions],
+            self.actions[positions],
+            self.returns_to_go[positions],
+            self.timesteps[positions],
+            padded,
+            self.pad_state,
+        )
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         return {key: value[0] for key, value in self.__getitems__([index]).items()}
