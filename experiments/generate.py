@@ -50,13 +50,24 @@ class GenerateConfig:
     device: str = "cpu"
 
 
+USAGE = ("usage: python -m experiments.generate run=<run dir> prompt=\"...\" [max_new_tokens=N] [temperature=T] "
+         "[top_k=K] [seed=S] [checkpoint=best|last] [mode=auto|incremental|recompute] [device=cpu|cuda]")
+# taken as written: a prompt is free text, not a YAML value ("a: b", "[x]" and "null" stay words)
+VERBATIM_KEYS = ("run", "prompt")
+
+
 def parse_args(argv: list[str]) -> GenerateConfig:
     """`key=value` arguments over the defaults; unknown keys and wrong types raise with the key's name."""
-    schema = OmegaConf.structured(GenerateConfig)
-    cfg = OmegaConf.merge(schema, OmegaConf.from_dotlist(argv))
+    overrides = {}
+    for argument in argv:
+        key, separator, value = argument.partition("=")
+        if not separator:
+            raise SystemExit(f"{argument!r} is not key=value; {USAGE}")
+        verbatim = value.replace("${", "\\${")  # OmegaConf would read ${...} as an interpolation
+        overrides[key] = verbatim if key in VERBATIM_KEYS else OmegaConf.from_dotlist([argument])[key]
+    cfg = OmegaConf.merge(OmegaConf.structured(GenerateConfig), overrides)
     if OmegaConf.is_missing(cfg, "run"):
-        raise SystemExit("usage: python -m experiments.generate run=<run dir> prompt=\"...\" [max_new_tokens=N] "
-                         "[temperature=T] [top_k=K] [seed=S] [checkpoint=best|last] [mode=auto|incremental|recompute]")
+        raise SystemExit(USAGE)
     if cfg.mode not in MODES:
         raise SystemExit(f"mode={cfg.mode!r}; expected one of {', '.join(MODES)}")
     return OmegaConf.to_object(cfg)

@@ -94,3 +94,12 @@ def test_generate_command_on_a_trained_run(tmp_path, capsys):
     assert again == text  # the recurrent step mode draws what recomputing draws
     with pytest.raises(SystemExit, match="checkpoint"):
         generate_cli.main([f"run={run_dir}", "prompt=a", "checkpoint=missing"])
+
+
+def test_prompts_are_taken_as_written():
+    for prompt in ("The river , in 1 @,@ 000 's", "a: b", "[x] y", "null", "a ${b} c"):
+        assert generate_cli.parse_args(["run=somewhere", f"prompt={prompt}"]).prompt == prompt
+    args = generate_cli.parse_args(["run=r", "top_k=null", "temperature=0", "max_new_tokens=3"])
+    assert (args.top_k, args.temperature, args.max_new_tokens) == (None, 0.0, 3)
+    with pytest.raises(Exception, match="topk"):
+        generate_cli.parse_args(["run=r", "topk=3"])
