@@ -131,3 +131,13 @@ def test_mujoco_warnings_go_to_logging_not_to_a_file_in_the_working_directory(tm
     monkeypatch.chdir(tmp_path)
     make_env("HalfCheetah-v4").close()  # its model makes MuJoCo warn about a deprecated attribute
     assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+
+
+def test_without_the_rl_extra_the_error_names_it(monkeypatch):
+    import sys
+
+    from tasks.d4rl.environments import require_gymnasium
+
+    monkeypatch.setitem(sys.modules, "gymnasium", None)  # import gymnasium now fails as if it were not installed
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[rl\]'"):
+        require_gymnasium()
