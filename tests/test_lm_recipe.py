@@ -6,8 +6,12 @@ import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
+from flowformer.models.transformer_lm import TransformerLM
 from tasks.common.schedules import InverseSqrtSchedule
+from tests.helpers import compose_config
+from tests.test_lra_schedules import lrs_used
 
 
 def fairseq_inverse_sqrt(num_updates: int, lr: float, warmup: int, init: float) -> float:
@@ -17,22 +21,9 @@ def fairseq_inverse_sqrt(num_updates: int, lr: float, warmup: int, init: float) 
     return lr * math.sqrt(warmup) * num_updates**-0.5
 
 
-def lrs_used(schedule, base_lr: float, n_steps: int) -> list[float]:
-    """The lr of optimiser steps 0..n_steps-1 under LambdaLR stepped once per optimiser step (as Lightning does)."""
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.Adam([param], lr=base_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    used = []
-    for _ in range(n_steps):
-        used.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return used
-
-
 def test_lambda_lr_follows_fairseq_update_by_update():
     schedule = InverseSqrtSchedule(peak_lr=1e-3, warmup_updates=6, warmup_init_lr=1e-7)
-    used = lrs_used(schedule, 1e-3, 20)
+    used = lrs_used(lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), 1e-3, 20)
     assert used[0] == pytest.approx(1e-7)  # fairseq's first update runs with warmup_init_lr
     assert used[6] == pytest.approx(1e-3)  # the peak at update warmup_updates
     for step, lr in enumerate(used):
@@ -55,11 +46,6 @@ def test_schedule_rejects_impossible_settings(kwargs):
 
 
 def test_experiment_config_is_the_papers_recipe():
-    from hydra.utils import instantiate
-
-    from flowformer.models.transformer_lm import TransformerLM
-    from tests.helpers import compose_config
-
     cfg = compose_config(["experiment=wikitext103/transformer_lm"])
     assert (cfg.experiment_name, cfg.task_name, cfg.selection) == ("wikitext103/transformer_lm", "wikitext103",
                                                                    "holdout_val")
@@ -87,8 +73,6 @@ def test_experiment_config_is_the_papers_recipe():
 
 
 def test_reformer_experiment_accepts_the_causal_hash_leak():
-    from tests.helpers import compose_config
-
     cfg = compose_config(["experiment=wikitext103/transformer_lm_reformer"])
     assert cfg.model.attention.name == "reformer" and cfg.model.attention.allow_causal_hash_leak
     assert cfg.trainer.max_steps == 150_000 and cfg.task_name == "wikitext103"
