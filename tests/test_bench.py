@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from experiments.bench import isolation, report, runner, targets
+from experiments.bench import isolation, measure, report, runner, targets
 from flowformer.attention import flow_attention
 from flowformer.attention.reference import official_causal_flow, official_noncausal_flow
 from tests.helpers import random_qkv
@@ -173,12 +173,20 @@ def test_isolation_records_a_failure_and_a_timeout():
     assert slow["error"] == "timeout after 2 s"
 
 
+def test_the_cpu_meter_gives_the_share_used_by_other_processes():
+    meter = measure.CpuMeter()
+    sum(i * i for i in range(200_000))  # this process's own work does not count
+    share = meter.background()
+    assert share is not None and 0.0 <= share <= 1.0
+
+
 def test_tiny_real_run_writes_json_table_and_figure(tmp_path):
     figure = tmp_path / "figure.png"
     code = runner.main([
         "--lengths", "64,128", "--variants", "flow,flow_batched,flow_causal,flow_causal_materialised,matmul",
         "--repeats", "1", "--min-repeats", "1", "--min-time", "0", "--warmup", "0", "--warmup-length", "32",
-        "--rounds", "1", "--gemm-size", "64", "--out", str(tmp_path), "--figure", str(figure), "--tag", "tiny",
+        "--rounds", "1", "--gemm-size", "64", "--threads", "1", "--out", str(tmp_path), "--figure", str(figure),
+        "--tag", "tiny",
     ])
     assert code == 0
     results = json.loads((tmp_path / "tiny.json").read_text())
@@ -189,6 +197,7 @@ def test_tiny_real_run_writes_json_table_and_figure(tmp_path):
     # 4 variants x 2 modes x 2 lengths + matmul (forward only) x 2 lengths + the GEMM before and after
     assert len(measured) == 4 * 2 * 2 + 2 + 2
     assert all(r["time_ms"] > 0 and r["peak_mib"] >= 0 and r["threads"] >= 1 for r in measured)
+    assert all(0.0 <= r["background_cpu"] <= 1.0 for r in measured)
     table = (tmp_path / "tiny.md").read_text()
     assert "flow_causal_materialised / flow_causal" in table and "| 128 |" in table
     assert figure.stat().st_size > 10_000

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import gc
 import math
+import os
 import resource
 import statistics
 import time
@@ -83,6 +84,41 @@ def _status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field} line; the CPU memory probe needs Linux")
+
+
+class CpuMeter:
+    """The share of the machine's CPU that *other* processes used between `start` and `stop`, from /proc: a shared
+    machine's neighbours slow a multi-threaded op far more than their share (a thread preempted at a parallel
+    region stalls the others), so every record says how busy the machine was while it was timed."""
+
+    def __init__(self) -> None:
+        self.start_busy, self.start_self, self.start_time = self._busy(), self._self(), time.perf_counter()
+
+    @staticmethod
+    def _busy() -> int:  # non-idle clock ticks of every CPU of the machine
+        with open("/proc/stat") as handle:
+            ticks = [int(x) for x in handle.readline().split()[1:]]
+        return sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
+
+    @staticmethod
+    def _self() -> int:  # clock ticks this process (all its threads) has used, user and system
+        with open("/proc/self/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    def background(self) -> float | None:
+        """Fraction of all CPUs used by other processes since the meter started (None where /proc is missing)."""
+        elapsed = time.perf_counter() - self.start_time
+        ticks = elapsed * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        others = (self._busy() - self.start_busy) - (self._self() - self.start_self)
+        return round(min(1.0, max(0.0, others / ticks)), 3) if ticks > 0 else None
+
+
+def _background_meter() -> CpuMeter | None:
+    try:
+        return CpuMeter()
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _workload(config: dict[str, Any]):
@@ -163,6 +199,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     # A call over the time budget gets a single timed repeat (the runner then stops growing L for it); one far over
     # it, none.
     times: list[float] = []
+    meter = None
     if first <= TIME_SLACK * config["time_budget"]:
         repeats = max(config["min_repeats"], min(config["repeats"], math.ceil(config["min_time"] / max(first, 1e-9))))
         warmup = config["warmup"]
@@ -170,11 +207,13 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             repeats, warmup = 1, 0
         for _ in range(warmup):
             call(inputs)
+        meter = _background_meter()
         for _ in range(repeats):
             start = time.perf_counter()
             call(inputs)
             times.append(time.perf_counter() - start)
     median = statistics.median(times) if times else first
+    background = meter.background() if meter is not None and times else None
     return {
         "time_ms": median * 1e3,
         "timed_calls": len(times),
@@ -186,4 +225,5 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
         "matmul_flops": flops,
         "chunk_size": chunk,
         "threads": torch.get_num_threads(),
+        "background_cpu": background,
     }

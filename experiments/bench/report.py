@@ -13,6 +13,8 @@ from experiments.bench.variants import GEMM, parse_variant
 
 MODES = ("forward", "backward")  # "backward" = forward + backward
 MODE_TITLES = {"forward": "forward", "backward": "forward+backward"}
+# Above this share of the machine's CPU used by other processes, a timing counts as contended in the report.
+BUSY = 0.25
 # (ours, theirs): ratio tables of theirs / ours, for time and for peak memory (> 1: ours is faster or smaller)
 COMPARISONS = (
     ("flow", "flow_official"),
@@ -110,6 +112,12 @@ def _header(results: dict[str, Any], figure: Path | None) -> list[str]:
          "shared: compare ratios within this run, not absolute times across runs."),
         "",
     ]
+    loads = sorted(r["background_cpu"] for r in results["records"] if r.get("background_cpu") is not None)
+    if loads:
+        busy = sum(load > BUSY for load in loads)
+        lines += [(f"Other processes used {100 * loads[len(loads) // 2]:.0f}% of the machine's CPU (median) while "
+                   f"configurations were timed; more than {100 * BUSY:.0f}% for {busy} of {len(loads)} configurations "
+                   "(in the kept round). A neighbour slows a multi-threaded op by far more than its share."), ""]
     if figure is not None:
         lines += [f"Figure: `{figure.as_posix()}`.", ""]
     # notes added to the JSON by hand after a run (e.g. a record replaced, and why) are shown, never dropped

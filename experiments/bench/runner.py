@@ -163,6 +163,8 @@ class _Suite:
                               {**self.header, "wall_s": time.time() - self.started, "records": self.records})
         shown = ("error: " + record["error"] if "error" in record
                  else f"{record['time_ms']:10.2f} ms {record['peak_mib']:9.1f} MiB")
+        if record.get("background_cpu") is not None:
+            shown += f"  (others {100 * record['background_cpu']:.0f}% of the CPU)"
         print(f"L={config['length']:>6} {config['dtype']:>8} {config['mode']:>8} {config['variant']:<26} {shown}",
               flush=True)
         return record
@@ -205,8 +207,8 @@ class _Suite:
                 continue
             record["round_medians_ms"].append(again["time_ms"])
             if again["time_ms"] < record["time_ms"]:
-                for key in ("time_ms", "timed_calls", "times_ms", "gflops"):
-                    record[key] = again[key]
+                for key in ("time_ms", "timed_calls", "times_ms", "gflops", "background_cpu"):
+                    record[key] = again.get(key)
 
 
 def partial_path(out_dir: Path, tag: str) -> Path:
