@@ -2,8 +2,9 @@
 
 This is the GPU form: the official formulation's shape (no cache blocking, no per-block kernel launches), plus our
 padding and ε folding, and in the input dtype. Big tensors (φ(q), φ(k), v and the products) stay in the input dtype,
-so bf16/fp16 inputs run bf16/fp16 GEMMs (which accumulate in fp32); the per-token flows (B, H, 1, N) and the sums
-over the sequence are kept in fp32, where rounding would otherwise grow with the length.
+so bf16/fp16 inputs run bf16/fp16 GEMMs, which accumulate in fp32. The sums over the sequence (Σ φ(k), Σ φ(q)) are
+taken in fp32, where rounding would otherwise grow with the length; the per-token flows (B, H, 1, N) come out of
+the GEMMs rounded to the input dtype, once, and are carried in fp32 from there (reciprocals, softmax, gates).
 
 Every flow is normalised by its token count, which keeps each value near 1 in every dtype: fp16 cannot hold
 s = 1/I ≈ 4/(S·d) at long lengths (it underflows), nor the unnormalised kv = Σ_j φ(k_j) c_j v_jᵀ (it overflows).
