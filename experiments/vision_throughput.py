@@ -173,6 +173,11 @@ def ratio_rows(records: Sequence[dict[str, Any]], fast: str = "flow", slow: str 
     return rows
 
 
+def _loads(machine: dict[str, Any], when: str) -> str:
+    loads = machine.get("load_average", {}).get(when)
+    return "unknown" if loads is None else ", ".join(f"{load:.1f}" for load in loads)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The measurements and the flow/softmax ratios of one run."""
     records = report["records"]
@@ -192,8 +197,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"git {report['git_sha']}).",
         "",
         f"Machine: {machine['cpu_count']} CPU cores, {machine['platform']}; torch {machine['torch']}, device "
-        f"{settings['device']}. Batch {settings['batch']}, median of {settings['repeats']} calls after "
-        f"{settings['warmup']} warm-up call(s); each (attention, size) in a fresh process.",
+        f"{settings['device']}{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}; load average (1, 5, 15 "
+        f"min) {_loads(machine, 'start')} at the start, {_loads(machine, 'end')} at the end. Batch "
+        f"{settings['batch']}, median of {settings['repeats']} calls after {settings['warmup']} warm-up call(s); "
+        "each (attention, size) in a fresh process. Peak memory: above what the model, inputs and optimiser hold.",
         "",
         "## Ratios (flow / softmax, same run)",
         "",
@@ -228,16 +235,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     settings = {key: getattr(args, key) for key in ("batch", "device", "warmup", "repeats", "threads")}
     configs = [{"attention": a, "image_size": s, **settings} for s in args.sizes for a in args.attentions]
-    started, start = utc_now(), time.perf_counter()
+    started, start, load_at_start = utc_now(), time.perf_counter(), os.getloadavg()
     records = run(configs)
     report = {
-        "command": "python -m experiments.vision_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m experiments.vision_throughput", *(argv if argv is not None else sys.argv[1:])]),
         "started_at": started,
         "finished_at": utc_now(),
         "wall_s": time.perf_counter() - start,
         "git_sha": git_sha(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                    "load_average": {"start": load_at_start, "end": os.getloadavg()}},
         "settings": settings,
         "records": records,
     }

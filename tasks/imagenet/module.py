@@ -5,8 +5,8 @@
   layer-scale γ) and the model's `no_weight_decay()` names (position embeddings) out of weight decay.
 - `lr` is the rate at a global batch of `reference_batch` (512) images; the optimiser runs at
   lr × global batch / 512, the global batch being data.batch_size × devices × nodes × gradient accumulation.
-- The schedule is `timm.scheduler.create_scheduler_v2` (cosine with linear warm-up), stepped once per epoch as in
-  the official code: epoch e trains at the schedule's value for e. Lightning hands timm schedulers to
+- The schedule is `timm.scheduler.create_scheduler_v2` (cosine with linear warm-up), stepped once per epoch like
+  the official code's; epoch e trains at the schedule's value for e. Lightning hands timm schedulers to
   `lr_scheduler_step`, which says which epoch to step to.
 - Testing also logs `test/params_M` (parameters, millions) and `test/gmacs` (multiply-accumulates of one image, G),
   counted as `python -m experiments.profile` counts them, so the aggregator fills those rows of the paper's table.
