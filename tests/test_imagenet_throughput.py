@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.vision_throughput import measure, ratio_rows, render_markdown
+from experiments.vision_throughput import least_contended, measure, ratio_rows, render_markdown
 
 
 def record(attention: str, size: int, train: float, infer: float, train_mib: float, infer_mib: float) -> dict:
@@ -24,6 +24,14 @@ def test_ratios_compare_flow_with_softmax_at_each_size():
     ratios = next(line for line in markdown.splitlines() if "4.00x" in line)
     assert [cell.strip() for cell in ratios.strip("|").split("|")] == ["224", "2.00x", "4.00x", "2.00x", "2.00x"]
     assert "OOM" in markdown  # a failed configuration is listed, not dropped
+
+
+def test_each_mode_keeps_its_least_contended_round():
+    config = {"attention": "flow", "image_size": 224}
+    rounds = [record("flow", 224, 4.0, 5.0, 100, 50), record("flow", 224, 3.0, 9.0, 110, 40), {**config, "error": "x"}]
+    best = least_contended(config, rounds)
+    assert (best["training"]["images_per_s"], best["inference"]["images_per_s"]) == (4.0, 9.0)
+    assert best["rounds"] == rounds and "error" in least_contended(config, rounds[2:])
 
 
 @pytest.mark.slow
