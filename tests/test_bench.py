@@ -71,6 +71,18 @@ def test_budgets_stop_a_variant_and_record_why(tmp_path):
     assert "time budget" in skipped[0]["skipped"]
 
 
+def test_the_configurations_of_the_targets_run_whatever_the_budgets(tmp_path):
+    class Slow(FakeIsolation):  # the materialised baseline takes 10 s a call from the start
+        def run(self, config, timeout):
+            return {**super().run(config, timeout), "time_ms": 10_000.0}
+
+    fake = Slow()
+    args = _args(tmp_path, "--lengths", "1024,2048,4096,8192", "--variants", "flow_causal_materialised",
+                 "--modes", "backward", "--time-budget", "5")
+    runner.run_suite(args, fake)
+    assert [c["length"] for c in fake.calls] == [1024, 4096]  # stopped after 1024, but 4096 is a target's
+
+
 def test_predicted_memory_over_budget_is_skipped(tmp_path):
     fake = FakeIsolation()
     args = _args(tmp_path, "--lengths", "256,512,1024", "--variants", "softmax", "--time-budget", "100",
@@ -150,7 +162,7 @@ def test_targets_are_checked_against_the_run():
 
 def test_the_report_shows_measurements_and_ratios_but_no_thresholds(tmp_path):
     results = {"command": "x", "wall_s": 1.0, "started_at": "now", "git_sha": "abc", "machine": {"torch": "t"},
-               "allocator_env": isolation.ALLOCATOR_ENV, "variants": {"flow": "", "flow_official": "", "softmax": ""},
+               "worker_env": isolation.WORKER_ENV, "variants": {"flow": "", "flow_official": "", "softmax": ""},
                "settings": {"dtypes": ["float32"], "modes": ["forward"], "device": "cpu", "batch": 1, "n_heads": 8,
                             "head_dim": 64, "isolation": "forkserver", "min_repeats": 5, "repeats": 11, "warmup": 1,
                             "time_budget_s": 5.0, "memory_budget_gib": 8.0, "gemm_size": 1024},
@@ -190,7 +202,7 @@ def test_tiny_real_run_writes_json_table_and_figure(tmp_path):
     ])
     assert code == 0
     results = json.loads((tmp_path / "tiny.json").read_text())
-    assert results["allocator_env"] == isolation.ALLOCATOR_ENV
+    assert results["worker_env"] == isolation.WORKER_ENV
     assert results["machine"]["torch"] == torch.__version__
     measured = [r for r in results["records"] if "time_ms" in r]
     assert not [r for r in results["records"] if "error" in r]

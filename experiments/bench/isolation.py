@@ -4,8 +4,7 @@ One variant's heap, caches and thread pool must never help or hurt another, so e
 own process. By default ("forkserver") a server process imports torch and the attention modules once, before any
 torch op, and forks one child per configuration: importing torch costs seconds, more than most measurements, and a
 child forked before any op has no thread pool or CUDA context to inherit. "spawn" starts a new interpreter each time
-(seconds slower per configuration). The glibc allocator settings (`ALLOCATOR_ENV`) are in the environment of every
-child alike.
+(seconds slower per configuration). The settings of `WORKER_ENV` are in the environment of every child alike.
 """
 
 from __future__ import annotations
@@ -17,10 +16,14 @@ from typing import Any
 
 from experiments.bench.measure import measure
 
-# Freed memory stays in the heap (no mmap for big blocks, no trimming): otherwise every large temporary is handed
-# back to the kernel and faulted in again page by page, which favours whichever variant happens to allocate less
-# often. Recorded with every run.
-ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
+# Recorded with every run, and the same for every variant:
+# - glibc's allocator keeps freed memory in the heap (no mmap for big blocks, no trimming): otherwise every large
+#   temporary is handed back to the kernel and faulted in again page by page, which favours whichever variant
+#   happens to allocate less often;
+# - OpenMP threads that wait at the end of a parallel region sleep instead of spinning: on a shared machine a
+#   spinning thread gives its time slice away to a neighbour while its partner waits, and an op made of many short
+#   parallel regions then takes orders of magnitude longer than its work.
+WORKER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30), "OMP_WAIT_POLICY": "PASSIVE"}
 # Imported once by the fork server; each child inherits them.
 PRELOAD = ["torch", "flowformer.attention", "flowformer.attention.reference", "experiments.bench.measure"]
 METHODS = ("forkserver", "spawn")
@@ -43,7 +46,7 @@ class Isolation:
         if method not in METHODS:
             raise ValueError(f"isolation must be one of {METHODS}, got {method!r}")
         # the fork server (or each spawned interpreter) takes the environment as it is when it starts
-        os.environ.update(ALLOCATOR_ENV)
+        os.environ.update(WORKER_ENV)
         self.context = multiprocessing.get_context(method)
         if method == "forkserver":
             self.context.set_forkserver_preload(PRELOAD)

@@ -86,6 +86,7 @@ def _table(title: str, columns: list[str], rows: list[tuple[int, list[str]]]) ->
 
 def _header(results: dict[str, Any], figure: Path | None) -> list[str]:
     settings, machine = results["settings"], results["machine"]
+    environment = results.get("worker_env", results.get("allocator_env", {}))  # older runs: the allocator only
     threads = sorted({r["threads"] for r in results["records"] if r.get("threads")})
     lines = [
         "# Attention efficiency benchmark",
@@ -101,8 +102,8 @@ def _header(results: dict[str, Any], figure: Path | None) -> list[str]:
          f"{machine.get('load_average_at_start')}."),
         "",
         (f"Shapes: B={settings['batch']}, H={settings['n_heads']}, d=dv={settings['head_dim']}; attention alone (no "
-         f"projections). Each (L, variant, mode) ran in a fresh process ({settings['isolation']}) with allocator env "
-         f"`{' '.join(f'{k}={v}' for k, v in results['allocator_env'].items())}`; time = median of "
+         f"projections). Each (L, variant, mode) ran in a fresh process ({settings['isolation']}) with environment "
+         f"`{' '.join(f'{k}={v}' for k, v in environment.items())}`; time = median of "
          f"{settings['min_repeats']}-{settings['repeats']} calls after {settings['warmup']} warm-up call(s), from the "
          f"least-contended of {settings.get('rounds', 1)} interleaved round(s) for calls under "
          f"{settings.get('recheck_max_s', 0)} s (a superscript gives the number of timed calls where a call over the "

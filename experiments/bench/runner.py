@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.bench import report, targets
-from experiments.bench.isolation import ALLOCATOR_ENV, METHODS, Isolation
+from experiments.bench.isolation import METHODS, WORKER_ENV, Isolation
 from experiments.bench.measure import TIME_SLACK
 from experiments.bench.variants import DEFAULT_VARIANTS, GEMM, VARIANTS, parse_variant
 
@@ -141,7 +141,7 @@ class _Suite:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
             "git_sha": git_sha(REPO),  # the code the children run is the code at the start
             "machine": machine_info(args.device),
-            "allocator_env": ALLOCATOR_ENV,
+            "worker_env": WORKER_ENV,
             "settings": {
                 **self.settings, "dtypes": args.dtypes, "modes": list(args.modes), "lengths": list(args.lengths),
                 "variants": self.variants, "memory_budget_gib": args.memory_budget, "time_budget_s": args.time_budget,
@@ -187,7 +187,8 @@ class _Suite:
                     if mode == "backward" and variant.forward_only:
                         continue
                     base = {**self.settings, "variant": spec, "mode": mode, "dtype": dtype, "length": length}
-                    reason = schedule.skip_reason((spec, mode), length)
+                    required = (spec, mode, length) in targets.REQUIRED
+                    reason = None if required else schedule.skip_reason((spec, mode), length)
                     if reason is not None:
                         self.records.append({**base, "skipped": reason})
                         continue
