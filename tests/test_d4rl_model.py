@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from flowformer.models import DecisionTransformer
-from flowformer.models.decision_transformer import with_overrides
 
 ATTENTIONS = ["flow", "softmax", "linear", "performer", "cosformer", "reformer"]
-OVERRIDES = {"reformer": {"allow_causal_hash_leak": True}}
 
 
 def tiny(attention="flow", **kwargs) -> DecisionTransformer:
     torch.manual_seed(0)
     node = {"name": attention, "clamp": 10.0} if attention == "flow" else {"name": attention}
+    if attention == "reformer":
+        node["allow_causal_hash_leak"] = True
     return DecisionTransformer(
         5,
         2,
@@ -25,7 +25,6 @@ def tiny(attention="flow", **kwargs) -> DecisionTransformer:
         n_heads=2,
         d_ff=32,
         attention=node,
-        attention_overrides=OVERRIDES,
         **kwargs,
     ).eval()
 
@@ -87,10 +86,14 @@ def test_every_registered_causal_attention_trains_a_step():
         assert torch.isfinite(loss), attention
 
 
-def test_attention_overrides_apply_only_to_their_name():
-    assert with_overrides({"name": "reformer"}, OVERRIDES) == {"name": "reformer", "allow_causal_hash_leak": True}
-    assert with_overrides({"name": "flow", "clamp": 10.0}, OVERRIDES) == {"name": "flow", "clamp": 10.0}
-    assert with_overrides("softmax", None) == "softmax"
+@pytest.mark.parametrize("experiment, leak", [("d4rl/hopper-medium", True), ("wikitext103/transformer_lm", True),
+                                               ("uea/JapaneseVowels", False)])
+def test_causal_domains_accept_reformers_hash_leak(experiment, leak):
+    """The paper's causal Reformer baselines (D4RL, WikiText-103) accept LSH's hash leak; others keep the refusal."""
+    from tests.helpers import compose_config
+
+    cfg = compose_config([f"experiment={experiment}", "model/attention=reformer"])
+    assert cfg.model.attention.allow_causal_hash_leak is leak
 
 
 @pytest.mark.parametrize("attention", ["flow", "softmax"])

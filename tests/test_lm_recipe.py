@@ -72,7 +72,3 @@ def test_experiment_config_is_the_papers_recipe():
     assert setup["lr_scheduler"]["interval"] == "step"
 
 
-def test_reformer_experiment_accepts_the_causal_hash_leak():
-    cfg = compose_config(["experiment=wikitext103/transformer_lm_reformer"])
-    assert cfg.model.attention.name == "reformer" and cfg.model.attention.allow_causal_hash_leak
-    assert cfg.trainer.max_steps == 150_000 and cfg.task_name == "wikitext103"

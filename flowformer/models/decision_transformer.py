@@ -21,13 +21,6 @@ from flowformer.nn.blocks import CausalDecoderBlock
 TOKENS_PER_STEP = 3  # return-to-go, state, action
 
 
-def with_overrides(attention: Mapping[str, Any] | str, overrides: Mapping[str, Mapping[str, Any]] | None) -> Any:
-    """The attention node with the options `overrides[<its name>]` merged in (unchanged when none are given)."""
-    node = {"name": attention} if isinstance(attention, str) else dict(attention)
-    extra = (overrides or {}).get(node["name"])
-    return {**node, **extra} if extra else attention
-
-
 class DecisionTransformer(nn.Module):
     """Return-conditioned policy over windows of K steps.
 
@@ -38,8 +31,6 @@ class DecisionTransformer(nn.Module):
         d_model, n_layers, n_heads, d_ff, dropout, activation, ln_eps: the transformer; dropout applies to the
             embedded sequence, after attention and in the feed-forward.
         attention: the `model.attention` node (any registered causal attention).
-        attention_overrides: {attention name: options} merged into `attention` when its name matches (the paper's
-            causal Reformer baseline accepts LSH's hash leak this way; see conf/model/decision_transformer.yaml).
         max_action: actions are tanh(·) · max_action.
         init_std: weights of linear layers and embeddings start from N(0, init_std²), biases at 0 (GPT-2's scheme).
     """
@@ -57,7 +48,6 @@ class DecisionTransformer(nn.Module):
         dropout: float = 0.1,
         activation: str = "relu",
         attention: Mapping[str, Any] | str = "flow",
-        attention_overrides: Mapping[str, Mapping[str, Any]] | None = None,
         max_action: float = 1.0,
         ln_eps: float = 1e-5,
         init_std: float = 0.02,
@@ -71,7 +61,6 @@ class DecisionTransformer(nn.Module):
         self.action_embedding = nn.Linear(act_dim, d_model)
         self.embedding_norm = nn.LayerNorm(d_model, eps=ln_eps)
         self.embedding_dropout = nn.Dropout(dropout)
-        attention = with_overrides(attention, attention_overrides)
         self.blocks = nn.ModuleList(
             CausalDecoderBlock(
                 d_model, n_heads, d_ff, attention, dropout, norm_first=True, activation=activation, ln_eps=ln_eps
@@ -125,4 +114,4 @@ class DecisionTransformer(nn.Module):
         return torch.tanh(self.action_head(state_tokens)) * self.max_action
 
 
-__all__ = ["DecisionTransformer", "with_overrides"]
+__all__ = ["DecisionTransformer"]
