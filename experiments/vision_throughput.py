@@ -11,7 +11,9 @@ after `--warmup` calls, from the least-contended of `--rounds` rounds (each roun
 once, in alternating order; other users of a shared CPU slow some rounds down). Peak memory = the high-water mark
 of the timed calls above the memory held before them (model, inputs, AdamW's state), i.e. activations, gradients
 and workspace: the resident set on CPU, `torch.cuda.max_memory_allocated` on a GPU. Ratios compare measurements
-of one run; absolute numbers depend on the machine and its load.
+of one run; absolute numbers depend on the machine and its load. On CPU the ratios compare images per CPU-second
+of the measuring process (one torch thread by default), which others' load on a shared machine hardly changes,
+where wall-clock images per second swing with it; both are recorded. On a GPU they compare wall-clock images/s.
 Writes results/bench/<tag>.json (every measurement, settings, machine) and results/bench/<tag>.md.
 """
 
@@ -87,14 +89,16 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} line; the CPU memory measurement needs Linux")
 
 
-def _timed(call: Callable[[], None], repeats: int, sync: Callable[[], None]) -> list[float]:
-    times = []
+def _timed(call: Callable[[], None], repeats: int, sync: Callable[[], None]) -> tuple[list[float], list[float]]:
+    """(wall-clock seconds, CPU seconds of this process) of each call."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         call()
         sync()
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def measure(config: dict[str, Any]) -> dict[str, Any]:
@@ -131,10 +135,16 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             call()
         sync()
         memory.start()
-        times = _timed(call, config["repeats"], sync)
-        peak = memory.peak_mib()
-        record[mode] = {"images_per_s": batch / statistics.median(times), "times_s": times, "peak_mib": peak}
+        wall, cpu = _timed(call, config["repeats"], sync)
+        record[mode] = {"images_per_s": batch / statistics.median(wall), "times_s": wall, "cpu_s": cpu,
+                        "images_per_cpu_s": batch / statistics.median(cpu), "peak_mib": memory.peak_mib()}
     return record
+
+
+def speed_key(device: str) -> str:
+    """The speed that ratios compare: images per CPU-second on CPU (others' load on a shared machine hardly moves
+    it), wall-clock images per second on a GPU."""
+    return "images_per_cpu_s" if device == "cpu" else "images_per_s"
 
 
 def run(configs: Sequence[dict[str, Any]], rounds: int = 1) -> list[dict[str, Any]]:
@@ -153,27 +163,31 @@ def run(configs: Sequence[dict[str, Any]], rounds: int = 1) -> list[dict[str, An
             measured[i].append(record)
             print(f"round {round_index + 1}, {configs[i]['attention']} @ {configs[i]['image_size']}: {_brief(record)}",
                   flush=True)
-    return [least_contended(config, records) for config, records in zip(configs, measured)]
+    return [least_contended(config, records, speed_key(config["device"])) for config, records in zip(configs, measured)]
 
 
-def least_contended(config: dict[str, Any], rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per mode, the round with the highest throughput (the one others' load slowed least); every round is kept."""
+def least_contended(
+    config: dict[str, Any], rounds: Sequence[dict[str, Any]], key: str = "images_per_s"
+) -> dict[str, Any]:
+    """Per mode, the round with the highest `key` (the one others' load slowed least); every round is kept."""
     done = [record for record in rounds if "error" not in record]
     if not done:
         return {**config, "error": rounds[-1]["error"], "rounds": list(rounds)}
-    best = {mode: max((record[mode] for record in done), key=lambda m: m["images_per_s"]) for mode in MODES}
+    best = {mode: max((record[mode] for record in done), key=lambda m: m[key]) for mode in MODES}
     return {**config, **best, "rounds": list(rounds)}
 
 
 def _brief(record: dict[str, Any]) -> str:
     if "error" in record:
         return record["error"]
-    return ", ".join(f"{mode} {record[mode]['images_per_s']:.2f} img/s, {record[mode]['peak_mib']:.0f} MiB"
-                     for mode in MODES)
+    return ", ".join(f"{mode} {record[mode]['images_per_s']:.2f} img/s ({record[mode]['images_per_cpu_s']:.2f} per "
+                     f"CPU-s), {record[mode]['peak_mib']:.0f} MiB" for mode in MODES)
 
 
-def ratio_rows(records: Sequence[dict[str, Any]], fast: str = "flow", slow: str = "softmax") -> list[list[Any]]:
-    """Per image size: `fast`'s speed-up over `slow` (images/s ratio) and memory saving (peak ratio), per mode."""
+def ratio_rows(
+    records: Sequence[dict[str, Any]], key: str, fast: str = "flow", slow: str = "softmax"
+) -> list[list[Any]]:
+    """Per image size: `fast`'s speed-up over `slow` (ratio of `key`) and memory saving (peak ratio), per mode."""
     by_key = {(r["attention"], r["image_size"]): r for r in records if "error" not in r}
     rows = []
     for size in sorted({r["image_size"] for r in records}):
@@ -183,7 +197,7 @@ def ratio_rows(records: Sequence[dict[str, Any]], fast: str = "flow", slow: str 
         row = [size]
         for mode in ("training", "inference"):
             ours, theirs = pair[0][mode], pair[1][mode]
-            row += [f"{ours['images_per_s'] / theirs['images_per_s']:.2f}x",
+            row += [f"{ours[key] / theirs[key]:.2f}x",
                     f"{theirs['peak_mib'] / max(ours['peak_mib'], 1e-9):.2f}x"]
         rows.append(row)
     return rows
@@ -198,12 +212,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     """The measurements and the flow/softmax ratios of one run."""
     records = report["records"]
     measured = [
-        [r["attention"], r["image_size"], *(f"{r[m]['images_per_s']:.2f}" for m in ("training", "inference")),
+        [r["attention"], r["image_size"],
+         *(f"{r[m][k]:.3f}" for m in ("training", "inference") for k in ("images_per_s", "images_per_cpu_s")),
          *(f"{r[m]['peak_mib']:.0f}" for m in ("training", "inference"))]
-        if "error" not in r else [r["attention"], r["image_size"], r["error"], "", "", ""]
+        if "error" not in r else [r["attention"], r["image_size"], r["error"], "", "", "", "", ""]
         for r in records
     ]
     settings, machine = report["settings"], report["machine"]
+    key = speed_key(settings["device"])
+    speed = "images per CPU-second" if key == "images_per_cpu_s" else "images per second"
     return "\n".join([
         "# Hierarchical network throughput: flow against softmax",
         "",
@@ -216,17 +233,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{settings['device']}{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}; load average (1, 5, 15 "
         f"min) {_loads(machine, 'start')} at the start, {_loads(machine, 'end')} at the end. Batch "
         f"{settings['batch']}, median of {settings['repeats']} calls after {settings['warmup']} warm-up call(s), "
-        f"the least-contended of {settings.get('rounds', 1)} round(s); each (attention, size) in a fresh process. Peak memory: above what the model, inputs and optimiser hold.",
+        f"the least-contended of {settings.get('rounds', 1)} round(s), {settings.get('threads') or 'default'} "
+        "torch thread(s); each (attention, size) in a fresh process. Peak memory: above what the model, inputs and "
+        "optimiser hold.",
         "",
-        "## Ratios (flow / softmax, same run)",
+        f"## Ratios (flow / softmax, same run; speed in {speed})",
         "",
-        tabulate(ratio_rows(records), headers=["image", "training speed-up", "training memory saving",
+        tabulate(ratio_rows(records, key), headers=["image", "training speed-up", "training memory saving",
                                                "inference speed-up", "inference memory saving"], tablefmt="github"),
         "",
         "## Measurements",
         "",
-        tabulate(measured, headers=["attention", "image", "training img/s", "inference img/s",
-                                    "training peak MiB", "inference peak MiB"], tablefmt="github"),
+        tabulate(measured, headers=["attention", "image", "training img/s", "training img/CPU-s", "inference img/s",
+                                    "inference img/CPU-s", "training peak MiB", "inference peak MiB"],
+                 tablefmt="github"),
         "",
     ])
 
@@ -245,10 +265,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="runs of every configuration (the CPU is shared)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (default: 1 on CPU, where idle threads' spinning would count "
+                             "as CPU time; torch's default on a GPU)")
     parser.add_argument("--tag", default="vision_throughput", help="output name under --out-dir")
     parser.add_argument("--out-dir", type=Path, default=REPO / "results" / "bench")
     args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else 0
 
     settings = {key: getattr(args, key) for key in ("batch", "device", "warmup", "repeats", "threads")}
     settings["rounds"] = args.rounds
