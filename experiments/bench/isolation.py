@@ -16,14 +16,10 @@ from typing import Any
 
 from experiments.bench.measure import measure
 
-# Recorded with every run, and the same for every variant:
-# - glibc's allocator keeps freed memory in the heap (no mmap for big blocks, no trimming): otherwise every large
-#   temporary is handed back to the kernel and faulted in again page by page, which favours whichever variant
-#   happens to allocate less often;
-# - OpenMP threads that wait at the end of a parallel region sleep instead of spinning: on a shared machine a
-#   spinning thread gives its time slice away to a neighbour while its partner waits, and an op made of many short
-#   parallel regions then takes orders of magnitude longer than its work.
-WORKER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30), "OMP_WAIT_POLICY": "PASSIVE"}
+# Recorded with every run, and the same for every variant: glibc's allocator keeps freed memory in the heap (no mmap
+# for big blocks, no trimming); otherwise every large temporary is handed back to the kernel and faulted in again
+# page by page, which favours whichever variant happens to allocate less often. Threads keep torch's defaults.
+WORKER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
 # Imported once by the fork server; each child inherits them.
 PRELOAD = ["torch", "flowformer.attention", "flowformer.attention.reference", "experiments.bench.measure"]
 METHODS = ("forkserver", "spawn")

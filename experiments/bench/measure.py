@@ -22,6 +22,8 @@ from experiments.bench.variants import GEMM, VARIANTS, build_op, parse_variant
 
 # A configuration whose first call takes more than this many times the time budget is not timed any further.
 TIME_SLACK = 2.0
+# Above this share of the machine's CPU used by other processes, a timing counts as contended.
+BUSY = 0.25
 
 
 class MemoryProbe:

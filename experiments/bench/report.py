@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from experiments.bench.measure import BUSY
 from experiments.bench.variants import GEMM, parse_variant
 
 MODES = ("forward", "backward")  # "backward" = forward + backward
 MODE_TITLES = {"forward": "forward", "backward": "forward+backward"}
-# Above this share of the machine's CPU used by other processes, a timing counts as contended in the report.
-BUSY = 0.25
 # (ours, theirs): ratio tables of theirs / ours, for time and for peak memory (> 1: ours is faster or smaller)
 COMPARISONS = (
     ("flow", "flow_official"),
@@ -101,16 +100,22 @@ def _header(results: dict[str, Any], figure: Path | None) -> list[str]:
          f"thread(s) per process, device {settings['device']}. Load average at start: "
          f"{machine.get('load_average_at_start')}."),
         "",
-        (f"Shapes: B={settings['batch']}, H={settings['n_heads']}, d=dv={settings['head_dim']}; attention alone (no "
-         f"projections). Each (L, variant, mode) ran in a fresh process ({settings['isolation']}) with environment "
-         f"`{' '.join(f'{k}={v}' for k, v in environment.items())}`; time = median of "
-         f"{settings['min_repeats']}-{settings['repeats']} calls after {settings['warmup']} warm-up call(s), from the "
-         f"least-contended of {settings.get('rounds', 1)} interleaved round(s) for calls under "
-         f"{settings.get('recheck_max_s', 0)} s (a superscript gives the number of timed calls where a call over the "
-         "time budget got fewer; 0 = only the first call, page faults included); memory = peak above the process "
-         "baseline during the first call (RSS high-water mark on CPU), output and input gradients included. "
-         f"Budgets: {settings['time_budget_s']} s per call, {settings['memory_budget_gib']} GiB. The machine is "
-         "shared: compare ratios within this run, not absolute times across runs."),
+        " ".join([
+            f"Shapes: B={settings['batch']}, H={settings['n_heads']}, d=dv={settings['head_dim']}; attention alone (no "
+            f"projections). Each (L, variant, mode) ran in a fresh process ({settings['isolation']}) with environment "
+            f"`{' '.join(f'{k}={v}' for k, v in environment.items())}`.",
+            f"Time = median of {settings['min_repeats']}-{settings['repeats']} calls after {settings['warmup']} "
+            f"warm-up call(s), from the least-contended of {settings.get('rounds', 1)} interleaved round(s) for calls "
+            f"under {settings.get('recheck_max_s', 0)} s and for contended ones up to the time budget (a superscript "
+            "gives the number of timed calls where a call over the time budget got fewer; 0 = only the first call, "
+            "page faults included).",
+            "Memory = peak above the process baseline during the first call (RSS high-water mark on CPU), output and "
+            "input gradients included.",
+            (f"Before each measurement the runner waited up to {settings['quiet_wait_s']:g} s for other processes to "
+             f"leave the CPU ({settings['quiet_budget_s']:g} s in the whole run)." if "quiet_wait_s" in settings else ""),
+            f"Budgets: {settings['time_budget_s']} s per call, {settings['memory_budget_gib']} GiB. The machine is "
+            "shared: compare ratios within this run, not absolute times across runs.",
+        ]).replace("  ", " "),
         "",
     ]
     loads = sorted(r["background_cpu"] for r in results["records"] if r.get("background_cpu") is not None)

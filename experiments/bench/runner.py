@@ -1,7 +1,10 @@
 """The benchmark's schedule: which configurations run, in which order, within which budgets; and its command line.
 
 Variants are interleaved at each length, so slow drifts of a shared machine hit all of them alike; later rounds
-re-time the quick configurations, each keeping the median of its least-contended round. A variant whose median
+re-time the quick configurations, and those timed while other processes kept the machine busy, each keeping the
+median of its least-contended round. Before each measurement the runner waits, within limits, for the machine to
+be quiet: on a shared machine a neighbour slows a multi-threaded op by far more than its share of the CPU, since a
+thread preempted at a parallel region stalls the others. A variant whose median
 call exceeds the time budget, or whose peak exceeds the memory budget, is not run at larger lengths; neither is one
 whose extrapolation from its last two lengths predicts more than `TIME_SLACK` x the time budget or `MEMORY_SLACK`
 x the memory budget (this keeps the machine out of swap). Every measurement is saved as it comes.
@@ -22,7 +25,7 @@ from typing import Any
 
 from experiments.bench import report, targets
 from experiments.bench.isolation import METHODS, WORKER_ENV, Isolation
-from experiments.bench.measure import TIME_SLACK
+from experiments.bench.measure import BUSY, TIME_SLACK, CpuMeter
 from experiments.bench.variants import DEFAULT_VARIANTS, GEMM, VARIANTS, parse_variant
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,6 +139,7 @@ class _Suite:
         self.settings = {key: getattr(args, key) for key in SETTING_KEYS}
         self.records: list[dict[str, Any]] = []
         self.started = time.time()
+        self.quiet_budget = args.quiet_budget  # seconds left to wait for a quiet machine in this run
         self.header = {
             "command": "python -m experiments.bench " + " ".join(shlex.quote(a) for a in args.argv),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
@@ -146,6 +150,7 @@ class _Suite:
                 **self.settings, "dtypes": args.dtypes, "modes": list(args.modes), "lengths": list(args.lengths),
                 "variants": self.variants, "memory_budget_gib": args.memory_budget, "time_budget_s": args.time_budget,
                 "isolation": args.isolation, "rounds": args.rounds, "recheck_max_s": args.recheck_max,
+            "quiet_wait_s": args.quiet_wait, "quiet_budget_s": args.quiet_budget,
             },
             "variants": {spec: VARIANTS[parse_variant(spec)[0]].description for spec in self.variants},
         }
@@ -156,6 +161,7 @@ class _Suite:
 
         args = self.args
         timeout = args.timeout or max(120.0, 8 * args.time_budget * (2 + args.warmup + args.min_repeats))
+        self.wait_for_quiet()
         record = self.isolation.run(config, timeout)
         if keep:
             self.records.append(record)
@@ -168,6 +174,20 @@ class _Suite:
         print(f"L={config['length']:>6} {config['dtype']:>8} {config['mode']:>8} {config['variant']:<26} {shown}",
               flush=True)
         return record
+
+    def wait_for_quiet(self) -> None:
+        """Wait until other processes use at most `BUSY` of the CPU, for at most --quiet-wait seconds now and
+        --quiet-budget seconds in the whole run."""
+        waited = 0.0
+        while waited < self.args.quiet_wait and self.quiet_budget > 0:
+            meter = CpuMeter()
+            time.sleep(0.5)
+            share = meter.background()
+            if share is None or share <= BUSY:
+                return
+            time.sleep(1.5)
+            waited += 2.0
+            self.quiet_budget -= 2.0
 
     def gemm(self, dtype: str) -> None:
         """The square GEMM, the machine's matmul ceiling (at the start and the end of each dtype's pass)."""
@@ -195,11 +215,13 @@ class _Suite:
                     schedule.record((spec, mode), length, self.measure(base))
 
     def retime_quick(self, dtype: str) -> None:
-        """Re-time the configurations of at most `--recheck-max` s per call, in the same interleaved order, each in
-        a fresh process; keep the median of the least-contended round (a neighbour's burst of work lasts seconds,
-        long enough to hit one variant and miss the next)."""
+        """Re-time the configurations of at most `--recheck-max` s per call, and those of at most the time budget
+        whose kept timing was contended, in the same interleaved order, each in a fresh process; keep the median of
+        the least-contended round (a neighbour's burst of work lasts seconds, long enough to hit one variant and
+        miss the next)."""
         for record in [r for r in self.records if r["dtype"] == dtype and r["variant"] != GEMM and "time_ms" in r]:
-            if record["time_ms"] / 1e3 > self.args.recheck_max:
+            seconds, contended = record["time_ms"] / 1e3, (record.get("background_cpu") or 0.0) > BUSY
+            if seconds > (self.args.time_budget if contended else self.args.recheck_max):
                 continue
             config = {key: record[key] for key in ("variant", "mode", "dtype", "length", *SETTING_KEYS)}
             again = self.measure(config, keep=False)
@@ -249,6 +271,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="interleaved rounds; configurations of at most --recheck-max s per call are re-timed in "
                         "each later round and keep the median of their least-contended round")
     parser.add_argument("--recheck-max", type=float, default=1.0, help="seconds per call; see --rounds")
+    parser.add_argument("--quiet-wait", type=float, default=10.0,
+                        help="seconds to wait before a measurement for other processes to leave the CPU")
+    parser.add_argument("--quiet-budget", type=float, default=1200.0,
+                        help="seconds to wait for a quiet machine in the whole run (0: never wait)")
     parser.add_argument("--warmup-length", type=int, default=256, help="length of the warm-up calls")
     parser.add_argument("--gemm-size", type=int, default=None,
                         help="square GEMM for the machine ceiling (0 = skip; default 2048 on CPU, 8192 on CUDA, where "
