@@ -11,11 +11,11 @@ Arithmetic, all per (table, row, model, selection); different selection protocol
 """
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from statistics import fmean, stdev
+from dataclasses import asdict, dataclass, field
+from statistics import fmean
+
+import pandas as pd
 
 from results.manifest import Manifest, RowSpec
 from results.naming import TABLES, attention_column, experiment_row, paper_column, table_of
@@ -41,13 +41,23 @@ class Observation:
     finished_at: str = ""
 
 
-def summarize(values: Iterable[float]) -> tuple[int, float | None, float | None]:
-    """(n, mean, sample std with ddof=1) of ``values``; mean is None for n = 0 and std None for n < 2."""
-    vals = list(values)
-    n = len(vals)
+def _stats(values: pd.Series) -> tuple[int, float | None, float | None]:
+    """(n, mean, sample std with ddof=1) of one group; mean is None for n = 0 and std None for n < 2."""
+    n = int(values.count())
     if n == 0:
         return 0, None, None
-    return n, fmean(vals), (stdev(vals) if n > 1 else None)
+    return n, float(values.mean()), (float(values.std(ddof=1)) if n > 1 else None)
+
+
+def summarize(values: Iterable[float]) -> tuple[int, float | None, float | None]:
+    """(n, mean, sample std with ddof=1) of ``values``; mean is None for n = 0 and std None for n < 2."""
+    return _stats(pd.Series(list(values), dtype=float))
+
+
+def cell_statistics(observations: Iterable[Observation]) -> dict[tuple[str, str, str], tuple]:
+    """{(selection, row, model): (n, mean, std)} over the observations' seeds."""
+    frame = pd.DataFrame([asdict(o) for o in observations], columns=[f for f in Observation.__dataclass_fields__])
+    return {key: _stats(group) for key, group in frame.groupby(["selection", "row", "model"])["value"]}
 
 
 def observations_from_records(
@@ -263,15 +273,13 @@ def build_table(name: str, paper: PaperTable, manifest: Manifest | None,
     selections = _ordered_union(m_sels, sorted({o.selection for o in obs}))
     expected = set(manifest.expected_cells()) if manifest else set()
 
-    grouped: dict[tuple[str, str, str], list[float]] = {}
-    for o in obs:
-        grouped.setdefault((o.selection, o.row, o.model), []).append(o.value)
+    statistics = cell_statistics(obs)
 
     cells: dict[tuple[str, str, str], Cell] = {}
     for sel in selections:
         for row in rows:
             for model in models:
-                n, mean, std = summarize(grouped.get((sel, row, model), []))
+                n, mean, std = statistics.get((sel, row, model), (0, None, None))
                 col = paper_column(name, model, paper.models)
                 cells[(sel, row, model)] = Cell(
                     row=row, model=model, selection=sel, n=n, mean=mean, std=std,
@@ -305,30 +313,28 @@ def build_table(name: str, paper: PaperTable, manifest: Manifest | None,
 
 # ----------------------------------------------------------------------------------------------- rendering
 
-def _num(x: float | None) -> str:
-    """CSV number: empty for None, else rounded to 6 decimals (hides float noise such as 0.1000000001)."""
-    return "" if x is None else repr(round(x, 6))
+def _num(x: float | None) -> float | None:
+    """A CSV number rounded to 6 decimals (hides float noise such as 0.1000000001); None stays empty."""
+    return None if x is None else round(x, 6)
 
 
 def render_csv(result: TableResult) -> str:
     """Long format: one line per cell that has runs or that the manifest asks for, then complete averages."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    lines = []
     for sel in result.selections:
         for row in result.rows:
             for model in result.models:
                 c = result.cells[(sel, row, model)]
-                if c.n == 0 and not c.expected:
-                    continue
-                w.writerow([result.name, row, model, sel, c.n, _num(c.mean), _num(c.std), _num(c.paper), _num(c.delta)])
+                if c.n or c.expected:
+                    lines.append((result.name, row, model, sel, c.n, c.mean, c.std, c.paper, c.delta))
         for model in result.models:
             a = result.averages.get((sel, model))
-            if a is None or not a.complete:
-                continue
-            w.writerow([result.name, result.spec.average_row, model, sel, a.n, _num(a.mean), _num(a.std),
-                        _num(a.paper), _num(a.delta)])
-    return buf.getvalue()
+            if a is not None and a.complete:
+                lines.append((result.name, result.spec.average_row, model, sel, a.n, a.mean, a.std, a.paper, a.delta))
+    frame = pd.DataFrame(lines, columns=CSV_COLUMNS).astype({"n": int})
+    for column in ("mean", "std", "paper", "delta"):
+        frame[column] = [_num(x) for x in frame[column]]
+    return frame.to_csv(index=False, lineterminator="\n")
 
 
 def _ours(mean: float | None, std: float | None, n: int) -> str:
@@ -359,6 +365,32 @@ def _status_line(result: TableResult, sel: str) -> str:
     return line
 
 
+def display_frame(result: TableResult, sel: str, marks: dict[str, list[int]] | None = None) -> pd.DataFrame:
+    """The wide table of one selection protocol as display strings: a row per paper row (then the average row),
+    columns (row header, "") and (model, "ours" | "paper"). `marks` adds footnote numbers to paper averages."""
+    spec, marks = result.spec, marks or {}
+    columns = [(spec.row_header, "")] + [(m, side) for m in result.models for side in ("ours", "paper")]
+    lines = []
+    for row in result.rows:
+        line = [_row_label(result, row)]
+        for m in result.models:
+            c = result.cells[(sel, row, m)]
+            line += [_ours(c.mean, c.std, c.n), _paper_cell(c.paper_text, c.paper_std_text)]
+        lines.append(line)
+    if spec.average_row is not None:
+        line = [_row_label(result, spec.average_row)]
+        for m in result.models:
+            a = result.averages[(sel, m)]
+            ours = (_ours(a.mean, a.std if a.paper_std_text else None, a.n) if a.complete
+                    else f"{MISSING} ({a.rows_done}/{a.rows_needed} rows)")
+            paper = _paper_cell(a.paper_text, a.paper_std_text)
+            if m in marks and a.paper_text:
+                paper += " " + "".join(f"[{i}]" for i in marks[m])
+            line += [ours, paper]
+        lines.append(line)
+    return pd.DataFrame(lines, columns=pd.MultiIndex.from_tuples(columns))
+
+
 def render_markdown(result: TableResult, heading_level: int = 2) -> str:
     """Wide table per selection protocol: our mean ± std (n) beside the paper's value for every model."""
     spec = result.spec
@@ -377,29 +409,12 @@ def render_markdown(result: TableResult, heading_level: int = 2) -> str:
         lines += [" ".join(result.manifest.notes), ""]
     for sel in result.selections:
         lines += [f"{h}# Selection `{sel}`", "", _status_line(result, sel), ""]
-        header = [spec.row_header]
-        for m in result.models:
-            header += [f"{m} (ours)", f"{m} (paper)"]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" + "---:|" * (2 * len(result.models)))
-        for row in result.rows:
-            out = [_row_label(result, row)]
-            for m in result.models:
-                c = result.cells[(sel, row, m)]
-                out += [_ours(c.mean, c.std, c.n), _paper_cell(c.paper_text, c.paper_std_text)]
-            lines.append("| " + " | ".join(out) + " |")
+        frame = display_frame(result, sel, marks)
         if spec.average_row is not None:
-            out = [f"**{_row_label(result, spec.average_row)}**"]
-            for m in result.models:
-                a = result.averages[(sel, m)]
-                ours = (_ours(a.mean, a.std if a.paper_std_text else None, a.n) if a.complete
-                        else f"{MISSING} ({a.rows_done}/{a.rows_needed} rows)")
-                paper = _paper_cell(a.paper_text, a.paper_std_text)
-                if m in marks and a.paper_text:
-                    paper += " " + "".join(f"[{i}]" for i in marks[m])
-                out += [ours, paper]
-            lines.append("| " + " | ".join(out) + " |")
-        lines.append("")
+            frame.iloc[-1, 0] = f"**{frame.iloc[-1, 0]}**"
+        frame.columns = [side and f"{model} ({side})" or model for model, side in frame.columns]
+        align = ["left"] + ["right"] * (frame.shape[1] - 1)
+        lines += [frame.to_markdown(index=False, tablefmt="pipe", colalign=align, disable_numparse=True), ""]
 
     legend = [f"Ours: mean ± sample std over seeds (number of seeds); {MISSING} = no completed run."]
     if spec.average_row is not None:
@@ -424,19 +439,8 @@ def render_markdown(result: TableResult, heading_level: int = 2) -> str:
     return "\n".join(lines)
 
 
-_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-
-
-def tex_escape(text: str) -> str:
-    """Escape LaTeX special characters in plain text."""
-    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
-
-
-def _tex_ours(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "--"
-    return f"${mean:.2f} \\pm {std:.2f}$" if std is not None else f"${mean:.2f}$"
+# the caption is plain text that Styler passes through as LaTeX; titles and labels hold these specials
+_CAPTION_ESCAPES = str.maketrans({"%": r"\%", "_": r"\_", "&": r"\&", "#": r"\#"})
 
 
 def render_tex(result: TableResult) -> str:
@@ -445,30 +449,12 @@ def render_tex(result: TableResult) -> str:
     out = [f"% Generated by results/aggregate.py for table {result.name}; do not edit by hand.",
            "% Needs \\usepackage{booktabs}."]
     for sel in result.selections:
-        cols = "l" + "rr" * len(result.models)
-        out += ["\\begin{table}[t]", "\\centering",
-                f"\\caption{{{tex_escape(spec.title)}, {tex_escape(spec.metric_label)} "
-                f"(selection: {tex_escape(sel)}). Ours: mean $\\pm$ sample std over seeds.}}",
-                f"\\begin{{tabular}}{{{cols}}}", "\\toprule"]
-        head = [tex_escape(spec.row_header)] + [f"\\multicolumn{{2}}{{c}}{{{tex_escape(m)}}}" for m in result.models]
-        out.append(" & ".join(head) + " \\\\")
-        out.append(" & ".join([""] + ["ours & paper"] * len(result.models)) + " \\\\")
-        out.append("\\midrule")
-        for row in result.rows:
-            cells = [tex_escape(_row_label(result, row))]
-            for m in result.models:
-                c = result.cells[(sel, row, m)]
-                paper = _paper_cell(c.paper_text, c.paper_std_text).replace("±", "$\\pm$")
-                cells += [_tex_ours(c.mean, c.std), paper if c.paper_text else "--"]
-            out.append(" & ".join(cells) + " \\\\")
-        if spec.average_row is not None:
-            out.append("\\midrule")
-            cells = [tex_escape(_row_label(result, spec.average_row))]
-            for m in result.models:
-                a = result.averages[(sel, m)]
-                paper = _paper_cell(a.paper_text, a.paper_std_text).replace("±", "$\\pm$")
-                cells += [_tex_ours(a.mean, a.std if a.paper_std_text else None) if a.complete else "--",
-                          paper if a.paper_text else "--"]
-            out.append(" & ".join(cells) + " \\\\")
-        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+        caption = (f"{spec.title}, {spec.metric_label} (selection: {sel}). "
+                   "Ours: mean ± sample std over seeds (number of seeds).")
+        styler = display_frame(result, sel).style.hide(axis="index").format(escape="latex")
+        latex = styler.format_index(escape="latex", axis=1).to_latex(
+            caption=caption.translate(_CAPTION_ESCAPES), position="t", position_float="centering", hrules=True,
+            column_format="l" + "rr" * len(result.models), multicol_align="c",
+        )
+        out.append(latex.replace("±", "$\\pm$").replace(MISSING, "--"))
     return "\n".join(out)
