@@ -33,7 +33,8 @@ def profile(overrides: Sequence[str], num_classes: int = IMAGENET_CLASSES) -> tu
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides))
     if "image_size" not in cfg.data:
-        raise SystemExit(f"{cfg.experiment_name}: profile counts image models; its data config has no image_size")
+        raise SystemExit(f"{cfg.experiment_name}: its data config has no image_size; the profile counts image models "
+                         "(experiment=imagenet/hierarchical or imagenet/deit_small)")
     image_size = int(cfg.data.image_size)
     model = instantiate(cfg.model, num_classes=num_classes, image_size=image_size, _convert_="all")
     return cfg.experiment_name, cfg.model.attention.name, image_size, count_complexity(model, image_size)

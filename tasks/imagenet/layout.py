@@ -76,8 +76,8 @@ def class_files(split_dir: Path) -> dict[str, list[str]]:
     folders = sorted(entry for entry in split_dir.iterdir() if entry.is_dir())
     if not folders:
         raise ImageFolderError(
-            f"{split_dir} holds no class folders: images must sit in {split_dir}/<class>/ (a flat ImageNet val "
-            f"folder is sorted into class folders by {PREPARE_HINT.split(' explains')[0]})"
+            f"{split_dir} holds no class folders: images must sit in {split_dir}/<class>/ (`make data-imagenet` "
+            "sorts a flat ImageNet val folder into class folders)"
         )
     return {folder.name: sorted(str(path) for path in folder.iterdir() if _is_image(path)) for folder in folders}
 
