@@ -27,7 +27,6 @@ from torch.utils.data import Dataset
 
 from tasks.common.datamodule import DataStatus, TaskDataModule
 from tasks.common.sampling import seeded_loader
-from tasks.imagenet import posterize_fix
 from tasks.imagenet.layout import PREPARE_HINT, SPLITS, FolderLayout, Samples, hold_out, load_layout
 
 log = logging.getLogger(__name__)
@@ -140,7 +139,6 @@ class ImageFolderDataModule(TaskDataModule):
             return
         from timm.data import Mixup, create_transform
 
-        posterize_fix.install()
         self.layout = load_layout(self.root, self.check_images, self.corrupt_images, self.num_workers)
         train, evaluation = self.layout.train, self.layout.val
         if self.selection == "holdout_val":
