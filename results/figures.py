@@ -40,7 +40,7 @@ def plot_table_vs_paper(result: TableResult, out_dir: str | Path) -> list[Path]:
     written: list[Path] = []
     for sel in result.selections:
         points = [(c.paper, c.mean, c.std or 0.0, c.model) for c in
-                  (result.cells[(sel, r, m)] for r in result.rows for m in result.models)
+                  (result.cells[(sel, r, m)] for r in result.scored_rows() for m in result.models)
                   if c.mean is not None and c.paper is not None]
         if not points:
             continue

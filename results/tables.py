@@ -201,11 +201,13 @@ class TableResult:
         """Rows we have that the paper does not (not averaged, no paper value)."""
         return [r for r in self.rows if r not in self.paper.rows]
 
+    def scored_rows(self) -> list[str]:
+        """Rows whose values are compared with the paper's (not the descriptive ones, such as model size)."""
+        return [r for r in self.rows if r not in self.spec.descriptive_rows]
+
     def status(self, selection: str) -> Status:
         st = Status()
-        for row in self.rows:
-            if row in self.spec.descriptive_rows:
-                continue
+        for row in self.scored_rows():
             for model in self.models:
                 c = self.cells[(selection, row, model)]
                 if c.paper is None:

@@ -4,7 +4,6 @@ Every test writes a fake metrics.json tree in tmp_path (no training) and reads t
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -16,67 +15,7 @@ from results.manifest import load_manifests
 from results.naming import experiment_row, paper_column
 from results.paper_tables import load_paper_table
 from results.tables import classify, summarize
-
-REPO_MANIFESTS = Path(__file__).resolve().parents[1] / "experiments" / "manifests"
-
-
-def write_run(root: Path, experiment: str, attention: str, seed: int, value: float, *, selection: str = "best_test",
-              status: str = "complete", config: dict | None = None, metrics: dict | None = None,
-              finished_at: str = "2025-01-01T01:00:00", run_dir: Path | None = None,
-              drop: tuple[str, ...] = ()) -> Path:
-    """Write one metrics.json following the run contract; return its path."""
-    cfg = {"experiment_name": experiment, "task_name": experiment.split("/")[0], "seed": seed,
-           "selection": selection, "model": {"attention": {"name": attention}}, "trainer": {"max_epochs": 100}}
-    cfg.update(config or {})
-    data = {
-        "experiment": experiment, "task": experiment.split("/")[0], "dataset": experiment.split("/")[-1],
-        "attention": attention, "seed": seed, "selection": selection, "primary_metric": "test/acc",
-        "primary_value": value, "metrics": metrics if metrics is not None else {"test/acc": value / 100},
-        "git_sha": "0" * 40, "versions": {"torch": "2"}, "started_at": "2025-01-01T00:00:00",
-        "finished_at": finished_at, "status": status, "config": cfg,
-    }
-    for key in drop:
-        data.pop(key)
-    d = run_dir or root / experiment / attention / selection / f"seed{seed}"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "metrics.json").write_text(json.dumps(data))
-    return d / "metrics.json"
-
-
-def run_cli(tmp_path: Path, *extra: str, manifests: Path = REPO_MANIFESTS, wandb_api=None,
-            figures: bool = False) -> tuple[int, Path]:
-    out = tmp_path / "tables"
-    argv = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--manifests", str(manifests),
-            "--readme", str(tmp_path / "README.md"), "--figures", str(tmp_path / "figures"), *extra]
-    if not figures:
-        argv.append("--no-figures")
-    return aggregate.main(argv, wandb_api=wandb_api), out
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def csv_row(rows, row, model, selection="best_test"):
-    hits = [r for r in rows if r["row"] == row and r["model"] == model and r["selection"] == selection]
-    assert len(hits) == 1, (row, model, selection, hits)
-    return hits[0]
-
-
-def md_lines(md: str, label: str) -> list[list[str]]:
-    """Cells of every markdown table line whose first cell is ``label``."""
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
-    return [cells for cells in rows if cells[0] == label]
-
-
-def md_line(md: str, label: str) -> list[str]:
-    """Cells of the first markdown table line whose first cell is ``label``."""
-    found = md_lines(md, label)
-    if not found:
-        raise AssertionError(f"no table line for {label!r} in\n{md}")
-    return found[0]
-
+from tests.helpers import REPO_MANIFESTS, csv_row, md_line, md_lines, read_csv, run_cli, write_run
 
 # ------------------------------------------------------------------------------------------- arithmetic
 

@@ -3,7 +3,7 @@ filled from run records; the model-size rows are shown beside the paper's but ne
 
 from __future__ import annotations
 
-from tests.test_aggregate import csv_row, md_line, read_csv, run_cli, write_run
+from tests.helpers import csv_row, md_line, read_csv, run_cli, write_run
 
 RUN_METRICS = {"test/acc": 0.80, "test/acc_top5": 0.95, "last/val/acc": 0.79, "test/params_M": 43.311304,
                "test/gmacs": 6.885}

@@ -10,8 +10,7 @@ from hydra.utils import instantiate
 
 from flowformer.models.transformer_lm import TransformerLM
 from tasks.common.schedules import InverseSqrtSchedule
-from tests.helpers import compose_config
-from tests.test_lra_schedules import lrs_used
+from tests.helpers import compose_config, lrs_used
 
 
 def fairseq_inverse_sqrt(num_updates: int, lr: float, warmup: int, init: float) -> float:

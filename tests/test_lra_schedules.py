@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from tasks.common.schedules import FactorSchedule
+from tests.helpers import lrs_used
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -29,19 +30,6 @@ def official_lr(step: int, base: float, factors: str, warmup: int, steps_per_cyc
             progress = max(0.0, (step - warmup) / steps_per_cycle)
             lr *= max(0.0, 0.5 * (1 + math.cos(math.pi * (progress % 1.0))))
     return lr
-
-
-def lrs_used(scheduler_factory, base_lr: float, n_steps: int) -> list[float]:
-    """lr of each optimiser step 0..n_steps-1 when LambdaLR is stepped once per optimiser step (Lightning)."""
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.AdamW([param], lr=base_lr)
-    scheduler = scheduler_factory(optimizer)
-    used = []
-    for _ in range(n_steps):
-        used.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return used
 
 
 @pytest.mark.parametrize(

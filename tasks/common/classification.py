@@ -28,7 +28,7 @@ class ClassificationModule(TaskModule):
     Args:
         num_classes: K, from the datamodule (`module_dims()`).
         top_k: the accuracies logged, e.g. (1, 5) for ImageNet.
-        label_smoothing: smoothing of hard targets in the loss (soft targets arrive already smoothed).
+        label_smoothing: smoothing of hard targets in the training loss (soft targets arrive already smoothed).
         (model, optimizer, objective, scheduler, scheduler_interval: see `TaskModule`.)
     """
 
@@ -64,7 +64,8 @@ class ClassificationModule(TaskModule):
         logits = self(batch)
         target = batch["target"]
         soft = target.is_floating_point()
-        smoothing = 0.0 if soft else self.label_smoothing
+        # smoothing regularises training; evaluation reports the plain cross-entropy
+        smoothing = self.label_smoothing if stage == "train" and not soft else 0.0
         loss = F.cross_entropy(logits, target, label_smoothing=smoothing)
         # Mixed targets have no single class: accuracy is scored against the dominant one.
         labels = target.argmax(dim=-1) if soft else target
