@@ -28,7 +28,8 @@ def test_materialised_baseline_really_builds_the_prefix_tensor():
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         official_causal_flow(q, k, v)
-    shapes = {tuple(tuple(s) for s in event.input_shapes if s) for event in prof.key_averages(group_by_input_shape=True)}
+    events = prof.key_averages(group_by_input_shape=True)
+    shapes = {tuple(tuple(s) for s in event.input_shapes if s) for event in events}
     assert any((2, 3, 64, 8, 8) in group for group in shapes)
 
 
@@ -138,7 +139,8 @@ def test_every_measurement_is_saved_as_it_comes_and_a_killed_run_keeps_them(tmp_
     assert [(r["variant"], r["length"]) for r in saved["records"]] == [("flow", 256), ("softmax", 256), ("flow", 512)]
     assert saved["settings"]["lengths"] == [256, 512, 1024]
     # the partial file renders like a finished run
-    assert runner.main(["--from-json", str(tmp_path / "killed.partial.json"), "--out", str(tmp_path), "--no-figure"]) == 0
+    partial = str(tmp_path / "killed.partial.json")
+    assert runner.main(["--from-json", partial, "--out", str(tmp_path), "--no-figure"]) == 0
     assert "| 512 |" in (tmp_path / "killed.partial.md").read_text()
 
 

@@ -37,11 +37,20 @@ def test_batched_matches_the_reference(options, masked):
         assert relative_error(got, expected) < 1e-10
 
 
-def test_auto_picks_blocked_on_cpu_and_batched_on_a_gpu():
-    keys = torch.zeros(1, 1, 4, 2)
-    assert resolve_backend("auto", keys) == "blocked"
-    assert resolve_backend("auto", types.SimpleNamespace(is_cuda=True, shape=keys.shape)) == "batched"
-    assert resolve_backend("batched", keys) == "batched"
+def test_auto_picks_by_device_length_and_autograd():
+    def keys(length, grad=False, cuda=False):
+        if cuda:
+            return types.SimpleNamespace(is_cuda=True, shape=(1, 1, length, 2), requires_grad=grad)
+        return torch.zeros(1, 1, length, 2, device="meta", requires_grad=grad)
+
+    assert resolve_backend("auto", *[keys(4096, cuda=True)] * 3) == "batched"
+    assert resolve_backend("auto", *[keys(4096)] * 3) == "batched"  # CPU inference in the measured range
+    assert resolve_backend("auto", *[keys(4096, grad=True)] * 3) == "blocked"  # CPU training
+    assert resolve_backend("auto", *[keys(100)] * 3) == "blocked"
+    assert resolve_backend("auto", *[keys(16384)] * 3) == "blocked"
+    half = torch.zeros(1, 1, 4096, 2, device="meta", dtype=torch.bfloat16)
+    assert resolve_backend("auto", half, half, half) == "blocked"  # flows in fp32 on a CPU
+    assert resolve_backend("batched", *[keys(100, grad=True)] * 3) == "batched"
     q, k, v = random_qkv(1, 2, 30, 8)
     torch.testing.assert_close(flow_attention(q, k, v, backend="auto"), flow_attention(q, k, v, backend="blocked"))
 

@@ -102,7 +102,9 @@ def test_prefill_without_autograd_in_segments_equals_the_one_piece_prefill(monke
     first, state = prefill(0, 6, None)
     calls = []
     one_piece_pass = causal.causal_pass
-    monkeypatch.setattr(causal, "causal_pass", lambda x, *a, **kw: calls.append(x.q.shape[-2]) or one_piece_pass(x, *a, **kw))
+    monkeypatch.setattr(
+        causal, "causal_pass", lambda x, *a, **kw: calls.append(x.q.shape[-2]) or one_piece_pass(x, *a, **kw)
+    )
     with torch.no_grad():
         segmented, segmented_state = prefill(6, 43, state)
     assert calls == [16, 16, 5]

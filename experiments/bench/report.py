@@ -112,7 +112,8 @@ def _header(results: dict[str, Any], figure: Path | None) -> list[str]:
             "Memory = peak above the process baseline during the first call (RSS high-water mark on CPU), output and "
             "input gradients included.",
             (f"Before each measurement the runner waited up to {settings['quiet_wait_s']:g} s for other processes to "
-             f"leave the CPU ({settings['quiet_budget_s']:g} s in the whole run)." if "quiet_wait_s" in settings else ""),
+             f"leave the CPU ({settings['quiet_budget_s']:g} s in the whole run)."
+             if "quiet_wait_s" in settings else ""),
             f"Budgets: {settings['time_budget_s']} s per call, {settings['memory_budget_gib']} GiB. The machine is "
             "shared: compare ratios within this run, not absolute times across runs.",
         ]).replace("  ", " "),
@@ -175,7 +176,8 @@ def _ratio_tables(found: dict, dtype: str, lengths: list[int], modes: list[str])
 
 def _throughput_table(results: dict[str, Any], dtype: str, lengths: list[int]) -> list[str]:
     records, found, gemm_size = results["records"], index(results["records"]), results["settings"]["gemm_size"]
-    rated = [v for v in results["variants"] if any(found.get((v, "forward", dtype, n), {}).get("gflops") for n in lengths)]
+    rated = [v for v in results["variants"]
+             if any(found.get((v, "forward", dtype, n), {}).get("gflops") for n in lengths)]
     if not rated:
         return []
     ceiling = gemm_gflops(records, dtype)

@@ -247,10 +247,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m experiments.bench", description="The attention efficiency benchmark (experiments/bench).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help=f"preset: L in {QUICK_LENGTHS}, few repeats, tag <tag>_quick")
-    parser.add_argument("--lengths", type=_csv(int), help=f"comma-separated L (default {DEFAULT_LENGTHS[0]}..{DEFAULT_LENGTHS[-1]})")
-    parser.add_argument("--variants", type=_csv(str), help=f"comma-separated variants (default: {','.join(DEFAULT_VARIANTS)})")
-    parser.add_argument("--modes", type=_csv(str), default=list(MODES), help="forward,backward (backward = forward+backward)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"preset: L in {QUICK_LENGTHS}, few repeats, tag <tag>_quick")
+    parser.add_argument("--lengths", type=_csv(int),
+                        help=f"comma-separated L (default {DEFAULT_LENGTHS[0]}..{DEFAULT_LENGTHS[-1]})")
+    parser.add_argument("--variants", type=_csv(str),
+                        help=f"comma-separated variants (default: {','.join(DEFAULT_VARIANTS)})")
+    parser.add_argument("--modes", type=_csv(str), default=list(MODES),
+                        help="forward,backward (backward = forward+backward)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtypes", type=_csv(str), help="default float32 on CPU, float32,bfloat16 on CUDA")
     parser.add_argument(
@@ -260,7 +264,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", dest="n_heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--time-budget", type=float, default=5.0, help="seconds per call; slower variants stop growing L")
+    parser.add_argument("--time-budget", type=float, default=5.0,
+                        help="seconds per call; slower variants stop growing L")
     parser.add_argument("--memory-budget", type=float, default=None,
                         help="GiB above baseline; larger variants stop growing L (default 8 on CPU, 48 on CUDA)")
     parser.add_argument("--repeats", type=int, default=11, help="most timed calls per configuration")
@@ -279,7 +284,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gemm-size", type=int, default=None,
                         help="square GEMM for the machine ceiling (0 = skip; default 2048 on CPU, 8192 on CUDA, where "
                         "a 2048 GEMM is too short to fill the card or to time from the host)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per configuration (default from the budget)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per configuration (default from the budget)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     parser.add_argument("--figure", type=Path, default=None, help="default results/figures/<tag>.png")
     parser.add_argument("--no-figure", action="store_true")
@@ -296,7 +302,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--modes: unknown {sorted(unknown_modes)}; use forward and/or backward")
     if args.quick:
         args.lengths = args.lengths or list(QUICK_LENGTHS)
-        args.repeats, args.min_repeats, args.min_time = min(args.repeats, 3), min(args.min_repeats, 2), min(args.min_time, 0.3)
+        args.repeats, args.min_repeats = min(args.repeats, 3), min(args.min_repeats, 2)
+        args.min_time = min(args.min_time, 0.3)
         args.rounds = 1
         args.tag = args.tag + "_quick" if args.tag == "efficiency" else args.tag
     args.lengths = args.lengths or list(DEFAULT_LENGTHS)

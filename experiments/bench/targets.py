@@ -79,7 +79,8 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
                               None if scaling is None else scaling <= SCALING_16384_OVER_4096))
     ceiling = gemm_gflops(records, dtype)
     for variant in ("flow", "flow_causal"):
-        rates = [(n, r["gflops"]) for n in lengths if n >= LONG and (r := get(variant, "forward", n)) and r.get("gflops")]
+        rates = [(n, r["gflops"]) for n in lengths
+                 if n >= LONG and (r := get(variant, "forward", n)) and r.get("gflops")]
         if ceiling and rates:
             worst = max(ceiling / rate for _, rate in rates)
             out.append(Target(f"{variant} forward: matmul GFLOP/s over the whole call, L >= {LONG}, vs the GEMM's "

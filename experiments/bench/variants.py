@@ -34,14 +34,16 @@ HALF = ("bfloat16", "float16")
 VARIANTS: dict[str, Variant] = {
     "flow": Variant("Flow-Attention, non-causal (ours, backend='auto')", False, flops=noncausal_matmul_flops),
     "flow_blocked": Variant(
-        "Flow-Attention, non-causal (ours, backend='blocked'; on CPU 'auto' is this one)", False,
-        flops=noncausal_matmul_flops, device="cuda",
+        "Flow-Attention, non-causal (ours, backend='blocked'; 'auto' on CPU, but for inference at 1024-8192 keys)",
+        False, flops=noncausal_matmul_flops,
     ),
     "flow_batched": Variant(
-        "Flow-Attention, non-causal (ours, backend='batched'; on a GPU 'auto' is this one)", False,
-        flops=noncausal_matmul_flops,
+        "Flow-Attention, non-causal (ours, backend='batched'; 'auto' on a GPU and for CPU inference at 1024-8192 keys)",
+        False, flops=noncausal_matmul_flops,
     ),
-    "flow_official": Variant("official non-causal maths as plain einsum (baseline)", False, flops=noncausal_matmul_flops),
+    "flow_official": Variant(
+        "official non-causal maths as plain einsum (baseline)", False, flops=noncausal_matmul_flops
+    ),
     "flow_causal": Variant("Flow-Attention, causal, chunked (ours)", True, flops=causal_matmul_flops),
     "flow_causal_materialised": Variant("official causal maths, materialised (B,H,L,d,dv) cumsum (baseline)", True),
     "softmax": Variant("softmax attention, SDPA", False),
@@ -67,7 +69,7 @@ VARIANTS: dict[str, Variant] = {
         True, forward_only=True, flops=causal_matmul_flops,
     ),
 }
-DEFAULT_VARIANTS = (  # flow_blocked and softmax_flash* run only with --device cuda
+DEFAULT_VARIANTS = (  # softmax_flash* run only with --device cuda
     "flow", "flow_blocked", "flow_batched", "flow_official", "flow_causal", "flow_causal_materialised", "softmax",
     "softmax_causal", "softmax_flash", "softmax_flash_causal", "linear", "linear_causal", "performer", "cosformer",
     "reformer", "matmul", "matmul_causal",

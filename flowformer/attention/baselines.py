@@ -110,8 +110,8 @@ def _kernel_attention(
 
     phi_q: (B, H, L, m), phi_k: (B, H, S, m), v: (B, H, S, dv) -> (B, H, L, dv). ``eps`` is a float or a tensor
     broadcastable to (B, H, L, 1). With ``causal`` the sums run over j <= i (L == S) through
-    :func:`flowformer.attention.flow.causal_linear_attention`. The normaliser is computed in the same pass by appending a column of ones
-    to v.
+    :func:`flowformer.attention.flow.causal_linear_attention`. The normaliser is computed in the same pass by
+    appending a column of ones to v.
     """
     ones = torch.ones_like(v[..., :1])
     v1 = torch.cat([v, ones], dim=-1)

@@ -94,7 +94,9 @@ def _check_state(state: FlowState, options: FlowOptions, shape: tuple[int, int, 
             "to flow_attention_prefill and flow_attention_step"
         )
     if tuple(state.kv.shape) != shape:
-        raise ValueError(f"FlowState holds kv of shape {tuple(state.kv.shape)}, but the inputs need (B, H, d, dv) = {shape}")
+        raise ValueError(
+            f"FlowState holds kv of shape {tuple(state.kv.shape)}, but the inputs need (B, H, d, dv) = {shape}"
+        )
 
 
 def flow_attention_prefill(
@@ -170,7 +172,8 @@ def flow_attention_step(
     if squeeze:
         if q_t.shape[2] != 1 or k_t.shape[2] != 1 or v_t.shape[2] != 1:
             raise ValueError(
-                f"flow_attention_step takes one token; got length {q_t.shape[2]}. Use flow_attention_prefill for blocks."
+                f"flow_attention_step takes one token; got length {q_t.shape[2]}. "
+                "Use flow_attention_prefill for blocks."
             )
         q_t, k_t, v_t = q_t[:, :, 0], k_t[:, :, 0], v_t[:, :, 0]
     if q_t.dim() != 3 or q_t.shape != k_t.shape or v_t.shape[:2] != q_t.shape[:2]:
@@ -187,7 +190,8 @@ def flow_attention_step(
     _check_state(state, options, (batch, heads, dim, dim_v))
     if padding_mask is not None and (padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != (batch,)):
         raise ValueError(
-            f"padding_mask must be a (B,) = ({batch},) bool tensor, got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+            f"padding_mask must be a (B,) = ({batch},) bool tensor, "
+            f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
         )
     with torch.autocast(q_t.device.type, enabled=False):
         old = state.to(compute)

@@ -48,8 +48,10 @@ def flow_attention_reference(
     if causal:
         key_padding_mask = query_padding_mask if key_padding_mask is None else key_padding_mask
         query_padding_mask = key_padding_mask if query_padding_mask is None else query_padding_mask
-    sink_real = torch.ones(batch, length, dtype=q.dtype) if query_padding_mask is None else (~query_padding_mask).to(q.dtype)
-    source_real = torch.ones(batch, n_src, dtype=q.dtype) if key_padding_mask is None else (~key_padding_mask).to(q.dtype)
+    sink_real = (torch.ones(batch, length, dtype=q.dtype) if query_padding_mask is None
+                 else (~query_padding_mask).to(q.dtype))
+    source_real = (torch.ones(batch, n_src, dtype=q.dtype) if key_padding_mask is None
+                   else (~key_padding_mask).to(q.dtype))
     sink_real, source_real = sink_real.to(q.device), source_real.to(q.device)
 
     phi_q = feature_map(q, kernel) * sink_real[:, None, :, None]

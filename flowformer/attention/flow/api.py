@@ -64,7 +64,8 @@ def flow_attention(
             "blocked": cache-sized blocks of rows with a hand-written backward, flows in fp32 (the CPU form).
             "batched": a few large GEMMs over the whole sequence under autograd, in the input dtype with the flows
                 and sums in fp32 (the GPU form).
-            "auto" (default): "batched" on a GPU, "blocked" on a CPU.
+            "auto" (default): "batched" on a GPU; on a CPU "blocked", except for fp32 inference (no autograd) at
+                1024-8192 keys, where "batched" measured faster.
             The causal path has one chunked form (flows in fp32) whatever the backend.
     Returns:
         (B, H, L, dv), in the dtype of q (under autocast, in the autocast dtype: like a matmul, the op casts its
@@ -103,7 +104,7 @@ def apply_flow_attention(
     with torch.autocast(q.device.type, enabled=False):
         if causal:
             out = _causal(q, k, v, masks, options)
-        elif resolve_backend(options.backend, k) == "batched":
+        elif resolve_backend(options.backend, q, k, v) == "batched":
             x = prepare((q, k, v), masks, options.kernel, dtype=q.dtype)
             out = batched_flow(x, options)
         else:
@@ -136,17 +137,28 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def resolve_backend(backend: str, k: Tensor) -> str:
-    """The non-causal form that `backend` runs for keys like `k` (B, H, S, d).
+# On a CPU at its default thread count, the forward without autograd runs fastest "batched" for key counts in this
+# range (results/bench/efficiency.md): shorter, the two forms tie; longer, the blocked passes keep their blocks in
+# cache and win, as they do forward+backward at every length.
+AUTO_BATCHED_INFERENCE_KEYS_CPU = (1024, 8192)
 
-    "auto" picks by device. On a GPU the official formulation's shape, a few large kernels over the whole
-    sequence, ran the forward faster than the blocked passes at every length measured, in fp32 and bf16
-    (results/bench/efficiency_cuda_*.md), and "batched" has that shape. On a CPU the blocked passes, which keep
-    each block in cache while it is re-read, are the faster form for training (results/bench/efficiency.md).
+
+def resolve_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+    """The non-causal form that `backend` runs for q, k, v (B, H, L|S, d).
+
+    "auto" picks by device, length and whether autograd records the call. On a GPU the official formulation's shape,
+    a few large kernels over the whole sequence, ran the forward faster than the blocked passes at every length
+    measured, in fp32 and bf16 (results/bench/efficiency_cuda_*.md), and "batched" has that shape. On a CPU,
+    "blocked" for training, and "batched" for fp32 (or fp64) inference at `AUTO_BATCHED_INFERENCE_KEYS_CPU` keys.
     """
     if backend != "auto":
         return backend
-    return "batched" if k.is_cuda else "blocked"
+    if k.is_cuda:
+        return "batched"
+    shortest, longest = AUTO_BATCHED_INFERENCE_KEYS_CPU
+    # half-precision inputs stay blocked on a CPU, which computes their flows in fp32 (and has slow half GEMMs)
+    wide = compute_dtype(q) == q.dtype
+    return "batched" if wide and not needs_grad(q, k, v) and shortest <= k.shape[-2] <= longest else "blocked"
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask, query_padding_mask) -> None:

@@ -200,7 +200,8 @@ def prefix_softmax(logits: Tensor, clamp: float | None, start_lse: Tensor | None
 
 
 def chunk_aggregate(qc: Tensor, before: Tensor, below: Tensor, vc: Tensor) -> Tensor:
-    """(B, H, N, C, d) queries @ (B, H, N, d, dv) earlier-chunk states + masked (C, C) scores @ values -> (B, H, N·C, dv).
+    """Queries (B, H, N, C, d) @ earlier-chunk states (B, H, N, d, dv) + masked (C, C) scores @ values, as
+    (B, H, N·C, dv).
 
     Without autograd the result is written straight into a fresh (B, H, N·C, dv) tensor (so the output is not a
     view, and a custom Function may return it); with autograd, out= is not allowed and a view is returned.

@@ -222,8 +222,9 @@ def _normalise_competition(keys: _Keys, sources: _Sources, options: FlowOptions,
 
 
 def _backward(saved: tuple[Tensor, ...], options: FlowOptions, grad_out: Tensor):
-    """Gradients of q_raw, k_raw and v from the forward's saved (φ(q), φ(k), v, *`_Saved`), in the same cache-sized blocks as the forward: three passes over q and two
-    over k (plus one GEMV over k), each reading its block once. Every flow gradient is a (B, H, 1, N) row vector."""
+    """Gradients of q_raw, k_raw and v from what the forward saved (φ(q), φ(k), v, then `_Saved`), in the same
+    cache-sized blocks as the forward: three passes over q and two over k (plus one GEMV over k), each reading its
+    block once. Every flow gradient is a (B, H, 1, N) row vector."""
     competition, allocation, clamp, eps = options.competition, options.allocation, options.clamp, options.eps
     q, k, v, *rest = saved
     t = _Saved(*rest)

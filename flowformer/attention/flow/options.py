@@ -2,8 +2,8 @@
 
 `flow_attention`, the `FlowAttention` module, `flow_attention_prefill` / `flow_attention_step` and the
 `model/attention=flow*` configs all describe the same maths with the same fields, so they are written down once,
-here. A module exposes its options as `.options`; pass that object on (`flow_attention_prefill(..., options=op.options)`)
-to run the same maths elsewhere.
+here. A module exposes its options as `.options`; pass that object on
+(`flow_attention_prefill(..., options=op.options)`) to run the same maths elsewhere.
 """
 
 from __future__ import annotations
