@@ -16,8 +16,8 @@ COMPETITION_AXES = ("keys", "heads")
 # over the whole sequence under autograd, in the input dtype (the GPU form); "auto" picks by device and length
 # (see `flow.api.resolve_backend`). The causal path has one chunked form on every device.
 BACKENDS = ("auto", "blocked", "batched")
-# 32 and 64 were within noise of each other on CPU, forward and forward+backward, and 16, 128 and 256 were
-# 1.2-2x slower (results/bench/chunk_sweep.md); 64 has the lower forward memory.
+# The chunk sweep on CPU at the default thread count (results/bench/chunk_sweep.md): 64 is the fastest, forward and
+# forward+backward, with the lowest forward memory; 32 comes close, 16, 128 and 256 are clearly slower.
 DEFAULT_CHUNK_SIZE = 64
 
 
