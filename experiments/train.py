@@ -65,6 +65,8 @@ def _out_of_memory(cfg: DictConfig, error: BaseException) -> MemoryError:
 def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
     """Run one training job described by `cfg` in `run_dir`; returns the record it wrote as metrics.json."""
     started_at, wall_start = utc_now(), time.perf_counter()
+    # The commit that runs is the one checked out now: the tree may change while a long run trains.
+    commit = git_sha()
     run_dir = Path(run_dir).resolve()
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
@@ -128,7 +130,7 @@ def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
             "resumed_from": ckpt_path,
         },
         data=datamodule.data_info,
-        git_sha=git_sha(),
+        git_sha=commit,
         versions=package_versions(),
         started_at=started_at,
         finished_at=utc_now(),

@@ -31,7 +31,10 @@ def run(tmp_path: Path, run_name: str, *extra: str) -> dict:
     return train_entry.train(tiny_config(tmp_path, *extra), tmp_path / run_name).to_dict()
 
 
-def test_metrics_json_contract(tmp_path):
+def test_metrics_json_contract(tmp_path, monkeypatch):
+    # The record names the commit checked out when the run started, even if the tree changes while it trains.
+    checkpoints = tmp_path / "a" / "checkpoints"
+    monkeypatch.setattr(train_entry, "git_sha", lambda: "b" * 40 if checkpoints.exists() else "a" * 40)
     record = run(tmp_path, "a", "seed=3")
     path = tmp_path / "a" / "metrics.json"
     written = json.loads(path.read_text())
@@ -44,7 +47,7 @@ def test_metrics_json_contract(tmp_path):
     assert len(written["history"]) == 4
     assert written["versions"]["torch"] == torch.__version__.split("+")[0]
     assert written["config"]["model"]["attention"]["clamp"] is None  # the time-series recipe has no clamp
-    assert record["primary_value"] == written["primary_value"]
+    assert record["primary_value"] == written["primary_value"] and written["git_sha"] == "a" * 40
     assert not list(path.parent.glob(".metrics.json.*"))  # the atomic write left no temp file
     assert (tmp_path / "a" / "checkpoints" / "last.ckpt").exists()
 
