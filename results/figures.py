@@ -1,11 +1,10 @@
-"""Figures: our numbers against the paper's per table, and learning curves per cell from CSV logs.
+"""Figures: our numbers against the paper's per table, and learning curves per cell from each record's history.
 
 matplotlib is imported lazily (Agg backend) so that building tables does not pay for it when figures are
 switched off. Every figure is written atomically.
 """
 from __future__ import annotations
 
-import csv
 import math
 import re
 from collections import defaultdict
@@ -68,30 +67,21 @@ def plot_table_vs_paper(result: TableResult, out_dir: str | Path) -> list[Path]:
     return written
 
 
-def read_csv_log(path: Path) -> dict[str, list[tuple[float, float]]]:
-    """Read a Lightning CSVLogger ``metrics.csv`` into {metric: [(x, value), ...]}.
+def evaluation_series(record: Record) -> dict[str, list[tuple[float, float]]]:
+    """A record's evaluation history as {metric: [(step, value), ...]}, non-finite values left out.
 
-    x is the ``step`` column when present, else ``epoch``, else the line number; empty cells (each line
-    logs only some metrics) are skipped.
+    The curves come from the history kept in metrics.json, not from the run's logs, so that `make tables` draws
+    the same figures in a fresh clone from the committed records alone (the full logs, training loss and learning
+    rate included, stay in each run's csv/ and W&B).
     """
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        for i, line in enumerate(reader):
-            x_text = line.get("step") or line.get("epoch") or ""
-            try:
-                x = float(x_text)
-            except ValueError:
-                x = float(i)
-            for key, text in line.items():
-                if key in _AXIS_COLUMNS or key is None or not text:
-                    continue
-                try:
-                    value = float(text)
-                except ValueError:
-                    continue
-                if math.isfinite(value):
-                    series[key].append((x, value))
+    for entry in record.data.get("history") or []:
+        x = entry.get("step", entry.get("epoch"))
+        for key, value in entry.items():
+            if key in _AXIS_COLUMNS or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if x is not None and math.isfinite(value):
+                series[key].append((float(x), float(value)))
     return dict(series)
 
 
@@ -113,18 +103,13 @@ def _pick_metrics(names: Iterable[str], limit: int = 4) -> list[str]:
 
 
 def plot_learning_curves(records: Iterable[Record], out_dir: str | Path) -> list[Path]:
-    """One figure per (experiment, attention, selection): every seed's curves from ``metrics.csv`` files
-    found anywhere below its run directory. Records without a run directory (W&B) are skipped.
-    """
-    groups: dict[tuple[str, str, str], list[tuple[int, Path]]] = defaultdict(list)
+    """One figure per (experiment, attention, selection): every seed's evaluation curves (`evaluation_series`)."""
+    groups: dict[tuple[str, str, str], list[tuple[int, dict]]] = defaultdict(list)
     for rec in records:
-        if rec.run_dir is None:
-            continue
-        for log in sorted(rec.run_dir.rglob("metrics.csv")):
-            groups[(rec.experiment, rec.attention, rec.selection)].append((rec.seed, log))
+        groups[(rec.experiment, rec.attention, rec.selection)].append((rec.seed, evaluation_series(rec)))
     written: list[Path] = []
-    for (exp, att, sel), logs in sorted(groups.items()):
-        curves = [(seed, read_csv_log(p)) for seed, p in logs]
+    for (exp, att, sel), curves in sorted(groups.items()):
+        curves.sort(key=lambda pair: pair[0])
         metrics = _pick_metrics(k for _, s in curves for k in s)
         if not metrics:
             continue

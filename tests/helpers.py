@@ -134,7 +134,7 @@ REPO_MANIFESTS = Path(__file__).resolve().parents[1] / "experiments" / "manifest
 def write_run(root: Path, experiment: str, attention: str, seed: int, value: float, *, selection: str = "best_test",
               status: str = "complete", config: dict | None = None, metrics: dict | None = None,
               finished_at: str = "2025-01-01T01:00:00", run_dir: Path | None = None,
-              drop: tuple[str, ...] = ()) -> Path:
+              drop: tuple[str, ...] = (), history: list[dict] | None = None) -> Path:
     """Write one metrics.json following the run contract; return its path."""
     cfg = {"experiment_name": experiment, "task_name": experiment.split("/")[0], "seed": seed,
            "selection": selection, "model": {"attention": {"name": attention}}, "trainer": {"max_epochs": 100}}
@@ -144,7 +144,7 @@ def write_run(root: Path, experiment: str, attention: str, seed: int, value: flo
         "attention": attention, "seed": seed, "selection": selection, "primary_metric": "test/acc",
         "primary_value": value, "metrics": metrics if metrics is not None else {"test/acc": value / 100},
         "git_sha": "0" * 40, "versions": {"torch": "2"}, "started_at": "2025-01-01T00:00:00",
-        "finished_at": finished_at, "status": status, "config": cfg,
+        "finished_at": finished_at, "status": status, "config": cfg, "history": history or [],
     }
     for key in drop:
         data.pop(key)

@@ -227,6 +227,17 @@ def test_duplicate_cell_keeps_newest(tmp_path, capsys):
     assert (row["n"], float(row["mean"])) == ("1", 95.0)
 
 
+def test_run_outside_every_paper_row_is_reported_and_fills_no_cell(tmp_path, capsys):
+    """A run on stand-in data (a collected D4RL dataset) is named as skipped, with how to make it a cell."""
+    stand_in = write_run(tmp_path / "runs", "d4rl/hopper-random-collected", "flow", 0, 10.0)
+    rc, out = run_cli(tmp_path)
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert f"{stand_in.name}: unknown: 'd4rl/hopper-random-collected' is no cell of the d4rl table" in err
+    assert "experiments/manifests/d4rl.yaml" in err
+    assert all(row["n"] in ("", "0") for row in read_csv(out / "d4rl.csv"))
+
+
 def test_manifest_metric_and_scale_fill_several_rows(tmp_path):
     mdir = tmp_path / "manifests"
     mdir.mkdir()
@@ -322,18 +333,30 @@ def test_wandb_source_needs_a_project(tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------------------- outputs and manifests
 
 def test_tex_readme_and_figures(tmp_path):
-    run = write_run(tmp_path / "runs", "uea/JapaneseVowels", "flow", 0, 98.0).parent
-    log = run / "csv" / "version_0" / "metrics.csv"
-    log.parent.mkdir(parents=True)
-    log.write_text("epoch,step,train/loss,val/acc\n0,10,1.5,\n0,10,,60.0\n1,20,1.0,\n1,20,,80.0\n")
+    history = [{"epoch": 0, "step": 10, "val/acc": 0.6, "val/loss": 1.5}, {"epoch": 1, "step": 20, "val/acc": 0.8}]
+    write_run(tmp_path / "runs", "uea/JapaneseVowels", "flow", 0, 98.0, history=history)
     rc, out = run_cli(tmp_path, figures=True)
     tex = (out / "uea.tex").read_text()
     assert "\\toprule" in tex and "best\\_test" in tex and "JapaneseVowels & 98.00 (1) & 98.9" in tex
     assert "$\\pm$" in tex and "--" in tex and "\\multicolumn{2}{c}{Flowformer}" in tex
     assert (tmp_path / "figures" / "uea_best_test_vs_paper.png").stat().st_size > 0
-    assert (tmp_path / "figures" / "curves" / "uea_JapaneseVowels__flow__best_test.png").stat().st_size > 0
+    curve = tmp_path / "figures" / "curves" / "uea_JapaneseVowels__flow__best_test.png"
+    first = curve.read_bytes()
+    assert first
+    run_cli(tmp_path, figures=True)  # the curves come from the record alone: redrawn byte for byte
+    assert curve.read_bytes() == first
     assert not (tmp_path / "figures" / "lra_best_test_vs_paper.png").exists()  # nothing to plot
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def test_curves_read_the_evaluation_history_and_leave_out_non_finite_values(tmp_path):
+    from results.figures import evaluation_series
+    from results.records import Record
+
+    history = [{"epoch": 0, "step": 5, "val/loss": 2.0, "val/acc": 0.5},
+               {"epoch": 1, "step": 9, "val/loss": float("nan"), "val/acc": 0.7}]
+    series = evaluation_series(Record({"history": history}, "metrics.json"))
+    assert series == {"val/loss": [(5.0, 2.0)], "val/acc": [(5.0, 0.5), (9.0, 0.7)]}
 
 
 def test_repo_manifests_name_real_paper_rows_and_columns():
