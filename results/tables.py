@@ -91,8 +91,9 @@ def observations_from_records(
         else:
             row = experiment_row(exp)
             if row is None:
-                problems.append(Problem(rec.path, "unknown", f"no paper row is known for {exp!r}; add it to "
-                                        f"experiments/manifests/{table}.yaml with `row: <label>`"))
+                problems.append(Problem(rec.path, "unknown", f"{exp!r} is no cell of the {table} table, so it stays "
+                                        f"out of it (a run on stand-in data, say); to make it one, give it a "
+                                        f"`row: <paper row label>` in experiments/manifests/{table}.yaml"))
                 continue
             row_specs = (RowSpec(row),)
         model = attention_column(table, rec.attention, entry.columns if entry else None)

@@ -6,12 +6,17 @@ resume, so a run resumed from a checkpoint written mid-epoch continues with the 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+# torchdata's loader calls torch.set_vital, which torch now deprecates: a warning about torchdata's internals, printed
+# at every run, that a user can do nothing about.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> list[int]:
