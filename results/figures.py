@@ -85,21 +85,9 @@ def evaluation_series(record: Record) -> dict[str, list[tuple[float, float]]]:
     return dict(series)
 
 
-def _metric_rank(name: str) -> tuple[int, str]:
-    """Validation curves first, then training loss, other training metrics, test (usually one final point),
-    learning rates last."""
-    if name.startswith("val"):
-        return 0, name
-    if name.startswith("test"):
-        return 3, name
-    if name.startswith("lr") or "lr-" in name:
-        return 4, name
-    return (1 if "loss" in name else 2), name
-
-
 def _pick_metrics(names: Iterable[str], limit: int = 4) -> list[str]:
-    """The ``limit`` most telling metrics (see :func:`_metric_rank`)."""
-    return sorted(set(names), key=_metric_rank)[:limit]
+    """The first ``limit`` metric names in order (an evaluation history holds only ``val/*`` metrics)."""
+    return sorted(set(names))[:limit]
 
 
 def plot_learning_curves(records: Iterable[Record], out_dir: str | Path) -> list[Path]:
