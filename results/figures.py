@@ -15,7 +15,7 @@ from results.atomic_io import atomic_path
 from results.records import Record
 from results.tables import TableResult
 
-_AXIS_COLUMNS = ("epoch", "step")
+_AXIS_KEYS = ("epoch", "step")
 
 
 def _pyplot():
@@ -77,10 +77,12 @@ def evaluation_series(record: Record) -> dict[str, list[tuple[float, float]]]:
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for entry in record.data.get("history") or []:
         x = entry.get("step", entry.get("epoch"))
+        if x is None:
+            continue
         for key, value in entry.items():
-            if key in _AXIS_COLUMNS or isinstance(value, bool) or not isinstance(value, int | float):
+            if key in _AXIS_KEYS or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
-            if x is not None and math.isfinite(value):
+            if math.isfinite(value):
                 series[key].append((float(x), float(value)))
     return dict(series)
 

@@ -41,23 +41,19 @@ class Observation:
     finished_at: str = ""
 
 
-def _stats(values: pd.Series) -> tuple[int, float | None, float | None]:
-    """(n, mean, sample std with ddof=1) of one group; mean is None for n = 0 and std None for n < 2."""
+def summarize(values: pd.Series | Iterable[float]) -> tuple[int, float | None, float | None]:
+    """(n, mean, sample std with ddof=1) of ``values``; mean is None for n = 0 and std None for n < 2."""
+    values = values if isinstance(values, pd.Series) else pd.Series(list(values), dtype=float)
     n = int(values.count())
     if n == 0:
         return 0, None, None
     return n, float(values.mean()), (float(values.std(ddof=1)) if n > 1 else None)
 
 
-def summarize(values: Iterable[float]) -> tuple[int, float | None, float | None]:
-    """(n, mean, sample std with ddof=1) of ``values``; mean is None for n = 0 and std None for n < 2."""
-    return _stats(pd.Series(list(values), dtype=float))
-
-
 def cell_statistics(observations: Iterable[Observation]) -> dict[tuple[str, str, str], tuple]:
     """{(selection, row, model): (n, mean, std)} over the observations' seeds."""
-    frame = pd.DataFrame([asdict(o) for o in observations], columns=[f for f in Observation.__dataclass_fields__])
-    return {key: _stats(group) for key, group in frame.groupby(["selection", "row", "model"])["value"]}
+    frame = pd.DataFrame([asdict(o) for o in observations], columns=list(Observation.__dataclass_fields__))
+    return {key: summarize(group) for key, group in frame.groupby(["selection", "row", "model"])["value"]}
 
 
 def observations_from_records(

@@ -175,10 +175,14 @@ def csv_row(rows, row, model, selection="best_test"):
     return hits[0]
 
 
+def md_rows(md: str) -> list[list[str]]:
+    """Cells of every markdown table line (header and separator lines included)."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
+
+
 def md_lines(md: str, label: str) -> list[list[str]]:
     """Cells of every markdown table line whose first cell is ``label``."""
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
-    return [cells for cells in rows if cells[0] == label]
+    return [cells for cells in md_rows(md) if cells[0] == label]
 
 
 def md_line(md: str, label: str) -> list[str]:

@@ -15,7 +15,7 @@ from results.manifest import load_manifests
 from results.naming import experiment_row, paper_column
 from results.paper_tables import load_paper_table
 from results.tables import classify, summarize
-from tests.helpers import REPO_MANIFESTS, csv_row, md_line, md_lines, read_csv, run_cli, write_run
+from tests.helpers import REPO_MANIFESTS, csv_row, md_line, md_lines, md_rows, read_csv, run_cli, write_run
 
 # ------------------------------------------------------------------------------------------- arithmetic
 
@@ -71,9 +71,9 @@ def test_demo_run_shows_one_cell_beside_paper_and_everything_else_missing(tmp_pa
     md = (out / "uea.md").read_text()
     jv = md_line(md, "JapaneseVowels")
     assert jv[1:3] == ["97.30 (1)", "98.9"]
-    data_rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| Dataset")
-                 and "Average" not in line]
-    ours = [c for line in data_rows for c in [x.strip() for x in line.strip("|").split("|")][1::2]]
+    data_rows = [cells for cells in md_rows(md) if cells[0] != "Dataset" and not cells[0].startswith(":")
+                 and "Average" not in cells[0]]
+    ours = [c for cells in data_rows for c in cells[1::2]]
     assert len(ours) == 60 and ours.count("—") == 59
     assert "0 of 60 cells within" in md and "1 worse" in md and "59 missing" in md  # 97.3 is 1.6 below 98.9
     readme = (tmp_path / "README.md").read_text()
