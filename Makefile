@@ -8,6 +8,7 @@ LAUNCHER ?= basic
 DRY ?=
 SEEDS ?=
 EXTRA ?=
+VARIANT ?=
 SOURCE ?=
 WANDB_PROJECT ?=
 ARGS ?=
@@ -41,8 +42,8 @@ demo: ## Flowformer on the bundled UEA JapaneseVowels (paper recipe, seed 0), pr
 	$(PY) -m experiments.train experiment=uea/JapaneseVowels seed=0 $(ARGS)
 	$(PY) -m results.aggregate --runs $(RUNS_DIR) --out $(RUNS_DIR)/tables --no-figures --tables uea --show JapaneseVowels
 
-$(REPRODUCE): reproduce-%: ## run a table's manifest (uea, lra, imagenet, wikitext103, d4rl); resumable. DRY=1 plans only; LAUNCHER=basic|joblib|submitit; SEEDS='0 1'; EXTRA='trainer=gpu'
-	$(PY) -m experiments.reproduce $* --launcher $(LAUNCHER) --runs-dir $(RUNS_DIR) $(if $(filter 1 yes true,$(DRY)),--dry-run,) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(EXTRA),--extra $(EXTRA),) $(ARGS)
+$(REPRODUCE): reproduce-%: ## run a table's manifest (uea, lra, imagenet, wikitext103, d4rl); resumable. DRY=1 plans only; LAUNCHER=basic|joblib|submitit; SEEDS='0 1'; EXTRA='trainer=gpu'; VARIANT=<a manifest variant>
+	$(PY) -m experiments.reproduce $* --launcher $(LAUNCHER) --runs-dir $(RUNS_DIR) $(if $(filter 1 yes true,$(DRY)),--dry-run,) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(EXTRA),--extra $(EXTRA),) $(if $(VARIANT),--variant $(VARIANT),) $(ARGS)
 
 tables: ## rebuild every paper table (Markdown, LaTeX, CSV), figures and results/README.md from the committed records (results/runs) plus local runs; SOURCE=wandb WANDB_PROJECT=... pulls W&B runs
 	$(PY) -m results.aggregate --runs results/runs $(RUNS_DIR) --out results/tables --figures results/figures --readme results/README.md $(if $(SOURCE),--source $(SOURCE),) $(if $(WANDB_PROJECT),--wandb-project $(WANDB_PROJECT),) $(ARGS)

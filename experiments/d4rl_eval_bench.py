@@ -34,8 +34,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from tabulate import tabulate
 
-from experiments import resolvers
 from experiments.provenance import git_sha, package_versions, utc_now
+from results.recipe import register_resolvers
 from tasks.d4rl.environments import GYMNASIUM_NAMES, gymnasium_id, make_env
 from tasks.d4rl.rollout import TransformerPolicy, run_episodes, run_episodes_sequentially
 from tasks.d4rl.windows import Conditioning
@@ -45,7 +45,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 def build_model(attention: str, overrides: Sequence[str], state_dim: int, act_dim: int) -> tuple[torch.nn.Module, Any]:
     """The Decision Transformer of the training config (random weights) and that config."""
-    resolvers.register()
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             "train",

@@ -29,12 +29,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import resolvers
+from results.recipe import register_resolvers
 from results.run_record import CHECKPOINT_DIR, METRICS_FILE
 from tasks.wikitext103.dictionary import BOS, EOS, PAD, Dictionary
 from tasks.wikitext103.generation import MODES, generate
 
-resolvers.register()
+register_resolvers()
 
 
 @dataclass

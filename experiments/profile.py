@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from tabulate import tabulate
 
-from experiments import resolvers
+from results.recipe import register_resolvers
 from tasks.imagenet.complexity import Complexity, count_complexity
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -29,7 +29,7 @@ IMAGENET_CLASSES = 1000
 
 def profile(overrides: Sequence[str], num_classes: int = IMAGENET_CLASSES) -> tuple[str, str, int, Complexity]:
     """(experiment, attention, image size, complexity) of the network the overrides compose."""
-    resolvers.register()
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides))
     if "image_size" not in cfg.data:

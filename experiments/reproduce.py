@@ -1,21 +1,30 @@
 """Run one table's manifest through Hydra multirun, resumably: ``python -m experiments.reproduce <table>``.
 
-For every cell (experiment x attention x seed) of ``experiments/manifests/<table>.yaml`` it looks at the
-deterministic run directory ``$RUNS_DIR/<experiment>/<attention>/<selection>/seed<seed>/``:
+For every cell (experiment x attention x seed) of ``experiments/manifests/<table>.yaml`` it composes the cell's
+recipe (the overrides it would run, `results.recipe.recipe_overrides`) and looks at the deterministic run directory
+``$RUNS_DIR/<experiment>/<attention>/<selection>[/<variant>]/seed<seed>/``:
 
-- ``done``: metrics.json is complete and its config is the manifest's recipe -> skipped;
-- ``resume``: ``checkpoints/last.ckpt`` exists but the run did not finish -> rerun with ``resume=true``;
-- ``todo``: nothing usable there -> run;
-- ``mismatch``: complete, but another recipe (config differs from the manifest) -> reported, not rerun.
+- ``done``: metrics.json is complete and its science part is the cell's recipe (the aggregator's very check) ->
+  skipped;
+- ``off-recipe``: complete (or started, by its recipe.json) with another recipe -> reported with the keys that
+  differ, never counted and never rerun over (move it aside with ``overwrite=true`` or delete it);
+- ``partial``: ``checkpoints/last.ckpt`` exists but the run did not finish -> resumed (``resume=true``);
+- ``missing``: nothing usable there -> run.
 
 An experiment whose config file ``conf/experiment/<experiment>.yaml`` does not exist is reported as
 "not implemented"; one whose datamodule reports its data missing (``data_status()``, the datamodule contract
 in ``tasks/common/datamodule.py``) as "data absent", with the command that fetches it; one whose config does
-not compose as "config error". All are listed, never silently dropped. The remaining cells run as one multirun per experiment (split only where
-the pending attention x seed cells are not a full grid)::
+not compose as "config error". All are listed, never silently dropped.
+
+Variants: ``--variant <name>`` runs a variant the manifest declares (its overrides, ``variant=<name>``); ``--extra``
+overrides that change the science make an unnamed variant, named by the keys they change. Either way the runs get
+their own directory (a ``<variant>/`` folder) and are tabulated beside the paper's row, never pooled with it.
+
+The remaining cells run as one multirun per experiment (split only where the pending attention x seed cells are not a
+full grid)::
 
     python -m experiments.train -m experiment=<exp> model/attention=a,b seed=0,1,2 \
-        selection=<sel> resume=true [pinned overrides] [launcher]
+        selection=<sel> [pinned overrides] [extra] resume=true [variant=<name>] [launcher]
 
 ``--dry-run`` (``make reproduce-<table> DRY=1``) prints the plan and the commands and runs nothing.
 """
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import os
 import shlex
 import subprocess
@@ -34,14 +44,15 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from experiments import resolvers
-from results.manifest import MANIFEST_DIR, ExperimentEntry, Manifest, ManifestError, load_manifest
+from results.manifest import MANIFEST_DIR, ExperimentEntry, Manifest, ManifestError, VariantSpec, load_manifest
 from results.naming import TABLES
-from results.records import check_config, read_metrics_file
+from results.recipe import CellRecipe, cell_recipe, diff_science, recipe_overrides, register_resolvers, variant_label
+from results.records import read_metrics_file
 from results.run_record import METRICS_FILE, last_checkpoint, run_dir_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-resolvers.register()
+RECIPE_FILE = "recipe.json"  # experiments.train writes it when a run starts
+register_resolvers()
 
 # Launcher names accepted by --launcher; any other name is passed through as hydra/launcher=<name>
 # (e.g. the repo's own conf/hydra/launcher/slurm.yaml or local_parallel.yaml).
@@ -81,8 +92,9 @@ class CellPlan:
     seed: int
     selection: str
     run_dir: Path
-    state: str  # done | resume | todo | mismatch | skipped
+    state: str  # done | off-recipe | partial | missing | skipped
     note: str = ""
+    variant: str | None = None
 
 
 @dataclass
@@ -102,31 +114,44 @@ class Plan:
     conf_dir: Path
     data_dir: Path
     experiments: list[ExperimentPlan]
+    extra: tuple[str, ...] = ()
+    variant: VariantSpec | None = None
 
     def cells(self, state: str | None = None) -> list[CellPlan]:
         return [c for e in self.experiments for c in e.cells if state is None or c.state == state]
 
 
-def cell_state(run_dir: Path, entry: ExperimentEntry, attention: str, seed: int, selection: str) -> tuple[str, str]:
-    """(state, note) of one cell from what its run directory holds."""
+def cell_state(run_dir: Path, recipe: CellRecipe, identity: tuple) -> tuple[str, str]:
+    """(state, note) of one cell from what its run directory holds, checked against the cell's `recipe`.
+    `identity` is (experiment, attention, seed, selection, variant) as the cell expects them."""
     metrics = run_dir / METRICS_FILE
     has_ckpt = last_checkpoint(run_dir).is_file()
     if metrics.is_file():
         record, problem = read_metrics_file(metrics)
         if record is not None:
-            identity = (record.experiment, record.attention, record.seed, record.selection)
-            if identity != (entry.experiment, attention, seed, selection):
-                return "mismatch", (f"{metrics} describes {identity}, not this cell; delete {run_dir} to rerun")
-            diffs = check_config(record, entry)
-            if diffs:
-                return "mismatch", "; ".join(diffs) + f"; delete {run_dir} to rerun with the manifest's recipe"
+            found = (record.experiment, record.attention, record.seed, record.selection, record.variant)
+            if found != identity:
+                return "off-recipe", f"{metrics} describes {found}, not this cell"
+            result = recipe.check(record.data.get("config") or {}, world_size=record.data.get("world_size"))
+            if result.kind != "recipe":
+                return "off-recipe", "; ".join(str(d) for d in result.diffs)
             return "done", ""
         if has_ckpt:
-            return "resume", f"{problem.kind} metrics.json; resuming from {last_checkpoint(run_dir)}"
-        return "todo", f"{problem.kind} metrics.json and no checkpoint; starting over"
+            return _partial(run_dir, recipe, f"{problem.kind} metrics.json")
+        return "missing", f"{problem.kind} metrics.json and no checkpoint; starting over"
     if has_ckpt:
-        return "resume", f"resuming from {last_checkpoint(run_dir)}"
-    return "todo", ""
+        return _partial(run_dir, recipe, "not finished")
+    return "missing", ""
+
+
+def _partial(run_dir: Path, recipe: CellRecipe, why: str) -> tuple[str, str]:
+    """A started run: resumable when it started with the cell's recipe (its recipe.json), else off-recipe."""
+    started = run_dir / RECIPE_FILE
+    if started.is_file():
+        diffs = diff_science(json.loads(started.read_text(encoding="utf-8"))["science"], recipe.recipe)
+        if diffs:
+            return "off-recipe", f"started with another recipe ({RECIPE_FILE}): " + "; ".join(str(d) for d in diffs)
+    return "partial", f"{why}; resuming from {last_checkpoint(run_dir)}"
 
 
 def _selection_from(extra: Sequence[str], default: str) -> str:
@@ -154,13 +179,26 @@ class CellFilter:
     def keeps(self, experiment: str) -> bool:
         return not self.experiments or any(fnmatch.fnmatch(experiment, pat) for pat in self.experiments)
 
-    def attentions_of(self, entry: ExperimentEntry) -> list[str]:
-        return [a for a in entry.attentions if not self.attentions or a in self.attentions]
+    def attentions_of(self, entry: ExperimentEntry, variant: VariantSpec | None = None) -> list[str]:
+        return [a for a in entry.attentions if (not self.attentions or a in self.attentions)
+                and (variant is None or variant.attentions is None or a in variant.attentions)]
+
+
+def variant_of(recipe: CellRecipe, cell: CellRecipe, variant: VariantSpec | None) -> str | None:
+    """The variant a cell runs as: the declared one, or the name of what `--extra` changes (None: the recipe)."""
+    if variant is not None:
+        return variant.name
+    diffs = diff_science(cell.recipe, recipe.recipe)
+    return variant_label(diffs) if diffs else None
 
 
 def make_plan(manifest: Manifest, *, runs_dir: Path, conf_dir: Path, data_dir: Path,
-              cells: CellFilter = CellFilter(), extra: Sequence[str] = ()) -> Plan:
-    """Inspect configs, data and run directories; decide the state of every cell of ``manifest``."""
+              cells: CellFilter = CellFilter(), extra: Sequence[str] = (), variant: str | None = None) -> Plan:
+    """Inspect configs, data and run directories; decide the state of every cell of ``manifest``.
+
+    `variant` names a variant the manifest declares; `extra` are overrides added to every run."""
+    spec = _variant_spec(manifest, variant)
+    added = [*(spec.overrides if spec else ()), *_without_selection(extra)]
     plans: list[ExperimentPlan] = []
     for entry in manifest.entries:
         if not cells.keeps(entry.experiment):
@@ -172,16 +210,32 @@ def make_plan(manifest: Manifest, *, runs_dir: Path, conf_dir: Path, data_dir: P
         else:
             state, detail = data_status(conf_dir, entry, data_dir)
         plan = ExperimentPlan(entry, state, detail)
-        for attention in cells.attentions_of(entry):
+        for attention in cells.attentions_of(entry, spec):
             for seed in (cells.seeds or entry.seeds):
-                rdir = run_dir_of(runs_dir, entry.experiment, attention, selection, seed)
-                if state == "ready":
-                    cstate, note = cell_state(rdir, entry, attention, seed, selection)
-                else:
-                    cstate, note = "skipped", state
-                plan.cells.append(CellPlan(entry.experiment, attention, seed, selection, rdir, cstate, note))
+                if state != "ready":
+                    rdir = run_dir_of(runs_dir, entry.experiment, attention, selection, seed)
+                    plan.cells.append(CellPlan(entry.experiment, attention, seed, selection, rdir, "skipped", state))
+                    continue
+                paper = cell_recipe(entry.experiment, attention, seed, selection, pinned=entry.overrides,
+                                    conf_dir=conf_dir)
+                cell = cell_recipe(entry.experiment, attention, seed, selection, pinned=entry.overrides,
+                                   conf_dir=conf_dir, extra=added)
+                name = variant_of(paper, cell, spec)
+                rdir = run_dir_of(runs_dir, entry.experiment, attention, selection, seed, name)
+                cstate, note = cell_state(rdir, cell, (entry.experiment, attention, seed, selection, name))
+                plan.cells.append(CellPlan(entry.experiment, attention, seed, selection, rdir, cstate, note, name))
         plans.append(plan)
-    return Plan(manifest, runs_dir, conf_dir, data_dir, plans)
+    return Plan(manifest, runs_dir, conf_dir, data_dir, plans, tuple(extra), spec)
+
+
+def _variant_spec(manifest: Manifest, variant: str | None) -> VariantSpec | None:
+    if variant is None:
+        return None
+    if variant not in manifest.variants:
+        known = ", ".join(sorted(manifest.variants)) or "none"
+        raise ManifestError(f"{manifest.path}: no variant {variant!r} (declared: {known}); declare it under "
+                            "`variants:` or run the recipe without --variant")
+    return manifest.variants[variant]
 
 
 def launcher_overrides(launcher: str) -> list[str]:
@@ -189,34 +243,30 @@ def launcher_overrides(launcher: str) -> list[str]:
     return list(LAUNCHERS.get(launcher, [f"hydra/launcher={launcher}"]))
 
 
-def build_commands(plan: Plan, *, launcher: str = "basic", extra: Sequence[str] = (),
-                   python: str = sys.executable, train_module: str = "experiments.train") -> list[list[str]]:
-    """Multirun commands for the cells still to run (todo or resume).
+def build_commands(plan: Plan, *, launcher: str = "basic", python: str = sys.executable,
+                   train_module: str = "experiments.train") -> list[list[str]]:
+    """Multirun commands for the cells still to run (missing or partial).
 
-    One command per experiment sweeps ``model/attention`` x ``seed``; attentions whose pending seeds differ
-    get separate commands so that no finished cell is run again.
+    One command per experiment and variant sweeps ``model/attention`` x ``seed``; attentions whose pending seeds
+    differ get separate commands so that no finished cell is run again.
     """
+    added = [*(plan.variant.overrides if plan.variant else ()), *_without_selection(plan.extra)]
     commands = []
     for exp in plan.experiments:
-        pending: dict[str, list[int]] = {}
+        pending: dict[tuple[str | None, str], list[int]] = {}
         for c in exp.cells:
-            if c.state in ("todo", "resume"):
-                pending.setdefault(c.attention, []).append(c.seed)
-        by_seeds: dict[tuple[int, ...], list[str]] = {}
-        for attention, seeds in pending.items():
-            by_seeds.setdefault(tuple(sorted(seeds)), []).append(attention)
-        for seeds, attentions in by_seeds.items():
-            selection = _selection_from(extra, exp.entry.selection)
-            cmd = [python, "-m", train_module, "-m",
-                   f"experiment={exp.entry.experiment}",
-                   f"model/attention={','.join(attentions)}",
-                   f"seed={','.join(str(s) for s in seeds)}",
-                   f"selection={selection}",
-                   "resume=true",
-                   *exp.entry.overrides,
-                   *launcher_overrides(launcher),
-                   *_without_selection(extra)]
-            commands.append(cmd)
+            if c.state in ("missing", "partial"):
+                pending.setdefault((c.variant, c.attention), []).append(c.seed)
+        groups: dict[tuple[str | None, tuple[int, ...]], list[str]] = {}
+        for (variant, attention), seeds in pending.items():
+            groups.setdefault((variant, tuple(sorted(seeds))), []).append(attention)
+        for (variant, seeds), attentions in groups.items():
+            selection = _selection_from(plan.extra, exp.entry.selection)
+            overrides = recipe_overrides(exp.entry.experiment, ",".join(attentions), ",".join(map(str, seeds)),
+                                         selection, exp.entry.overrides, added)
+            named = [f'variant="{variant}"'] if variant else []
+            commands.append([python, "-m", train_module, "-m", *overrides, "resume=true", *named,
+                             *launcher_overrides(launcher)])
     return commands
 
 
@@ -233,12 +283,14 @@ def format_plan(plan: Plan, commands: Sequence[Sequence[str]], launcher: str) ->
     absent = [e for e in plan.experiments if e.state == "data absent"]
     missing = [e for e in plan.experiments if e.state == "not implemented"]
     broken = [e for e in plan.experiments if e.state == "config error"]
+    running = (f"variant {plan.variant.name!r} ({' '.join(plan.variant.overrides)})" if plan.variant
+               else "the paper recipe")
     lines = [
-        f"Plan for table {m.table} ({m.path})",
+        f"Plan for table {m.table} ({m.path}): {running}" + (f" with {' '.join(plan.extra)}" if plan.extra else ""),
         f"  runs: {plan.runs_dir}   data: {plan.data_dir}   configs: {plan.conf_dir}   launcher: {launcher}",
-        f"  runs (cell x seed): {len(cells)} = {count('done')} done, {count('resume')} to resume, "
-        f"{count('todo')} to start, "
-        f"{count('mismatch')} config mismatch, {count('skipped')} skipped "
+        f"  runs (cell x seed): {len(cells)} = {count('done')} done, {count('partial')} partial (resumed), "
+        f"{count('missing')} missing (started), "
+        f"{count('off-recipe')} off-recipe (not counted, not rerun), {count('skipped')} skipped "
         f"({sum(len(e.cells) for e in missing)} not implemented, {sum(len(e.cells) for e in absent)} data absent"
         + (f", {sum(len(e.cells) for e in broken)} config error)" if broken else ")"),
         "",
@@ -264,11 +316,16 @@ def format_plan(plan: Plan, commands: Sequence[Sequence[str]], launcher: str) ->
     if broken:
         lines.append(f"Config errors ({len(broken)}): the experiment's config does not compose or instantiate")
         lines += [f"  - {e.entry.experiment}: {e.detail}" for e in broken]
-    mism = plan.cells("mismatch")
-    if mism:
-        lines.append(f"Done with another recipe, not rerun ({len(mism)}):")
-        lines += [f"  - {c.experiment} {c.attention} seed{c.seed}: {c.note}" for c in mism]
-    notes = [c for c in cells if c.state in ("resume", "todo") and c.note]
+    variants = sorted({c.variant for c in cells if c.variant})
+    if variants:
+        lines.append("Runs go to the variant folder(s) " + ", ".join(f"{v!r}" for v in variants)
+                     + ": tabulated beside the paper's rows, never in them.")
+    off = plan.cells("off-recipe")
+    if off:
+        lines.append(f"Off-recipe runs in the cells' folders, not counted and not rerun ({len(off)}); move one aside "
+                     "with overwrite=true, or delete it, to run the recipe there:")
+        lines += [f"  - {c.experiment} {c.attention} seed{c.seed} ({c.run_dir}): {c.note}" for c in off]
+    notes = [c for c in cells if c.state in ("partial", "missing") and c.note]
     if notes:
         lines.append("Notes:")
         lines += [f"  - {c.experiment} {c.attention} seed{c.seed}: {c.note}" for c in notes]
@@ -294,7 +351,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="PATTERN", help="only experiments matching these globs")
     p.add_argument("--attentions", nargs="+", metavar="NAME", help="only these attentions of the manifest")
     p.add_argument("--extra", nargs="+", default=[], metavar="OVERRIDE",
-                   help="extra Hydra overrides for every run (e.g. trainer=gpu, selection=holdout_val)")
+                   help="extra Hydra overrides for every run (e.g. trainer=gpu, selection=holdout_val); those that "
+                        "change the recipe make a variant, run in its own folder")
+    p.add_argument("--variant", help="run a variant the manifest declares (`variants:`)")
     p.add_argument("--manifests", default=str(MANIFEST_DIR))
     p.add_argument("--runs-dir", default=os.environ.get("RUNS_DIR") or "experiments/runs")
     p.add_argument("--data-dir", default=os.environ.get("DATA_DIR") or "data")
@@ -318,12 +377,12 @@ def main(argv: Sequence[str] | None = None, *,
     try:
         manifest = load_manifest(manifest_path)
         plan = make_plan(manifest, runs_dir=Path(args.runs_dir), conf_dir=Path(args.conf_dir),
-                         data_dir=Path(args.data_dir), extra=args.extra,
+                         data_dir=Path(args.data_dir), extra=args.extra, variant=args.variant,
                          cells=CellFilter(experiments=args.only, attentions=args.attentions, seeds=args.seeds))
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    commands = build_commands(plan, launcher=args.launcher, extra=args.extra)
+    commands = build_commands(plan, launcher=args.launcher)
     print(format_plan(plan, commands, args.launcher), flush=True)
     if args.dry_run or not commands:
         return 0

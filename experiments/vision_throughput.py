@@ -45,9 +45,9 @@ def build_network(attention: str, image_size: int):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from experiments import resolvers
+    from results.recipe import register_resolvers
 
-    resolvers.register()
+    register_resolvers()
     overrides = [f"experiment={EXPERIMENT}", f"model/attention={attention}", f"data.image_size={image_size}"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

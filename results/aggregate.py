@@ -1,15 +1,18 @@
 """Aggregate runs into the paper's tables: ``python -m results.aggregate --runs DIR --out DIR``.
 
 Reads every ``metrics.json`` below the ``--runs`` folders (or, with ``--source wandb``, the runs of a W&B
-project), groups them by table, row, model and selection protocol, and writes for each of the five tables
+project), checks each against the recipe of its cell (``results.cells``), groups them by table, row, model,
+selection protocol and variant, and writes for each of the five tables
 ``<out>/<table>.csv`` (long), ``<out>/<table>.md`` (wide, ours beside the paper) and ``<out>/<table>.tex``,
 the figures (``--figures``, default ``<out>/figures``) and a README with every table, the command and the
 records used (``--readme``, default ``<out>/README.md``). It writes nothing outside the outputs it is given.
 ``make tables`` runs it on the committed records (``results/runs``) plus local runs, into ``results/``.
 
-Unusable runs (malformed or partial metrics.json, config that is not the manifest's recipe, duplicates)
-are listed with their path on stderr and in the README, and never averaged. Exit status is 0 unless
-``--strict`` is given and something was skipped.
+Runs outside the paper recipe are tabulated as variants and listed with the keys they changed; unusable runs
+(malformed or partial metrics.json, debug runs, experiments outside the manifests) are listed with their path on
+stderr and in the README, and never averaged. Two different records for one cell and seed stop the aggregator
+(exit status 2) with both paths, before anything is written. Otherwise the exit status is 0, unless ``--strict`` is
+given and something was skipped.
 """
 from __future__ import annotations
 
@@ -24,26 +27,29 @@ from pathlib import Path
 from typing import Any
 
 from results.atomic_io import write_text_atomic
+from results.cells import DuplicateRunsError, OffRecipe, Placement, RecipeBook, place_records
 from results.manifest import MANIFEST_DIR, Manifest, ManifestError, load_manifests
 from results.naming import TABLES
 from results.paper_tables import PAPER_DIR, load_paper_table
+from results.recipe import CONF_DIR
 from results.records import Problem, Record, read_run_tree
-from results.tables import TableResult, build_table, observations_from_records, render_csv, render_markdown, render_tex
+from results.tables import TableResult, build_table, render_csv, render_markdown, render_tex
 
 DEFAULT_RUNS = Path("experiments") / "runs"
 
 
 def aggregate(records: Sequence[Record], manifests: dict[str, Manifest], *, paper_dir: str | Path = PAPER_DIR,
-              tables: Sequence[str] | None = None) -> tuple[dict[str, TableResult], list[Problem], list[str]]:
-    """Build every requested table from records.
+              tables: Sequence[str] | None = None, conf_dir: str | Path = CONF_DIR
+              ) -> tuple[dict[str, TableResult], Placement]:
+    """Build every requested table from records: ({table: result}, where each record went).
 
-    Returns ({table: result}, problems found while mapping runs onto cells, the paths of the records used).
-    """
-    observations, problems = observations_from_records(records, manifests)
+    Raises DuplicateRunsError when two different records fill the same cell and seed."""
+    placement = place_records(records, manifests, book=RecipeBook(conf_dir))
     results = {}
     for name in tables or list(TABLES):
-        results[name] = build_table(name, load_paper_table(name, paper_dir), manifests.get(name), observations)
-    return results, problems, sorted({o.path for o in observations})
+        results[name] = build_table(name, load_paper_table(name, paper_dir), manifests.get(name),
+                                    placement.observations)
+    return results, placement
 
 
 def write_tables(results: dict[str, TableResult], out_dir: str | Path) -> list[Path]:
@@ -69,8 +75,9 @@ def _display(path: str) -> str:
 
 
 def render_readme(results: dict[str, TableResult], *, command: str, source: str, used: Sequence[str],
-                  problems: Sequence[Problem]) -> str:
-    """The text of results/README.md: how it was produced, every table, and what was skipped."""
+                  problems: Sequence[Problem], off_recipe: Sequence[OffRecipe] = ()) -> str:
+    """The text of results/README.md: how it was produced, every table, the runs outside the paper recipe, and
+    what was skipped."""
     lines = [
         "# Results",
         "",
@@ -86,13 +93,25 @@ def render_readme(results: dict[str, TableResult], *, command: str, source: str,
         f"Source: {source}. Complete runs used: {len(used)} (listed at the end). Runs skipped: {len(problems)}"
         + (" (listed at the end)." if problems else "."),
         "",
-        "Each table: our mean ± sample std over seeds (number of seeds) beside the paper's value; runs with",
-        "different selection protocols (`best_test`, `holdout_val`) are tabulated separately, never pooled.",
-        "CSV/LaTeX versions are in `results/tables/`, figures in `results/figures/`.",
+        "Each table: our mean ± sample std over seeds (number of seeds) beside the paper's value. A cell holds only",
+        "runs of its recipe: the config the manifest's overrides compose to, compared key by key except for the keys",
+        "that do not change what is computed (`results/recipe.py`). Each row is filled under the protocol of the",
+        "paper's own code for it (the manifest says which and why); other protocols (`best_test`, `holdout_val`,",
+        "`final`) are tabulated apart, and runs that depart from the recipe are shown as variants (†) beside their",
+        "row. Neither is ever pooled with the paper's cells. CSV/LaTeX versions are in `results/tables/`, figures in",
+        "`results/figures/`.",
         "",
     ]
     for result in results.values():
         lines.append(render_markdown(result, heading_level=2))
+    variants = [o for o in off_recipe if o.kind == "variant"]
+    if variants:
+        lines += ["## Runs outside the paper recipe", "",
+                  "Tabulated as variants (†) beside their row, never in a paper cell: each with what it changed "
+                  "(the recipe's value in brackets).", ""]
+        lines += [f"- `{_display(o.path)}` (variant `{o.name}`): " + "; ".join(str(d) for d in o.diffs)
+                  for o in variants]
+        lines.append("")
     if problems:
         lines += ["## Skipped runs", ""]
         lines += [f"- `{_display(p.path)}`: {p.kind}: {p.message}" for p in problems]
@@ -113,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-readme", action="store_true")
     p.add_argument("--manifests", default=str(MANIFEST_DIR), help="folder of <table>.yaml manifests")
     p.add_argument("--paper", default=str(PAPER_DIR), help="folder of the paper's <table>.csv")
+    p.add_argument("--conf", default=str(CONF_DIR), help="the Hydra config folder the recipes are composed from")
     p.add_argument("--tables", nargs="+", choices=sorted(TABLES),
                    help="write and print only these tables (default: all); the README always shows all five")
     p.add_argument("--source", choices=("runs", "wandb"), default="runs")
@@ -133,8 +153,9 @@ def describe_row(result: TableResult, row: str) -> list[str]:
             continue
         spread = f" ± {float(cell['std']):.2f}" if cell["std"] else ""
         paper = f"paper {float(cell['paper']):.2f} (ours − paper = {float(cell['delta']):+.2f})" if cell["paper"] else "no paper value"
-        lines.append(f"{result.name} · {row} · {cell['model']} · {cell['selection']}: ours {float(cell['mean']):.2f}{spread} "
-                     f"(n={cell['n']}); {paper}")
+        variant = f" · variant {cell['variant']}" if cell["variant"] else ""
+        lines.append(f"{result.name} · {row} · {cell['model']} · {cell['selection']}{variant}: ours "
+                     f"{float(cell['mean']):.2f}{spread} (n={cell['n']}); {paper}")
     return lines
 
 
@@ -174,30 +195,38 @@ def main(argv: Sequence[str] | None = None, *, wandb_api: Any = None) -> int:
         source = "run directories below " + ", ".join(f"`{root}`" for root in args.runs)
 
     # Every table is built (cheap) so the README always shows all five; --tables limits the files written.
-    all_results, more, used = aggregate(records, manifests, paper_dir=args.paper)
+    try:
+        all_results, placement = aggregate(records, manifests, paper_dir=args.paper, conf_dir=args.conf)
+    except DuplicateRunsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     figures_dir = Path(args.figures) if args.figures else Path(args.out) / "figures"
     readme = Path(args.readme) if args.readme else Path(args.out) / "README.md"
-    problems = problems + more
+    problems = problems + placement.problems
+    used = placement.used
     results = {name: r for name, r in all_results.items() if not args.tables or name in args.tables}
 
     write_tables(results, args.out)
     figures: list[Path] = []
     if not args.no_figures:
-        from results.figures import plot_learning_curves, plot_table_vs_paper
+        from results.figures import draw_figures
 
-        for result in results.values():
-            figures += plot_table_vs_paper(result, figures_dir)
-        figures += plot_learning_curves(records, figures_dir)
+        variants = {o.path: o.variant for o in placement.observations}
+        figures = draw_figures(list(results.values()), [r for r in records if r.path in variants], figures_dir,
+                               variants)
     command = "python -m results.aggregate " + shlex.join(argv) if argv else "python -m results.aggregate"
     if not args.no_readme:
         write_text_atomic(readme, render_readme(all_results, command=command, source=source, used=used,
-                                                problems=problems))
+                                                problems=problems, off_recipe=placement.off_recipe))
 
     for name, result in results.items():
-        for sel in result.selections:
-            st = result.status(sel)
-            print(f"{name:12s} {sel:12s} {st.compared:3d} of {st.with_paper:3d} cells filled; "
+        for section in result.sections:
+            st = result.status(section)
+            print(f"{name:12s} {section.slug:15s} {st.compared:3d} of {st.with_paper:3d} cells filled; "
                   f"{st.within} within max(1 pt, paper std), {st.better} better, {st.worse} worse")
+    for off in placement.off_recipe:
+        if off.kind == "variant":
+            print(f"variant {off.name!r}: {_display(off.path)} (" + "; ".join(str(d) for d in off.diffs) + ")")
     if args.show:
         shown = [line for result in results.values() for line in describe_row(result, args.show)]
         print("\n".join(shown) if shown else f"no filled cell in row {args.show!r} yet")

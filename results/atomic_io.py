@@ -10,12 +10,28 @@ from pathlib import Path
 from typing import Any
 
 
+def umask() -> int:
+    """The process's file-creation mask: read from /proc on Linux (nothing changes), elsewhere by setting it and
+    putting it back (which another thread creating a file at that instant could see)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the same folder; on success it replaces ``path`` with ``os.replace``.
 
     The temporary file keeps ``path``'s suffix so that writers that pick a format from the suffix
-    (matplotlib's ``savefig``) still work.
+    (matplotlib's ``savefig``) still work. The published file gets the mode a plain ``open`` would give it
+    (0666 less the umask): ``mkstemp`` creates it private (0600), and colleagues on shared storage must be able to
+    read each other's runs.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +40,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~umask())
         # flush the data to disk before the rename publishes it, so a crash cannot leave an empty file behind
         with open(tmp_path, "rb") as written:
             os.fsync(written.fileno())

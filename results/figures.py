@@ -1,19 +1,22 @@
 """Figures: our numbers against the paper's per table, and learning curves per cell from each record's history.
 
 matplotlib is imported lazily (Agg backend) so that building tables does not pay for it when figures are
-switched off. Every figure is written atomically.
+switched off. Every figure is written atomically. The aggregator owns `<table>_*_vs_paper.png` and
+`curves/<table>_*.png` of the tables it draws: it redraws them from the records it used and removes the others, so
+no figure outlives the records behind it.
 """
 from __future__ import annotations
 
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from results.atomic_io import atomic_path
+from results.naming import table_of
 from results.records import Record
-from results.tables import TableResult
+from results.tables import Line, TableResult
 
 _AXIS_KEYS = ("epoch", "step")
 
@@ -31,15 +34,32 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
 
 
+def draw_figures(results: Iterable[TableResult], records: Iterable[Record], out_dir: str | Path,
+                 variants: Mapping[str, str] | None = None) -> list[Path]:
+    """Every figure of `results` (ours against the paper) and the learning curves of `records` that belong to them
+    (`variants`: each record's variant by path, "" for the recipe); stale figures of those tables are removed.
+    Returns the written paths."""
+    results, out_dir = list(results), Path(out_dir)
+    names = {r.name for r in results}
+    written = [path for result in results for path in plot_table_vs_paper(result, out_dir)]
+    written += plot_learning_curves([r for r in records if table_of(r.experiment) in names], out_dir, variants)
+    owned = [p for name in names for p in (*out_dir.glob(f"{name}_*_vs_paper.png"),
+                                           *(out_dir / "curves").glob(f"{name}_*.png"))]
+    for stale in set(owned) - set(written):
+        stale.unlink()
+    return written
+
+
 def plot_table_vs_paper(result: TableResult, out_dir: str | Path) -> list[Path]:
-    """Scatter of ours (mean ± std) against the paper's value, one figure per selection protocol.
+    """Scatter of ours (mean ± std) against the paper's value, one figure per section (the paper's protocol, then
+    each other protocol); variants are left out.
 
     Returns the written paths (none when no cell has both our value and the paper's).
     """
     written: list[Path] = []
-    for sel in result.selections:
+    for section in result.sections:
         points = [(c.paper, c.mean, c.std or 0.0, c.model) for c in
-                  (result.cells[(sel, r, m)] for r in result.scored_rows() for m in result.models)
+                  (result.cells[(section.key, Line(r), m)] for r in result.scored_rows(section) for m in result.models)
                   if c.mean is not None and c.paper is not None]
         if not points:
             continue
@@ -56,10 +76,10 @@ def plot_table_vs_paper(result: TableResult, out_dir: str | Path) -> list[Path]:
                         color="grey", alpha=0.15, label="±1 point")
         ax.set_xlabel(f"paper ({result.spec.metric_label})")
         ax.set_ylabel(f"ours ({result.spec.metric_label})")
-        ax.set_title(f"{result.spec.title}\nselection: {sel}")
+        ax.set_title(f"{result.spec.title}\n{section.title.replace('`', '')}")
         ax.legend(fontsize="small")
         fig.tight_layout()
-        path = Path(out_dir) / f"{result.name}_{sel}_vs_paper.png"
+        path = Path(out_dir) / f"{result.name}_{section.slug}_vs_paper.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120)
         plt.close(fig)
@@ -92,13 +112,16 @@ def _pick_metrics(names: Iterable[str], limit: int = 4) -> list[str]:
     return sorted(set(names))[:limit]
 
 
-def plot_learning_curves(records: Iterable[Record], out_dir: str | Path) -> list[Path]:
-    """One figure per (experiment, attention, selection): every seed's evaluation curves (`evaluation_series`)."""
-    groups: dict[tuple[str, str, str], list[tuple[int, dict]]] = defaultdict(list)
+def plot_learning_curves(records: Iterable[Record], out_dir: str | Path,
+                         variants: Mapping[str, str] | None = None) -> list[Path]:
+    """One figure per (experiment, attention, selection, variant): every seed's evaluation curves
+    (`evaluation_series`). `variants` gives each record's variant by path (default: the name it gave itself)."""
+    groups: dict[tuple[str, str, str, str], list[tuple[int, dict]]] = defaultdict(list)
     for rec in records:
-        groups[(rec.experiment, rec.attention, rec.selection)].append((rec.seed, evaluation_series(rec)))
+        variant = (variants or {}).get(rec.path, rec.variant or "")
+        groups[(rec.experiment, rec.attention, rec.selection, variant)].append((rec.seed, evaluation_series(rec)))
     written: list[Path] = []
-    for (exp, att, sel), curves in sorted(groups.items()):
+    for (exp, att, sel, variant), curves in sorted(groups.items()):
         curves.sort(key=lambda pair: pair[0])
         metrics = _pick_metrics(k for _, s in curves for k in s)
         if not metrics:
@@ -115,9 +138,10 @@ def plot_learning_curves(records: Iterable[Record], out_dir: str | Path) -> list
             ax.set_title(metric)
             ax.set_xlabel("step")
         axes[0][0].legend(fontsize="small")
-        fig.suptitle(f"{exp} · {att} · {sel}")
+        fig.suptitle(f"{exp} · {att} · {sel}" + (f" · {variant}" if variant else ""))
         fig.tight_layout()
-        path = Path(out_dir) / "curves" / f"{_slug(exp)}__{_slug(att)}__{_slug(sel)}.png"
+        name = "__".join(_slug(part) for part in (exp, att, sel, variant) if part)
+        path = Path(out_dir) / "curves" / f"{name}.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=100)
         plt.close(fig)

@@ -6,13 +6,20 @@ key may be overridden inside an ``experiments`` entry)::
 
     table: uea                      # one of results.naming.TABLES
     description: free text
-    selection: best_test            # protocol passed as `selection=` and used to group results
+    selection: best_test            # the paper's protocol (results.run_record.SELECTIONS): passed as `selection=`;
+                                    # the experiment's config defaults to the same value (a test holds them equal)
+    protocol_reason: free text      # why that is the paper's protocol (what the official code did)
     seeds: [0, 1, 2]
     attentions: [flow, softmax]     # registered names (conf/model/attention/<name>.yaml)
     metric: primary_value           # or metrics.<key>, e.g. metrics.test/acc
     scale: 1.0                      # multiply the metric (e.g. 100 when a metric is a fraction)
     overrides: []                   # pinned Hydra `key=value` overrides, passed to every run and checked
-    notes: []                       # protocol notes printed under the table in results/README.md
+    notes: []                       # protocol notes printed with the table (no numbers: they would go stale)
+    variants:                       # named departures from the recipe, tabulated beside the paper's rows
+      dt_kzl:
+        overrides: [preset=d4rl/dt_kzl]   # what the variant adds to each cell's overrides
+        attentions: [softmax]             # its model columns (default: all)
+        note: the Decision Transformer authors' own recipe
     experiments:
       - experiment: uea/JapaneseVowels
         row: JapaneseVowels         # default: results.naming.experiment_row
@@ -32,14 +39,15 @@ from typing import Any
 import yaml
 
 from results.naming import TABLES, attention_column, experiment_row
+from results.run_record import SELECTIONS
 
 MANIFEST_DIR = Path(__file__).resolve().parents[1] / "experiments" / "manifests"
-SELECTIONS = ("best_test", "holdout_val")
 
-_TOP_KEYS = {"table", "description", "selection", "seeds", "attentions", "metric", "scale", "overrides",
-             "notes", "experiments"}
-_ENTRY_KEYS = {"experiment", "row", "rows", "selection", "seeds", "attentions", "metric", "scale", "overrides",
-               "columns", "note"}
+_TOP_KEYS = {"table", "description", "selection", "protocol_reason", "seeds", "attentions", "metric", "scale",
+             "overrides", "notes", "variants", "experiments"}
+_ENTRY_KEYS = {"experiment", "row", "rows", "selection", "protocol_reason", "seeds", "attentions", "metric", "scale",
+               "overrides", "columns", "note"}
+_VARIANT_KEYS = {"overrides", "attentions", "note"}
 
 
 class ManifestError(ValueError):
@@ -66,6 +74,18 @@ class ExperimentEntry:
     selection: str
     overrides: tuple[str, ...]
     columns: dict[str, str] = field(default_factory=dict)
+    protocol_reason: str = ""
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """A named departure from the recipe: the overrides it adds to every cell, the attentions it runs (None: the
+    cell's own) and what it is."""
+
+    name: str
+    overrides: tuple[str, ...]
+    attentions: tuple[str, ...] | None = None
+    note: str = ""
 
 
 @dataclass
@@ -78,6 +98,7 @@ class Manifest:
     entries: list[ExperimentEntry]
     description: str = ""
     notes: tuple[str, ...] = ()
+    variants: dict[str, VariantSpec] = field(default_factory=dict)
 
     def entry(self, experiment: str) -> ExperimentEntry | None:
         for e in self.entries:
@@ -85,10 +106,12 @@ class Manifest:
                 return e
         return None
 
-    def model_column(self, experiment: str, attention: str) -> str:
-        """Our model column label for (experiment, attention) in this table."""
-        entry = self.entry(experiment)
-        return attention_column(self.table, attention, entry.columns if entry else None)
+    def paper_selection(self, row: str) -> str | None:
+        """The protocol of the paper's code for `row` (the selection of the experiment that fills it)."""
+        for e in self.entries:
+            if any(r.row == row for r in e.rows):
+                return e.selection
+        return None
 
     @property
     def rows(self) -> list[str]:
@@ -155,6 +178,7 @@ def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
     selection = data.get("selection", "best_test")
     if selection not in SELECTIONS:
         raise _fail(path, f"`selection` must be one of {SELECTIONS}, got {selection!r}")
+    reason = str(data.get("protocol_reason", ""))
     seeds = _seeds(path, "seeds", data.get("seeds", [0, 1, 2]))
     attentions = _str_list(path, "attentions", data.get("attentions"))
     metric = data.get("metric", "primary_value")
@@ -211,6 +235,7 @@ def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
                 selection=e_sel,
                 overrides=overrides + _str_list(path, f"{where}.overrides", raw.get("overrides")),
                 columns={str(k): str(v) for k, v in columns.items()},
+                protocol_reason=str(raw.get("protocol_reason", reason if e_sel == selection else "")),
             )
         )
     seen = [e.experiment for e in entries]
@@ -224,7 +249,27 @@ def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
         entries=entries,
         description=str(data.get("description", "")),
         notes=_str_list(path, "notes", data.get("notes")),
+        variants=_variants(path, data.get("variants")),
     )
+
+
+def _variants(path: Path, raw: Any) -> dict[str, VariantSpec]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _fail(path, "`variants` must map a variant name to {overrides, attentions, note}")
+    out = {}
+    for name, spec in raw.items():
+        where = f"variants.{name}"
+        if not isinstance(spec, dict) or not isinstance(spec.get("overrides"), list):
+            raise _fail(path, f"{where} needs `overrides: [<hydra override>, ...]`")
+        unknown = set(spec) - _VARIANT_KEYS
+        if unknown:
+            raise _fail(path, f"{where} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_VARIANT_KEYS)}")
+        attentions = _str_list(path, f"{where}.attentions", spec["attentions"]) if "attentions" in spec else None
+        out[str(name)] = VariantSpec(str(name), _str_list(path, f"{where}.overrides", spec["overrides"]), attentions,
+                                     str(spec.get("note", "")))
+    return out
 
 
 def load_manifest(path: str | Path) -> Manifest:

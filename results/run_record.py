@@ -6,7 +6,9 @@ training side and the results side can both import it without pulling each other
 """
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import types
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,9 +17,30 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from results.atomic_io import write_json_atomic
 
 METRICS_FILE = "metrics.json"
+# The selection protocols (root key `selection`; recorded in every run, never pooled in a table):
+# - best_test: the evaluations during training score the test set and the best one is reported (the paper's own
+#   protocol where its code selected on the test set);
+# - holdout_val: a validation split held out of the training data picks the checkpoint, the test set is scored once;
+# - final: the weights after the last step are scored once on the test set (evaluations during training score the
+#   held-out split, for monitoring only).
+SELECTIONS = ("best_test", "holdout_val", "final")
+
+
+def checked_selection(selection: str) -> str:
+    """`selection` if it names a protocol, else a ValueError that lists them (for datamodules and the engine)."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r}: expected one of {', '.join(SELECTIONS)} (root key `selection`)")
+    return selection
+
+
+def validates_on_test(selection: str) -> bool:
+    """Whether the evaluations during training score the test set (best_test) rather than a held-out split."""
+    return selection == "best_test"
 COMPLETE = "complete"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+# Runs that `overwrite=true` moved aside: <run_dir>/.replaced/<UTC time>/ (hidden: the aggregator does not read it)
+REPLACED_DIR = ".replaced"
 
 
 @dataclass(frozen=True)
@@ -28,7 +51,13 @@ class RunRecord:
     Result: ``primary_metric`` and ``primary_value`` (in the paper's unit: accuracy in %, perplexity as is, D4RL
     score x100), ``metrics`` (every final metric), ``history`` (every evaluation). Provenance: ``timing``,
     ``data`` (what the datamodule read), ``git_sha``, ``versions``, ``started_at``/``finished_at``, ``status``,
-    ``run_dir`` and the resolved ``config``.
+    ``run_dir`` and the resolved ``config``. Recipe: ``variant`` (a named departure from the paper recipe, None for
+    the recipe itself), ``recipe_sha`` (the fingerprint of the config's science part, ``results.recipe``),
+    ``world_size`` (processes that shared the global batch) and ``tested`` (which checkpoint the test scored:
+    ``{"checkpoint": "best" | "last", "step": ..., "epoch": ...}``).
+
+    Paths are portable (``results.portable_paths``): ``run_dir`` is relative to the runs root, and paths in
+    ``config`` and ``data`` start with ``$RUNS_DIR``, ``$DATA_DIR`` or ``<package>:`` where they lie below one.
     """
 
     experiment: str
@@ -50,6 +79,10 @@ class RunRecord:
     timing: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     run_dir: str | None = None
+    variant: str | None = None
+    recipe_sha: str | None = None
+    world_size: int | None = None
+    tested: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +124,8 @@ def validate_record(data: Any) -> tuple[str, list[str]]:
     value = data.get("primary_value")
     if isinstance(value, float) and not math.isfinite(value):
         errors.append(f"`primary_value` is {value!r}, expected a finite number")
+    if isinstance(data.get("selection"), str) and data["selection"] not in SELECTIONS:
+        errors.append(f"`selection` is {data['selection']!r}, expected one of {SELECTIONS}")
     if errors:
         return "malformed", errors
     missing = [name for name in REQUIRED_FIELDS if name not in data]
@@ -112,22 +147,53 @@ def write_record(run_dir: str | Path, record: RunRecord) -> Path:
 
 # ------------------------------------------------------------------------------------ run-directory layout
 
-def run_subdir(experiment: str, attention: str, selection: str, seed: int | str) -> str:
+def run_subdir(experiment: str, attention: str, selection: str, seed: int | str, variant: str | None = None) -> str:
     """The deterministic run directory of a cell, relative to the runs root:
-    ``<experiment>/<attention>/<selection>/seed<seed>`` (the experiment name has its own ``/``).
+    ``<experiment>/<attention>/<selection>/seed<seed>`` for the paper recipe (the experiment name has its own ``/``),
+    ``<experiment>/<attention>/<selection>/<variant>/seed<seed>`` for a named variant of it.
 
     Hydra's ``hydra.run.dir`` and multirun ``subdir`` (``conf/hydra/default.yaml``, through the ``run_subdir``
     resolver), the reproduction planner and the aggregator's layout check all use this function.
     """
-    return f"{experiment}/{attention}/{selection}/seed{seed}"
+    variant_part = f"{variant_folder(variant)}/" if variant else ""
+    return f"{experiment}/{attention}/{selection}/{variant_part}seed{seed}"
 
 
-def run_dir_of(runs_dir: str | Path, experiment: str, attention: str, selection: str, seed: int) -> Path:
+def variant_folder(variant: str) -> str:
+    """A variant's name as one folder name (a ``/`` in it becomes ``_``)."""
+    return str(variant).replace("/", "_")
+
+
+def run_dir_of(runs_dir: str | Path, experiment: str, attention: str, selection: str, seed: int,
+               variant: str | None = None) -> Path:
     """The run directory of a cell under ``runs_dir``."""
-    return Path(runs_dir) / run_subdir(experiment, attention, selection, seed)
+    return Path(runs_dir) / run_subdir(experiment, attention, selection, seed, variant)
 
 
 def last_checkpoint(run_dir: str | Path) -> Path:
     """``<run_dir>/checkpoints/last.ckpt``: what ``resume=true`` continues from."""
     return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
 
+
+
+def complete_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """The record of the finished run in `run_dir` (a valid metrics.json whose status is complete), else None."""
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if validate_record(data) == ("", []) else None
+
+
+def move_aside(run_dir: str | Path, stamp: str, keep: tuple[str, ...] = ()) -> Path:
+    """Move everything in `run_dir` except the names in `keep` into `<run_dir>/.replaced/<stamp>/`; return it.
+
+    Nothing is deleted: the old run stays readable there (and out of the tables)."""
+    run_dir = Path(run_dir)
+    target = run_dir / REPLACED_DIR / stamp.replace(":", "")
+    target.mkdir(parents=True, exist_ok=False)
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name not in (REPLACED_DIR, *keep):
+            shutil.move(str(entry), str(target / entry.name))
+    return target

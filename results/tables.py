@@ -1,13 +1,19 @@
-"""Group run records into the paper's tables and render them (long CSV, wide Markdown, LaTeX).
+"""Group the observations of a paper table into cells and render them (long CSV, wide Markdown, LaTeX).
 
-Arithmetic, all per (table, row, model, selection); different selection protocols are never pooled:
+A table has sections. The **paper-protocol** section fills every row under the selection protocol of the paper's
+own code for that row (the manifest's `selection`, with its reason); a section per **other protocol** holds the
+rows that also have runs under it. Protocols are never pooled. Within a section, a **variant** of a row (a run
+that departs from the recipe, `results.cells`) gets its own line beside the row, with the paper's value for
+reference; variants never enter a status count or an average.
+
+Arithmetic, per (section, row, variant, model):
 - ``mean`` over seeds, ``std`` the sample std (ddof=1; None when n = 1), ``delta = mean - paper``.
-- An average (the paper's "Avg" row) is computed for a model only when every paper row of that column has
-  a result; otherwise it is shown as missing with the number of rows present. Rows outside the paper never
-  enter an average. The average's ``std`` is the mean of the per-row stds, which is how the paper's D4RL
-  table computes its "±" (results/paper/official_code.md §9).
-- A cell is "within" the paper when |mean - paper| <= max(1 point, the paper's std); beyond that it is
-  "better" or "worse" according to the table's direction (perplexity: lower is better).
+- An average (the paper's "Avg" row) is computed for a model only when every paper row of that column has a
+  result in the section; otherwise it is shown as missing with the number of rows present. The average's ``std`` is
+  the mean of the per-row stds, which is how the paper's D4RL table computes its "±" (results/paper/official_code.md
+  §9).
+- A cell is "within" the paper when |mean - paper| <= max(1 point, the paper's std); beyond that it is "better"
+  or "worse" according to the table's direction (perplexity: lower is better).
 """
 from __future__ import annotations
 
@@ -17,28 +23,16 @@ from statistics import fmean
 
 import pandas as pd
 
-from results.manifest import Manifest, RowSpec
-from results.naming import TABLES, attention_column, experiment_row, paper_column, table_of
+from results.cells import RECIPE, Observation
+from results.manifest import Manifest
+from results.naming import paper_column
 from results.paper_tables import AverageCheck, PaperTable
-from results.records import Problem, Record, check_config, metric_value
+from results.run_record import SELECTIONS
 
 MISSING = "—"
-CSV_COLUMNS = ("table", "row", "model", "selection", "n", "mean", "std", "paper", "delta")
+CSV_COLUMNS = ("table", "row", "variant", "model", "selection", "protocol", "n", "mean", "std", "paper", "delta")
 WITHIN_POINTS = 1.0
-
-
-@dataclass(frozen=True)
-class Observation:
-    """One number for one table cell from one run (seed)."""
-
-    table: str
-    row: str
-    model: str
-    selection: str
-    seed: int
-    value: float
-    path: str
-    finished_at: str = ""
+PAPER_SECTION = "paper"
 
 
 def summarize(values: pd.Series | Iterable[float]) -> tuple[int, float | None, float | None]:
@@ -50,71 +44,24 @@ def summarize(values: pd.Series | Iterable[float]) -> tuple[int, float | None, f
     return n, float(values.mean()), (float(values.std(ddof=1)) if n > 1 else None)
 
 
-def cell_statistics(observations: Iterable[Observation]) -> dict[tuple[str, str, str], tuple]:
-    """{(selection, row, model): (n, mean, std)} over the observations' seeds."""
+def cell_statistics(observations: Iterable[Observation]) -> dict[tuple[str, str, str, str], tuple]:
+    """{(selection, row, variant, model): (n, mean, std)} over the observations' seeds."""
     frame = pd.DataFrame([asdict(o) for o in observations], columns=list(Observation.__dataclass_fields__))
-    return {key: summarize(group) for key, group in frame.groupby(["selection", "row", "model"])["value"]}
+    keys = ["selection", "row", "variant", "model"]
+    return {key: summarize(group) for key, group in frame.groupby(keys)["value"]}
 
 
-def observations_from_records(
-    records: Iterable[Record], manifests: dict[str, Manifest]
-) -> tuple[list[Observation], list[Problem]]:
-    """Map each record onto its table cells (one per manifest row it fills), reporting what cannot be used.
+@dataclass(frozen=True)
+class Line:
+    """One line of a section: a paper row, or a variant of it (`variant` non-empty)."""
 
-    A record whose config differs from its manifest cell is reported as ``mismatch`` and skipped. When two
-    records give the same (table, row, model, selection, seed), the later ``finished_at`` wins and the other
-    is reported as ``duplicate``.
-    """
-    problems: list[Problem] = []
-    chosen: dict[tuple, Observation] = {}
-    for rec in records:
-        exp = rec.experiment
-        table = table_of(exp)
-        if table is None:
-            problems.append(Problem(rec.path, "unknown", f"experiment {exp!r} belongs to no paper table "
-                                    f"(known domains: {', '.join(sorted(TABLES))})"))
-            continue
-        manifest = manifests.get(table)
-        entry = manifest.entry(exp) if manifest else None
-        diffs = check_config(rec, entry)
-        if diffs:
-            where = f" (manifest {manifest.path})" if manifest else ""
-            problems.append(Problem(rec.path, "mismatch", f"config is not the recipe of its cell{where}: "
-                                    + "; ".join(diffs)))
-            continue
-        if entry is not None:
-            row_specs = entry.rows
-        else:
-            row = experiment_row(exp)
-            if row is None:
-                problems.append(Problem(rec.path, "unknown", f"{exp!r} is no cell of the {table} table, so it stays "
-                                        f"out of it (a run on stand-in data, say); to make it one, give it a "
-                                        f"`row: <paper row label>` in experiments/manifests/{table}.yaml"))
-                continue
-            row_specs = (RowSpec(row),)
-        model = attention_column(table, rec.attention, entry.columns if entry else None)
-        for spec in row_specs:
-            value = metric_value(rec.data, spec.metric)
-            if value is None:
-                problems.append(Problem(rec.path, "missing-metric", f"no finite number at `{spec.metric}` "
-                                        f"(it fills row {spec.row!r} of table {table})"))
-                continue
-            obs = Observation(table, spec.row, model, rec.selection, rec.seed, value * spec.scale, rec.path,
-                              str(rec.data.get("finished_at", "")))
-            key = (table, spec.row, model, rec.selection, rec.seed)
-            old = chosen.get(key)
-            if old is None:
-                chosen[key] = obs
-                continue
-            keep, drop = (obs, old) if obs.finished_at > old.finished_at else (old, obs)
-            chosen[key] = keep
-            problems.append(Problem(drop.path, "duplicate", f"same cell {key[1:]} as {keep.path} (newer, kept)"))
-    return list(chosen.values()), problems
+    row: str
+    variant: str = RECIPE
 
 
 @dataclass
 class Cell:
-    """Our statistics for one (selection, row, model) beside the paper's value."""
+    """Our statistics for one (section, line, model) beside the paper's value."""
 
     row: str
     model: str
@@ -127,6 +74,7 @@ class Cell:
     paper_text: str = ""
     paper_std_text: str = ""
     expected: bool = False
+    variant: str = RECIPE
 
     @property
     def delta(self) -> float | None:
@@ -138,7 +86,7 @@ class Average:
     """Our average of one model column (None unless every averaged row is present) beside the paper's."""
 
     model: str
-    selection: str
+    section: str
     mean: float | None
     std: float | None
     n: int
@@ -160,7 +108,7 @@ class Average:
 
 @dataclass
 class Status:
-    """How our cells compare with the paper's, for one selection protocol."""
+    """How our cells compare with the paper's, for one section (variants are not counted)."""
 
     within: int = 0
     better: int = 0
@@ -178,35 +126,58 @@ class Status:
 
 
 @dataclass
+class Section:
+    """The paper-protocol section (key "paper") or another protocol's (key: that selection)."""
+
+    key: str
+    lines: list[Line]
+    selection_of: dict[str, str]  # row -> the selection its cells come from
+
+    @property
+    def is_paper(self) -> bool:
+        return self.key == PAPER_SECTION
+
+    @property
+    def rows(self) -> list[str]:
+        return [line.row for line in self.lines if line.variant == RECIPE]
+
+    @property
+    def title(self) -> str:
+        return "Paper protocol" if self.is_paper else f"Selection `{self.key}` (not the paper's protocol)"
+
+    @property
+    def slug(self) -> str:
+        return "paper_protocol" if self.is_paper else self.key
+
+
+@dataclass
 class TableResult:
     """Everything needed to render one table."""
 
     name: str
     paper: PaperTable
     manifest: Manifest | None
-    selections: list[str]
-    rows: list[str]
+    sections: list[Section]
     models: list[str]
-    cells: dict[tuple[str, str, str], Cell]
+    cells: dict[tuple[str, Line, str], Cell]
     averages: dict[tuple[str, str], Average] = field(default_factory=dict)
 
     @property
     def spec(self):
         return self.paper.spec
 
-    def extra_rows(self) -> list[str]:
-        """Rows we have that the paper does not (not averaged, no paper value)."""
-        return [r for r in self.rows if r not in self.paper.rows]
+    def section(self, key: str) -> Section | None:
+        return next((s for s in self.sections if s.key == key), None)
 
-    def scored_rows(self) -> list[str]:
+    def scored_rows(self, section: Section) -> list[str]:
         """Rows whose values are compared with the paper's (not the descriptive ones, such as model size)."""
-        return [r for r in self.rows if r not in self.spec.descriptive_rows]
+        return [r for r in section.rows if r not in self.spec.descriptive_rows]
 
-    def status(self, selection: str) -> Status:
+    def status(self, section: Section) -> Status:
         st = Status()
-        for row in self.scored_rows():
+        for row in self.scored_rows(section):
             for model in self.models:
-                c = self.cells[(selection, row, model)]
+                c = self.cells[(section.key, Line(row), model)]
                 if c.paper is None:
                     st.no_paper += c.mean is not None
                     continue
@@ -255,50 +226,76 @@ def _ordered_union(*seqs: Iterable[str]) -> list[str]:
     return out
 
 
+def _lines(rows: list[str], selection_of: dict[str, str], observations: list[Observation]) -> list[Line]:
+    """Each row, followed by its variants that have runs under the row's selection in this section."""
+    lines = []
+    for row in rows:
+        lines.append(Line(row))
+        variants = sorted({o.variant for o in observations
+                           if o.row == row and o.variant != RECIPE and o.selection == selection_of[row]})
+        lines += [Line(row, v) for v in variants]
+    return lines
+
+
+def _sections(rows: list[str], paper_selection: dict[str, str], observations: list[Observation]) -> list[Section]:
+    """The paper-protocol section, then one per other protocol with runs (holding the rows it is not the paper's
+    protocol of)."""
+    sections = [Section(PAPER_SECTION, _lines(rows, paper_selection, observations), dict(paper_selection))]
+    found = {o.selection for o in observations}
+    for sel in [s for s in SELECTIONS if s in found] + sorted(found - set(SELECTIONS)):
+        other_rows = [r for r in rows if paper_selection[r] != sel]
+        if not any(o.selection == sel and o.row in other_rows for o in observations):
+            continue
+        selection_of = {r: sel for r in other_rows}
+        sections.append(Section(sel, _lines(other_rows, selection_of, observations), selection_of))
+    return sections
+
+
 def build_table(name: str, paper: PaperTable, manifest: Manifest | None,
                 observations: Iterable[Observation]) -> TableResult:
-    """Group the observations of table ``name`` into cells and averages.
+    """Group the observations of table ``name`` into sections, cells and averages.
 
-    Rows: the manifest's rows (else the paper's numeric rows), then any other rows found in runs. Models:
-    the manifest's model columns, then any other found in runs. Selections: the manifest's, then any other
-    found in runs (each rendered as its own table).
+    Rows: the manifest's rows (else the paper's numeric rows). Models: the manifest's model columns, then any other
+    found in runs.
     """
     obs = [o for o in observations if o.table == name]
-    m_rows = manifest.rows if manifest else paper.numeric_rows
-    m_models = manifest.models if manifest else []
-    m_sels = [s for s, _, _ in manifest.expected_cells()] if manifest else []
-    rows = _ordered_union(m_rows, (o.row for o in obs))
-    models = _ordered_union(m_models, (o.model for o in obs))
-    selections = _ordered_union(m_sels, sorted({o.selection for o in obs}))
-    expected = set(manifest.expected_cells()) if manifest else set()
-
+    rows = manifest.rows if manifest else paper.numeric_rows
+    paper_selection = {r: (manifest.paper_selection(r) if manifest else None) or "best_test" for r in rows}
+    models = _ordered_union(manifest.models if manifest else [], (o.model for o in obs))
+    expected = {(row, model) for _, row, model in manifest.expected_cells()} if manifest else set()
     statistics = cell_statistics(obs)
+    sections = _sections(rows, paper_selection, obs)
 
-    cells: dict[tuple[str, str, str], Cell] = {}
-    for sel in selections:
-        for row in rows:
+    cells: dict[tuple[str, Line, str], Cell] = {}
+    for section in sections:
+        for line in section.lines:
+            sel = section.selection_of[line.row]
             for model in models:
-                n, mean, std = statistics.get((sel, row, model), (0, None, None))
+                n, mean, std = statistics.get((sel, line.row, line.variant, model), (0, None, None))
                 col = paper_column(name, model, paper.models)
-                cells[(sel, row, model)] = Cell(
-                    row=row, model=model, selection=sel, n=n, mean=mean, std=std,
-                    paper=paper.value(row, col), paper_std=paper.std(row, col),
-                    paper_text=paper.text(row, col), paper_std_text=paper.std_texts.get((row, col), ""),
-                    expected=(sel, row, model) in expected,
+                cells[(section.key, line, model)] = Cell(
+                    row=line.row, model=model, selection=sel, n=n, mean=mean, std=std,
+                    paper=paper.value(line.row, col), paper_std=paper.std(line.row, col),
+                    paper_text=paper.text(line.row, col), paper_std_text=paper.std_texts.get((line.row, col), ""),
+                    expected=section.is_paper and line.variant == RECIPE and (line.row, model) in expected,
+                    variant=line.variant,
                 )
-    result = TableResult(name, paper, manifest, selections, rows, models, cells)
+    result = TableResult(name, paper, manifest, sections, models, cells)
 
     avg_label = paper.spec.average_row
     if avg_label is not None:
         needed = paper.rows
-        for sel in selections:
+        for section in sections:
+            if not set(needed) <= set(section.rows):
+                continue  # another protocol that is not every row's alternative: no average to compare
             for model in models:
                 col = paper_column(name, model, paper.models)
-                done = [cells[(sel, r, model)] for r in needed if (sel, r, model) in cells and cells[(sel, r, model)].n]
+                done = [cells[(section.key, Line(r), model)] for r in needed
+                        if (section.key, Line(r), model) in cells and cells[(section.key, Line(r), model)].n]
                 complete = len(done) == len(needed)
                 stds = [c.std for c in done]
-                result.averages[(sel, model)] = Average(
-                    model=model, selection=sel,
+                result.averages[(section.key, model)] = Average(
+                    model=model, section=section.key,
                     mean=fmean(c.mean for c in done) if complete else None,
                     std=fmean(stds) if complete and all(s is not None for s in stds) else None,
                     n=min(c.n for c in done) if complete else 0,
@@ -318,18 +315,23 @@ def _num(x: float | None) -> float | None:
 
 
 def render_csv(result: TableResult) -> str:
-    """Long format: one line per cell that has runs or that the manifest asks for, then complete averages."""
+    """Long format: one line per cell that has runs or that the manifest asks for, then complete averages.
+    `protocol` says whether the line's selection is the paper's protocol for its row or another one."""
     lines = []
-    for sel in result.selections:
-        for row in result.rows:
+    for section in result.sections:
+        protocol = "paper" if section.is_paper else "other"
+        for line in section.lines:
             for model in result.models:
-                c = result.cells[(sel, row, model)]
+                c = result.cells[(section.key, line, model)]
                 if c.n or c.expected:
-                    lines.append((result.name, row, model, sel, c.n, c.mean, c.std, c.paper, c.delta))
+                    lines.append((result.name, line.row, line.variant, model, c.selection, protocol, c.n, c.mean,
+                                  c.std, c.paper, c.delta))
         for model in result.models:
-            a = result.averages.get((sel, model))
+            a = result.averages.get((section.key, model))
             if a is not None and a.complete:
-                lines.append((result.name, result.spec.average_row, model, sel, a.n, a.mean, a.std, a.paper, a.delta))
+                selection = "/".join(sorted(set(section.selection_of.values())))
+                lines.append((result.name, result.spec.average_row, RECIPE, model, selection, protocol, a.n, a.mean,
+                              a.std, a.paper, a.delta))
     frame = pd.DataFrame(lines, columns=CSV_COLUMNS).astype({"n": int})
     for column in ("mean", "std", "paper", "delta"):
         frame[column] = [_num(x) for x in frame[column]]
@@ -348,50 +350,76 @@ def _paper_cell(text: str, std_text: str) -> str:
     return f"{text} ± {std_text}" if std_text else text
 
 
-def _row_label(result: TableResult, row: str) -> str:
-    label = row.replace("/", " / ") if len(result.spec.key_columns) > 1 else row
-    extra = row not in result.paper.rows and row != result.spec.average_row
-    return f"{label} *" if extra else label
+def _line_label(result: TableResult, line: Line) -> str:
+    label = line.row.replace("/", " / ") if len(result.spec.key_columns) > 1 else line.row
+    if line.variant:
+        return f"{label} † {line.variant}"
+    return f"{label} *" if line.row not in result.paper.rows else label
 
 
-def _status_line(result: TableResult, sel: str) -> str:
-    st = result.status(sel)
+def _status_line(result: TableResult, section: Section) -> str:
+    st = result.status(section)
     direction = "lower" if result.spec.lower_is_better else "higher"
-    line = (f"**Status ({sel}):** {st.within} of {st.with_paper} cells within max(1 point, paper std) of the "
-            f"paper; {st.better} better ({direction}) and {st.worse} worse beyond that; {st.missing} missing.")
+    line = (f"**Status ({section.slug.replace('_', ' ')}):** {st.within} of {st.with_paper} cells within "
+            f"max(1 point, paper std) of the paper; {st.better} better ({direction}) and {st.worse} worse beyond "
+            f"that; {st.missing} missing.")
     if st.no_paper:
         line += f" Our cells without a paper value: {st.no_paper}."
     return line
 
 
-def display_frame(result: TableResult, sel: str, marks: dict[str, list[int]] | None = None) -> pd.DataFrame:
-    """The wide table of one selection protocol as display strings: a row per paper row (then the average row),
+def protocol_line(result: TableResult, section: Section) -> str:
+    """Which protocol each row of the section used (and, in the paper's section, why it is the paper's)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for row in section.rows:
+        reason = _reason(result.manifest, row) if section.is_paper else ""
+        groups.setdefault((section.selection_of[row], reason), []).append(row)
+    parts = []
+    for (sel, reason), rows in groups.items():
+        where = "every row" if len(groups) == 1 else ", ".join(rows)
+        parts.append(f"`{sel}` for {where}" + (f" ({reason})" if reason else ""))
+    return "**Protocol:** " + "; ".join(parts) + "."
+
+
+def _reason(manifest: Manifest | None, row: str) -> str:
+    if manifest is None:
+        return ""
+    entry = next((e for e in manifest.entries if any(r.row == row for r in e.rows)), None)
+    return entry.protocol_reason.rstrip(".") if entry else ""
+
+
+def display_frame(result: TableResult, section: Section, marks: dict[str, list[int]] | None = None) -> pd.DataFrame:
+    """The wide table of one section as display strings: a line per row and variant (then the average row),
     columns (row header, "") and (model, "ours" | "paper"). `marks` adds footnote numbers to paper averages."""
     spec, marks = result.spec, marks or {}
     columns = [(spec.row_header, "")] + [(m, side) for m in result.models for side in ("ours", "paper")]
     lines = []
-    for row in result.rows:
-        line = [_row_label(result, row)]
+    for line in section.lines:
+        cells = [_line_label(result, line)]
         for m in result.models:
-            c = result.cells[(sel, row, m)]
-            line += [_ours(c.mean, c.std, c.n), _paper_cell(c.paper_text, c.paper_std_text)]
-        lines.append(line)
-    if spec.average_row is not None:
-        line = [_row_label(result, spec.average_row)]
+            c = result.cells[(section.key, line, m)]
+            cells += [_ours(c.mean, c.std, c.n), _paper_cell(c.paper_text, c.paper_std_text)]
+        lines.append(cells)
+    if _has_average(result, section):
+        cells = [spec.average_row]
         for m in result.models:
-            a = result.averages[(sel, m)]
+            a = result.averages[(section.key, m)]
             ours = (_ours(a.mean, a.std if a.paper_std_text else None, a.n) if a.complete
                     else f"{MISSING} ({a.rows_done}/{a.rows_needed} rows)")
             paper = _paper_cell(a.paper_text, a.paper_std_text)
             if m in marks and a.paper_text:
                 paper += " " + "".join(f"[{i}]" for i in marks[m])
-            line += [ours, paper]
-        lines.append(line)
+            cells += [ours, paper]
+        lines.append(cells)
     return pd.DataFrame(lines, columns=pd.MultiIndex.from_tuples(columns))
 
 
+def _has_average(result: TableResult, section: Section) -> bool:
+    return any((section.key, m) in result.averages for m in result.models)
+
+
 def render_markdown(result: TableResult, heading_level: int = 2) -> str:
-    """Wide table per selection protocol: our mean ± std (n) beside the paper's value for every model."""
+    """A wide table per section: our mean ± std (n) beside the paper's value for every model."""
     spec = result.spec
     h = "#" * heading_level
     arrow = "↓ lower is better" if spec.lower_is_better else "↑ higher is better"
@@ -406,10 +434,10 @@ def render_markdown(result: TableResult, heading_level: int = 2) -> str:
 
     if result.manifest is not None and result.manifest.notes:
         lines += [" ".join(result.manifest.notes), ""]
-    for sel in result.selections:
-        lines += [f"{h}# Selection `{sel}`", "", _status_line(result, sel), ""]
-        frame = display_frame(result, sel, marks)
-        if spec.average_row is not None:
+    for section in result.sections:
+        lines += [f"{h}# {section.title}", "", protocol_line(result, section), "", _status_line(result, section), ""]
+        frame = display_frame(result, section, marks)
+        if _has_average(result, section):
             frame.iloc[-1, 0] = f"**{frame.iloc[-1, 0]}**"
         frame.columns = [side and f"{model} ({side})" or model for model, side in frame.columns]
         align = ["left"] + ["right"] * (frame.shape[1] - 1)
@@ -425,7 +453,10 @@ def render_markdown(result: TableResult, heading_level: int = 2) -> str:
         col = paper_column(result.name, m, result.paper.models)
         if col and col != m:
             legend.append(f"\"{m} (paper)\" shows the paper's {col} column, which that code produced.")
-    if result.extra_rows():
+    if any(line.variant for section in result.sections for line in section.lines):
+        legend.append("† a variant of the row's recipe (named, or by the keys it changed; results/README.md lists "
+                      "them): shown beside the paper's value, never counted in the status or an average.")
+    if any(r not in result.paper.rows for section in result.sections for r in section.rows):
         legend.append("\\* not in the paper; no paper value and not part of any average.")
     if spec.descriptive_rows:
         legend.append(f"Rows {', '.join(spec.descriptive_rows)} describe the models and are not compared.")
@@ -439,21 +470,22 @@ def render_markdown(result: TableResult, heading_level: int = 2) -> str:
 
 
 # the caption is plain text that Styler passes through as LaTeX; titles and labels hold these specials
-_CAPTION_ESCAPES = str.maketrans({"%": r"\%", "_": r"\_", "&": r"\&", "#": r"\#"})
+_CAPTION_ESCAPES = str.maketrans({"%": r"\%", "_": r"\_", "&": r"\&", "#": r"\#", "`": ""})
 
 
 def render_tex(result: TableResult) -> str:
-    """A booktabs ``table`` per selection protocol: ours and the paper's value side by side per model."""
+    """A booktabs ``table`` per section: ours and the paper's value side by side per model."""
     spec = result.spec
     out = [f"% Generated by results/aggregate.py for table {result.name}; do not edit by hand.",
            "% Needs \\usepackage{booktabs}."]
-    for sel in result.selections:
-        caption = (f"{spec.title}, {spec.metric_label} (selection: {sel}). "
+    for section in result.sections:
+        protocols = ", ".join(sorted(set(section.selection_of.values())))
+        caption = (f"{spec.title}, {spec.metric_label} ({section.title}: {protocols}). "
                    "Ours: mean ± sample std over seeds (number of seeds).")
-        styler = display_frame(result, sel).style.hide(axis="index").format(escape="latex")
+        styler = display_frame(result, section).style.hide(axis="index").format(escape="latex")
         latex = styler.format_index(escape="latex", axis=1).to_latex(
             caption=caption.translate(_CAPTION_ESCAPES), position="t", position_float="centering", hrules=True,
             column_format="l" + "rr" * len(result.models), multicol_align="c",
         )
-        out.append(latex.replace("±", "$\\pm$").replace(MISSING, "--"))
+        out.append(latex.replace("±", "$\\pm$").replace(MISSING, "--").replace("†", "$\\dagger$"))
     return "\n".join(out)

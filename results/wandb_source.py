@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from results.records import Problem, Record, config_get
+from results.records import Problem, Record
 from results.run_record import validate_record
 
 
@@ -38,6 +38,28 @@ def _plain(obj: Any) -> dict[str, Any]:
     return {k: _unwrap(obj[k]) for k in obj.keys()}
 
 
+def nested(config: dict[str, Any]) -> dict[str, Any]:
+    """A W&B config as the nested resolved config a metrics.json holds: keys flattened with ``/`` (or ``.`` for
+    nested groups logged flat) are split back into dicts, so the recipe check reads both forms alike."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        parts = str(key).replace("/", ".").split(".") if "/" in str(key) else [str(key)]
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = nested(value) if isinstance(value, dict) else value
+    return out
+
+
+def _get(config: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
 def _run_path(run: Any, project: str) -> str:
     path = getattr(run, "path", None)
     if isinstance(path, (list, tuple)) and path:
@@ -50,12 +72,12 @@ def run_to_metrics(run: Any) -> dict[str, Any]:
 
     Fields that cannot be found are left out, so that :func:`results.records.validate_record` reports them.
     """
-    config = _plain(getattr(run, "config", None))
+    config = nested(_plain(getattr(run, "config", None)))
     summary = _plain(getattr(run, "summary", None))
     out: dict[str, Any] = {}
 
     def from_config(field: str, key: str) -> None:
-        found, value = config_get(config, key)
+        found, value = _get(config, key)
         if found:
             out[field] = value
 
@@ -75,7 +97,7 @@ def run_to_metrics(run: Any) -> dict[str, Any]:
     if value is not None:
         out["primary_value"] = value
     out["metrics"] = {k: v for k, v in summary.items()
-                      if not k.startswith("_") and isinstance(v, (int, float)) and not isinstance(v, bool)
+                      if not k.startswith("_") and k != "world_size" and isinstance(v, (int, float)) and not isinstance(v, bool)
                       and math.isfinite(v)}
     out["git_sha"] = getattr(run, "commit", None) or config.get("git_sha")
     out["versions"] = config.get("versions") if isinstance(config.get("versions"), dict) else {}
@@ -84,6 +106,9 @@ def run_to_metrics(run: Any) -> dict[str, Any]:
     state = getattr(run, "state", None)
     out["status"] = "complete" if state == "finished" else str(state)
     out["config"] = config
+    for key in ("variant", "recipe_sha", "world_size"):  # what experiments.train puts in the summary
+        if summary.get(key) is not None:
+            out[key] = summary[key]
     return out
 
 
@@ -130,7 +155,5 @@ def fetch_records(project: str, *, entity: str | None = None, group: str | None 
         if errors:
             problems.append(Problem(where, kind, "; ".join(errors)))
             continue
-        records.append(Record(data=data, path=where, run_dir=None, source="wandb",
-                              extra={"name": getattr(run, "name", None), "group": getattr(run, "group", None),
-                                     "tags": sorted(run_tags)}))
+        records.append(Record(data=data, path=where, run_dir=None))
     return records, problems

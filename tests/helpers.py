@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from results import aggregate
+from results.run_record import run_subdir
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -29,10 +30,15 @@ TINY_UEA = [
 ]
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    from experiments import resolvers
+# The test harness's callbacks (a simulated kill, poisoned weights, a slow batch) are not part of the recipe that a
+# resume checks against the run's recipe.json: a killed run resumes without the callback that killed it.
+HARNESS = "non_science=[callbacks.kill*,callbacks.poison*,callbacks.slow*]"
 
-    resolvers.register()
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    from results.recipe import register_resolvers
+
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
@@ -131,24 +137,45 @@ def gradients(fn, inputs, weights):
 REPO_MANIFESTS = Path(__file__).resolve().parents[1] / "experiments" / "manifests"
 
 
+def deep_update(base: dict, changes: dict) -> dict:
+    """`base` with `changes` merged in, nested dicts key by key (a copy)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def recipe_config(experiment: str, attention: str, seed: int, selection: str, changes: dict | None = None) -> dict:
+    """The resolved config a run of the cell's recipe records (composed from the repository's conf/, as the
+    aggregator and the planner compose it), with `changes` merged in; a minimal config for an experiment that has
+    no config file."""
+    from results.recipe import expected_config, recipe_overrides
+
+    if (CONF_DIR / "experiment" / f"{experiment}.yaml").is_file():
+        cfg = expected_config(recipe_overrides(experiment, attention, seed, selection))
+    else:
+        cfg = {"experiment_name": experiment, "task_name": experiment.split("/")[0], "seed": seed,
+               "selection": selection, "model": {"attention": {"name": attention}}, "trainer": {"max_epochs": 100}}
+    return deep_update(cfg, changes or {})
+
+
 def write_run(root: Path, experiment: str, attention: str, seed: int, value: float, *, selection: str = "best_test",
               status: str = "complete", config: dict | None = None, metrics: dict | None = None,
               finished_at: str = "2025-01-01T01:00:00", run_dir: Path | None = None,
-              drop: tuple[str, ...] = (), history: list[dict] | None = None) -> Path:
-    """Write one metrics.json following the run contract; return its path."""
-    cfg = {"experiment_name": experiment, "task_name": experiment.split("/")[0], "seed": seed,
-           "selection": selection, "model": {"attention": {"name": attention}}, "trainer": {"max_epochs": 100}}
-    cfg.update(config or {})
+              drop: tuple[str, ...] = (), history: list[dict] | None = None, variant: str | None = None) -> Path:
+    """Write one metrics.json following the run contract, its config the cell's recipe with `config` merged in;
+    return its path."""
+    cfg = recipe_config(experiment, attention, seed, selection, {**(config or {}), "variant": variant})
     data = {
         "experiment": experiment, "task": experiment.split("/")[0], "dataset": experiment.split("/")[-1],
         "attention": attention, "seed": seed, "selection": selection, "primary_metric": "test/acc",
         "primary_value": value, "metrics": metrics if metrics is not None else {"test/acc": value / 100},
         "git_sha": "0" * 40, "versions": {"torch": "2"}, "started_at": "2025-01-01T00:00:00",
-        "finished_at": finished_at, "status": status, "config": cfg, "history": history or [],
+        "finished_at": finished_at, "status": status, "config": cfg, "history": history or [], "variant": variant,
     }
     for key in drop:
         data.pop(key)
-    d = run_dir or root / experiment / attention / selection / f"seed{seed}"
+    d = run_dir or root / run_subdir(experiment, attention, selection, seed, variant)
     d.mkdir(parents=True, exist_ok=True)
     (d / "metrics.json").write_text(json.dumps(data))
     return d / "metrics.json"
@@ -169,8 +196,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def csv_row(rows, row, model, selection="best_test"):
-    hits = [r for r in rows if r["row"] == row and r["model"] == model and r["selection"] == selection]
+def csv_row(rows, row, model, selection="best_test", variant=""):
+    hits = [r for r in rows if r["row"] == row and r["model"] == model and r["selection"] == selection
+            and r["variant"] == variant]
     assert len(hits) == 1, (row, model, selection, hits)
     return hits[0]
 

@@ -15,7 +15,17 @@ from results.manifest import load_manifests
 from results.naming import experiment_row, paper_column
 from results.paper_tables import load_paper_table
 from results.tables import classify, summarize
-from tests.helpers import REPO_MANIFESTS, csv_row, md_line, md_lines, md_rows, read_csv, run_cli, write_run
+from tests.helpers import (
+    REPO_MANIFESTS,
+    csv_row,
+    md_line,
+    md_lines,
+    md_rows,
+    read_csv,
+    recipe_config,
+    run_cli,
+    write_run,
+)
 
 # ------------------------------------------------------------------------------------------- arithmetic
 
@@ -34,7 +44,8 @@ def test_csv_mean_std_delta_and_single_seed(tmp_path):
     rc, out = run_cli(tmp_path)
     assert rc == 0
     rows = read_csv(out / "uea.csv")
-    assert list(rows[0]) == ["table", "row", "model", "selection", "n", "mean", "std", "paper", "delta"]
+    assert list(rows[0]) == ["table", "row", "variant", "model", "selection", "protocol", "n", "mean", "std", "paper",
+                             "delta"]
     jv = csv_row(rows, "JapaneseVowels", "Flowformer")
     assert (jv["table"], jv["n"], float(jv["mean"]), float(jv["std"])) == ("uea", "3", 98.0, 1.0)
     assert float(jv["paper"]) == 98.9
@@ -58,8 +69,10 @@ def test_selection_protocols_are_never_pooled(tmp_path):
     hold = csv_row(rows, "JapaneseVowels", "Flowformer", "holdout_val")
     assert (best["n"], float(best["mean"])) == ("3", 98.0)
     assert (hold["n"], float(hold["mean"]), float(hold["std"])) == ("2", 91.0, pytest.approx(math.sqrt(2)))
+    assert (best["protocol"], hold["protocol"]) == ("paper", "other")
     md = (out / "uea.md").read_text()
-    assert "### Selection `best_test`" in md and "### Selection `holdout_val`" in md
+    assert "### Paper protocol" in md and "### Selection `holdout_val` (not the paper's protocol)" in md
+    assert "**Protocol:** `best_test` for every row (the official code validates on the TEST file" in md
     assert [cells[1:3] for cells in md_lines(md, "JapaneseVowels")] == [["98.00 ± 1.00 (3)", "98.9"],
                                                                          ["91.00 ± 1.41 (2)", "98.9"]]
 
@@ -124,22 +137,18 @@ def test_average_only_over_complete_columns(tmp_path):
             write_run(tmp_path / "runs", f"uea/{row}", "flow", seed, base + bump)
         expected.append(base + 1.0)
     write_run(tmp_path / "runs", "uea/JapaneseVowels", "softmax", 0, 98.0)  # Transformer: 1 of 10 rows
-    write_run(tmp_path / "runs", "uea/BasicMotions", "flow", 0, 100.0)  # not a paper row: never averaged
     rc, out = run_cli(tmp_path)
     rows = read_csv(out / "uea.csv")
     avg = csv_row(rows, "Average Accuracy", "Flowformer")
     assert float(avg["mean"]) == pytest.approx(sum(expected) / 10)
     assert avg["n"] == "2" and float(avg["paper"]) == 73.0
     assert not [r for r in rows if r["row"] == "Average Accuracy" and r["model"] == "Transformer"]
-    extra = csv_row(rows, "BasicMotions", "Flowformer")
-    assert (extra["n"], extra["paper"], extra["delta"]) == ("1", "", "")
     md = (out / "uea.md").read_text()
     line = md_line(md, "**Average Accuracy**")
     assert line[1] == f"{sum(expected) / 10:.2f} (2)" and line[2] == "73.0"
     assert line[3] == "— (1/10 rows)" and line[4] == "71.9"
-    assert md_line(md, "BasicMotions *")[1:3] == ["100.00 (1)", "—"]
-    # 10 Flowformer rows (+1.0) and Transformer JapaneseVowels (98.0 vs 98.7); BasicMotions has no paper value
-    assert "11 of 60 cells within" in md and "Our cells without a paper value: 1." in md
+    # 10 Flowformer rows (+1.0) and Transformer JapaneseVowels (98.0 vs 98.7)
+    assert "11 of 60 cells within" in md
 
 
 def test_paper_average_slips_are_detected_exactly():
@@ -198,33 +207,73 @@ def test_malformed_partial_and_mismatched_runs_are_reported_and_skipped(tmp_path
                            "--manifests", str(REPO_MANIFESTS), "--strict"]) == 1
 
 
-def test_run_with_another_recipe_than_the_manifest_is_reported(tmp_path, capsys):
+def test_off_recipe_runs_never_fill_a_paper_cell_and_are_tabulated_as_variants(tmp_path, capsys):
+    """A short run, a bf16 run and a debug run under a paper cell's name leave the cell as the recipe runs made it."""
+    runs, local = tmp_path / "runs", tmp_path / "local"
+    write_run(runs, "uea/JapaneseVowels", "flow", 0, 98.0)
+    write_run(runs, "uea/JapaneseVowels", "flow", 1, 99.0)
+    short = write_run(local, "uea/JapaneseVowels", "flow", 2, 50.0, config={"trainer": {"max_epochs": 2}},
+                      finished_at="2030-01-01T00:00:00")  # newer, in the recipe's own folder
+    bf16 = write_run(local, "uea/JapaneseVowels", "flow", 0, 97.0, variant="trainer.precision=bf16-mixed",
+                     config={"trainer": {"precision": "bf16-mixed"}})
+    debug = write_run(local / "debug", "uea/JapaneseVowels", "flow", 1, 11.0,
+                      config={"trainer": {"max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 2}})
+    rc, out = run_cli(tmp_path, "--runs", str(runs), str(local))
+    assert rc == 0
+    rows = read_csv(out / "uea.csv")
+    paper_cell = csv_row(rows, "JapaneseVowels", "Flowformer")
+    assert (paper_cell["n"], float(paper_cell["mean"])) == ("2", 98.5)
+    assert (paper_cell["variant"], paper_cell["protocol"]) == ("", "paper")
+    short_cell = csv_row(rows, "JapaneseVowels", "Flowformer", variant="trainer.max_epochs=2")
+    assert (short_cell["n"], float(short_cell["mean"]), short_cell["protocol"]) == ("1", 50.0, "paper")
+    bf16_cell = csv_row(rows, "JapaneseVowels", "Flowformer", variant="trainer.precision=bf16-mixed")
+    assert (bf16_cell["n"], float(bf16_cell["mean"])) == ("1", 97.0)
+    assert not [r for r in rows if r["mean"] == "11.0"]  # the debug run is nowhere
+    md = (out / "uea.md").read_text()
+    assert md_line(md, "JapaneseVowels")[1] == "98.50 ± 0.71 (2)"
+    assert md_line(md, "JapaneseVowels † trainer.max_epochs=2")[1:3] == ["50.00 (1)", "98.9"]
+    assert "1 of 60 cells within" in md  # variants are not counted
+    readme = (tmp_path / "README.md").read_text()
+    assert "## Runs outside the paper recipe" in readme
+    assert f"`{short}` (variant `trainer.max_epochs=2`): trainer.max_epochs=2 (recipe: 100)" in readme
+    assert f"`{bf16}` (variant `trainer.precision=bf16-mixed`): trainer.precision=bf16-mixed (recipe: 32-true)" in readme
+    err = capsys.readouterr().err
+    assert f"{debug}: debug: a debug run (trainer.limit_train_batches=3 (recipe: 1.0), " in err
+
+
+def test_the_manifest_pins_and_named_variants_are_part_of_the_recipe(tmp_path):
+    """The expected config is composed from the manifest's own overrides; a declared variant is tabulated by name."""
     mdir = tmp_path / "manifests"
     mdir.mkdir()
     (mdir / "uea.yaml").write_text(
-        "table: uea\nseeds: [0, 1]\nattentions: [flow]\noverrides: [trainer.max_epochs=100, '+optim.lr=1e-3']\n"
+        "table: uea\nseeds: [0, 1]\nattentions: [flow]\noverrides: [trainer.max_epochs=50]\n"
+        "variants:\n  quick: {overrides: [trainer.max_epochs=5], note: a short schedule}\n"
         "experiments:\n  - experiment: uea/JapaneseVowels\n")
     runs = tmp_path / "runs"
-    write_run(runs, "uea/JapaneseVowels", "flow", 0, 98.0, config={"optim": {"lr": 0.001}})
-    write_run(runs, "uea/JapaneseVowels", "flow", 1, 50.0,
-              config={"trainer": {"max_epochs": 5}, "optim": {"lr": 0.001}})
+    write_run(runs, "uea/JapaneseVowels", "flow", 0, 98.0, config={"trainer": {"max_epochs": 50}})
+    write_run(runs, "uea/JapaneseVowels", "flow", 1, 90.0)  # 100 epochs: not what this manifest pins
+    write_run(runs, "uea/JapaneseVowels", "flow", 0, 80.0, variant="quick", config={"trainer": {"max_epochs": 5}})
     rc, out = run_cli(tmp_path, manifests=mdir)
+    rows = read_csv(out / "uea.csv")
+    assert (csv_row(rows, "JapaneseVowels", "Flowformer")["n"]) == "1"
+    assert float(csv_row(rows, "JapaneseVowels", "Flowformer", variant="quick")["mean"]) == 80.0
+    assert float(csv_row(rows, "JapaneseVowels", "Flowformer", variant="trainer.max_epochs=100")["mean"]) == 90.0
+
+
+def test_two_different_records_for_one_cell_are_an_error_naming_both(tmp_path, capsys):
+    committed, local = tmp_path / "committed", tmp_path / "local"
+    old = write_run(committed, "uea/JapaneseVowels", "flow", 0, 90.0, finished_at="2025-01-01T00:00:00")
+    new = write_run(local, "uea/JapaneseVowels", "flow", 0, 95.0, finished_at="2025-02-01T00:00:00")
+    rc, out = run_cli(tmp_path, "--runs", str(committed), str(local))
+    assert rc == 2
     err = capsys.readouterr().err
-    assert "seed1/metrics.json: mismatch" in err
-    assert "`trainer.max_epochs` = 5; the manifest pins trainer.max_epochs=100" in err
-    assert "seed0" not in err
+    assert "two different records for the same seed" in err and str(old) in err and str(new) in err
+    assert not out.exists() and not (tmp_path / "README.md").exists()  # nothing written half-way
+    # the same record under both folders (a copy) counts once
+    new.write_text(old.read_text())
+    rc, out = run_cli(tmp_path, "--runs", str(committed), str(local))
     row = csv_row(read_csv(out / "uea.csv"), "JapaneseVowels", "Flowformer")
-    assert (row["n"], float(row["mean"])) == ("1", 98.0)
-
-
-def test_duplicate_cell_keeps_newest(tmp_path, capsys):
-    runs = tmp_path / "runs"
-    write_run(runs, "uea/JapaneseVowels", "flow", 0, 90.0, run_dir=runs / "old", finished_at="2025-01-01T00:00:00")
-    write_run(runs, "uea/JapaneseVowels", "flow", 0, 95.0, run_dir=runs / "new", finished_at="2025-02-01T00:00:00")
-    rc, out = run_cli(tmp_path)
-    assert "old/metrics.json: duplicate" in capsys.readouterr().err
-    row = csv_row(read_csv(out / "uea.csv"), "JapaneseVowels", "Flowformer")
-    assert (row["n"], float(row["mean"])) == ("1", 95.0)
+    assert (rc, row["n"], float(row["mean"])) == (0, "1", 90.0)
 
 
 def test_run_outside_every_paper_row_is_reported_and_fills_no_cell(tmp_path, capsys):
@@ -233,7 +282,7 @@ def test_run_outside_every_paper_row_is_reported_and_fills_no_cell(tmp_path, cap
     rc, out = run_cli(tmp_path)
     assert rc == 0
     err = capsys.readouterr().err
-    assert f"{stand_in.name}: unknown: 'd4rl/hopper-random-collected' is no cell of the d4rl table" in err
+    assert f"{stand_in}: unknown: 'd4rl/hopper-random-collected' is no cell of the d4rl table" in err
     assert "experiments/manifests/d4rl.yaml" in err
     assert all(row["n"] in ("", "0") for row in read_csv(out / "d4rl.csv"))
 
@@ -291,6 +340,23 @@ WANDB_RESPONSE = json.loads("""
 """)
 
 
+def _flat_wrapped(config: dict, prefix: str = "") -> dict:
+    """A config as W&B's raw API may give it: keys flattened with "/", values wrapped as {"value": ...}."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat_wrapped(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = {"value": value}
+    return out
+
+
+# What experiments.train logs: the resolved config, nested (a1) or flattened and wrapped (a2); a4 is complete too.
+WANDB_RESPONSE[0]["config"] = recipe_config("uea/JapaneseVowels", "flow", 0, "best_test")
+WANDB_RESPONSE[1]["config"] = _flat_wrapped(recipe_config("uea/JapaneseVowels", "flow", 1, "best_test"))
+WANDB_RESPONSE[3]["config"] = recipe_config("uea/JapaneseVowels", "softmax", 0, "best_test")
+
+
 class FakeRun:
     def __init__(self, d: dict, project: str):
         self.__dict__.update(d)
@@ -339,14 +405,31 @@ def test_tex_readme_and_figures(tmp_path):
     tex = (out / "uea.tex").read_text()
     assert "\\toprule" in tex and "best\\_test" in tex and "JapaneseVowels & 98.00 (1) & 98.9" in tex
     assert "$\\pm$" in tex and "--" in tex and "\\multicolumn{2}{c}{Flowformer}" in tex
-    assert (tmp_path / "figures" / "uea_best_test_vs_paper.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "uea_paper_protocol_vs_paper.png").stat().st_size > 0
     curve = tmp_path / "figures" / "curves" / "uea_JapaneseVowels__flow__best_test.png"
     first = curve.read_bytes()
     assert first
     run_cli(tmp_path, figures=True)  # the curves come from the record alone: redrawn byte for byte
     assert curve.read_bytes() == first
-    assert not (tmp_path / "figures" / "lra_best_test_vs_paper.png").exists()  # nothing to plot
+    assert not (tmp_path / "figures" / "lra_paper_protocol_vs_paper.png").exists()  # nothing to plot
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def test_figures_are_drawn_only_for_records_used_and_stale_ones_are_removed(tmp_path):
+    history = [{"epoch": 0, "step": 10, "val/acc": 0.6}]
+    write_run(tmp_path / "runs", "uea/JapaneseVowels", "flow", 0, 98.0, history=history)
+    write_run(tmp_path / "runs", "uea/JapaneseVowels", "softmax", 0, 9.0, history=history,
+              config={"trainer": {"limit_train_batches": 2}})  # debug: not used
+    write_run(tmp_path / "runs", "d4rl/hopper-random-collected", "flow", 0, 1.0, history=history)  # no cell
+    curves = tmp_path / "figures" / "curves"
+    curves.mkdir(parents=True)
+    stale = [curves / "uea_Heartbeat__flow__best_test.png", tmp_path / "figures" / "uea_best_test_vs_paper.png"]
+    kept = tmp_path / "figures" / "efficiency.png"  # not the aggregator's: left alone
+    for path in (*stale, kept):
+        path.write_bytes(b"old")
+    run_cli(tmp_path, figures=True)
+    assert sorted(p.name for p in curves.iterdir()) == ["uea_JapaneseVowels__flow__best_test.png"]
+    assert not any(p.exists() for p in stale) and kept.read_bytes() == b"old"
 
 
 def test_curves_read_the_evaluation_history_and_leave_out_non_finite_values(tmp_path):
@@ -390,3 +473,30 @@ def test_writes_only_under_the_outputs_it_is_given(tmp_path, monkeypatch, capsys
     readme = (out / "README.md").read_text()
     assert "## Records used" in readme and "committed/uea/JapaneseVowels/flow/best_test/seed0/metrics.json" in readme
     assert "records used: 2 (1 from committed, 1 from local)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- the committed results
+
+COMMITTED = Path(__file__).resolve().parents[1] / "results"
+
+
+def test_committed_records_are_their_cells_recipe_and_travel():
+    """Every committed record fills its paper cell (no variant, no debug run) and names no absolute path."""
+    from results.cells import place_records
+    from results.portable_paths import absolute_paths
+    from results.records import read_run_tree
+
+    records, problems = read_run_tree(COMMITTED / "runs")
+    assert records and not problems
+    placement = place_records(records, load_manifests(REPO_MANIFESTS))
+    assert not placement.off_recipe and not placement.problems
+    assert {o.variant for o in placement.observations} == {""}
+    assert [hit for r in records for hit in absolute_paths(r.data, r.path)] == []
+
+
+def test_committed_tables_rebuild_byte_for_byte_from_the_committed_records(tmp_path):
+    out = tmp_path / "tables"
+    assert aggregate.main(["--runs", str(COMMITTED / "runs"), "--out", str(out), "--no-figures", "--no-readme"]) == 0
+    for table in sorted((COMMITTED / "tables").glob("*.*")):
+        if table.suffix in (".md", ".csv", ".tex"):
+            assert (out / table.name).read_text() == table.read_text(), table.name

@@ -13,7 +13,7 @@ from tasks.d4rl import collect
 from tasks.d4rl.module import masked_action_error
 from tasks.d4rl.trajectories import read_d4rl_file
 from tests.fixtures.d4rl import write_d4rl_dataset
-from tests.helpers import compose_config
+from tests.helpers import HARNESS, compose_config
 
 TINY = [
     "model.d_model=16",
@@ -57,7 +57,9 @@ def test_evaluations_play_the_protocol_and_fill_the_run_record(tmp_path):
             assert f"{stage}/return_{target}" in metrics and f"{stage}/score_{target}" in metrics
     assert metrics["test/score"] == metrics["test/score_3600"]  # the highest target is reported
     assert record.primary_metric == "normalised_score"
-    assert record.primary_value == pytest.approx(max(entry["val/score"] for entry in record.history))
+    # the paper's protocol (final): the weights after the last step play fresh test episodes
+    assert record.selection == "final" and record.tested["checkpoint"] == "last" and record.tested["step"] == 4
+    assert record.primary_value == pytest.approx(metrics["test/score"])
     played = evaluations(tmp_path / "run")
     assert [(e["stage"], e["step"], e["target"], e["seeds"]) for e in played] == [
         ("val", 2, 3600.0, [10000, 10001]),
@@ -79,7 +81,8 @@ def test_holdout_val_reports_the_fresh_test_episodes(tmp_path):
 
 
 def test_a_run_killed_between_evaluations_resumes_to_the_same_result(tmp_path):
-    every = ["callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.last_checkpoint.every_n_epochs=null"]
+    every = ["callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.last_checkpoint.every_n_epochs=null",
+             HARNESS]
     whole = run(tmp_path, "whole", *every)
     with pytest.raises(RuntimeError, match="simulated kill"):
         run(

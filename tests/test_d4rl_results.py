@@ -12,6 +12,7 @@ from results.naming import experiment_row
 from results.paper_tables import load_paper_table
 from results.run_record import RunRecord, run_dir_of, write_record
 from tests.fixtures.d4rl import write_d4rl_dataset
+from tests.helpers import recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = load_manifests(REPO / "experiments" / "manifests")["d4rl"]
@@ -34,36 +35,30 @@ def test_only_the_papers_datasets_have_rows():
 
 
 def write_d4rl_run(root: Path, attention: str, seed: int, score: float, **config) -> None:
+    """A record of the hopper-medium cell's recipe under its paper protocol (final); `section__key=value` changes it."""
     experiment = "d4rl/hopper-medium"
-    cfg = {
-        "experiment_name": experiment,
-        "seed": seed,
-        "selection": "best_test",
-        "model": {"attention": {"name": attention}},
-        "data": {"source": "d4rl"},
-        "eval": {"env_version": "v4"},
-    }
+    changes: dict = {}
     for key, value in config.items():
         section, name = key.split("__")
-        cfg[section][name] = value
+        changes.setdefault(section, {})[name] = value
     record = RunRecord(
         experiment=experiment,
         task="d4rl",
         dataset="hopper-medium-v2",
         attention=attention,
         seed=seed,
-        selection="best_test",
+        selection="final",
         primary_metric="normalised_score",
         primary_value=score,
-        metrics={"best/val/score": score, "test/score_3600": score - 1},
+        metrics={"best/val/score": score, "test/score_3600": score},
         git_sha=None,
         versions={},
         started_at="2026-01-01T00:00:00",
         finished_at="2026-01-01T01:00:00",
         status="complete",
-        config=cfg,
+        config=recipe_config(experiment, attention, seed, "final", changes),
     )
-    write_record(run_dir_of(root, experiment, attention, "best_test", seed), record)
+    write_record(run_dir_of(root, experiment, attention, "final", seed), record)
 
 
 def test_runs_fill_their_cell_and_minari_or_v5_runs_never_do(tmp_path):
@@ -87,12 +82,14 @@ def test_runs_fill_their_cell_and_minari_or_v5_runs_never_do(tmp_path):
         ]
     )
     assert code == 0
-    cells = {(row["row"], row["model"]): row for row in csv.DictReader((out / "d4rl.csv").open())}
-    flow = cells[("medium/Hopper", "Flowformer")]
+    cells = {(row["row"], row["model"], row["variant"]): row for row in csv.DictReader((out / "d4rl.csv").open())}
+    flow = cells[("medium/Hopper", "Flowformer", "")]
     assert (flow["n"], float(flow["mean"]), float(flow["std"]), float(flow["paper"])) == ("3", 64.0, 4.0, 66.9)
-    assert cells[("medium/Hopper", "DT")]["n"] == "0"
+    assert cells[("medium/Hopper", "DT", "")]["n"] == "0"  # the Minari and v5 runs are variants beside the cell
+    assert cells[("medium/Hopper", "DT", "data.source=minari")]["n"] == "1"
+    assert cells[("medium/Hopper", "DT", "eval.env_version=v5")]["n"] == "1"
     readme = (tmp_path / "README.md").read_text()
-    assert "the manifest pins data.source='d4rl'" in readme and "the manifest pins eval.env_version='v4'" in readme
+    assert "data.source=minari (recipe: d4rl)" in readme and "eval.env_version=v5 (recipe: v4)" in readme
     assert "**Which number fills a cell.**" in (out / "d4rl.md").read_text()
 
 

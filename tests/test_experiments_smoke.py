@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 
 import pytest
 
 from experiments.train import train
+from results.cells import place_records
+from results.manifest import load_manifests
+from results.records import read_metrics_file
 from results.run_record import validate_record
 from tests.helpers import CONF_DIR, compose_config
 
@@ -35,8 +39,14 @@ def test_experiment_runs_one_step(experiment, tmp_path):
         + [f"{key}={value}" for key, value in extra.items()]
     )
     record = train(cfg, tmp_path / "run")
-    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert validate_record(written) == ("", [])  # the aggregator accepts it as a complete run
+    path = tmp_path / "run" / "metrics.json"
+    written = json.loads(path.read_text())
+    assert validate_record(written) == ("", [])  # a well-formed, complete record...
     assert written["experiment"] == cfg.experiment_name and written["status"] == "complete"
-    assert record.primary_value == written["primary_value"]
-    assert written["primary_value"] == written["primary_value"]  # not NaN
+    assert record.primary_value == written["primary_value"] and math.isfinite(written["primary_value"])
+    # ...that never fills a table: a one-batch run is a debug run (or, off the manifests, no cell at all)
+    manifests = load_manifests()
+    listed = any(m.entry(cfg.experiment_name) for m in manifests.values())
+    placement = place_records([read_metrics_file(path)[0]], manifests)
+    assert not placement.observations
+    assert [p.kind for p in placement.problems] == ["debug" if listed else "unknown"]

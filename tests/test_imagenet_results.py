@@ -33,5 +33,6 @@ def test_runs_fill_accuracy_and_model_size_rows(tmp_path):
 def test_a_corrected_heads_run_is_not_pooled_with_the_official_one(tmp_path, capsys):
     corrected = {"model": {"attention": {"name": "flow"}, "heads": [6, 12, 12, 12]}}
     write_run(tmp_path / "runs", "imagenet/hierarchical", "flow", 0, 81.0, config=corrected, metrics=RUN_METRICS)
-    run_cli(tmp_path)
-    assert "the manifest pins model.heads=12" in capsys.readouterr().err
+    rc, out = run_cli(tmp_path)
+    assert csv_row(read_csv(out / "imagenet.csv"), "top1_acc", "Flowformer")["n"] == "0"
+    assert "model.heads=[6, 12, 12, 12] (recipe: 12)" in (tmp_path / "README.md").read_text()

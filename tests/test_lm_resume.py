@@ -9,7 +9,7 @@ import torch
 
 from experiments.train import train
 from tests.fixtures.wikitext103 import write_fixture
-from tests.helpers import compose_config
+from tests.helpers import HARNESS, compose_config
 
 
 def without_timing(values):
@@ -32,7 +32,7 @@ def test_killed_lm_run_resumes_to_the_uninterrupted_result(tmp_path):
     ]
 
     def go(name: str, *extra: str) -> dict:
-        train(compose_config(base + list(extra)), tmp_path / name)
+        train(compose_config(base + [HARNESS] + list(extra)), tmp_path / name)
         return json.loads((tmp_path / name / "metrics.json").read_text())
 
     uninterrupted = go("full")

@@ -13,7 +13,7 @@ import pytest
 
 from experiments import reproduce
 from results.manifest import load_manifest
-from tests.helpers import CONF_DIR
+from tests.helpers import CONF_DIR, recipe_config
 
 MANIFEST = """
 table: uea
@@ -34,8 +34,7 @@ def metrics(experiment, attention, seed, *, status="complete", max_epochs=100, s
         "experiment": experiment, "task": "uea", "dataset": experiment.split("/")[1], "attention": attention,
         "seed": seed, "selection": selection, "primary_metric": "test/acc", "primary_value": 97.0,
         "metrics": {}, "git_sha": None, "versions": {}, "started_at": "t0", "finished_at": "t1", "status": status,
-        "config": {"experiment_name": experiment, "seed": seed, "selection": selection,
-                   "model": {"attention": {"name": attention}}, "trainer": {"max_epochs": max_epochs}},
+        "config": recipe_config(experiment, attention, seed, selection, {"trainer": {"max_epochs": max_epochs}}),
     }
 
 
@@ -90,9 +89,9 @@ def test_plan_states(tree):
         "uea/JapaneseVowels": "ready", "uea/Heartbeat": "ready",
         "uea/EthanolConcentration": "data absent", "uea/FaceDetection": "not implemented"}
     jv = {(c.attention, c.seed): c.state for c in by_exp["uea/JapaneseVowels"].cells}
-    assert jv == {("flow", 0): "done", ("flow", 1): "resume", ("softmax", 0): "mismatch", ("softmax", 1): "todo"}
+    assert jv == {("flow", 0): "done", ("flow", 1): "partial", ("softmax", 0): "off-recipe", ("softmax", 1): "missing"}
     assert by_exp["uea/JapaneseVowels"].detail == "bundled with aeon"
-    assert {c.state for c in by_exp["uea/Heartbeat"].cells} == {"todo"}
+    assert {c.state for c in by_exp["uea/Heartbeat"].cells} == {"missing"}
     assert {c.state for c in by_exp["uea/FaceDetection"].cells} == {"skipped"}
 
 
@@ -101,19 +100,21 @@ def test_dry_run_prints_plan_and_runs_nothing(tree, capsys):
     assert reproduce.main(argv(tree, "--dry-run"), runner=runner) == 0
     assert runner.calls == []
     out = capsys.readouterr().out
-    assert "runs (cell x seed): 16 = 1 done, 1 to resume, 5 to start, 1 config mismatch, 8 skipped " \
-           "(4 not implemented, 4 data absent)" in out
-    assert "    flow                 seed0:done  seed1:resume" in out
+    assert "runs (cell x seed): 16 = 1 done, 1 partial (resumed), 5 missing (started), 1 off-recipe (not counted, " \
+           "not rerun), 8 skipped (4 not implemented, 4 data absent)" in out
+    assert "    flow                 seed0:done  seed1:partial" in out
+    assert "    softmax              seed0:off-recipe  seed1:missing" in out
     assert "Not implemented (1)" in out and "experiment/uea/FaceDetection.yaml does not exist" in out
     assert "Skipped because the dataset is absent (1):" in out
     assert "uea/EthanolConcentration: UEA dataset 'EthanolConcentration' not found: missing" in out
     assert "EthanolConcentration_TRAIN.ts and " in out and "`make data-uea`" in out
-    assert "Done with another recipe, not rerun (1):" in out and "trainer.max_epochs` = 5" in out
+    assert "Off-recipe runs in the cells' folders, not counted and not rerun (1)" in out
+    assert "uea/JapaneseVowels softmax seed0" in out and "trainer.max_epochs=5 (recipe: 100)" in out
     # JV: flow and softmax both still need seed 1 -> one multirun; Heartbeat: full 2x2 grid -> one multirun.
     assert ("python -m experiments.train -m experiment=uea/JapaneseVowels model/attention=flow,softmax seed=1 "
-            "selection=best_test resume=true trainer.max_epochs=100") in out
+            "selection=best_test trainer.max_epochs=100 resume=true") in out
     assert ("python -m experiments.train -m experiment=uea/Heartbeat model/attention=flow,softmax seed=0,1 "
-            "selection=best_test resume=true trainer.max_epochs=100") in out
+            "selection=best_test trainer.max_epochs=100 resume=true") in out
     assert "Commands (2):" in out
 
 
@@ -147,7 +148,8 @@ def test_run_executes_commands_and_continues_after_failure(tree, capsys):
     assert rc == 1
     assert len(runner.calls) == 2  # the second experiment still ran after the first failed
     cmd, env = runner.calls[0]
-    assert cmd[1:4] == ["-m", "experiments.train", "-m"] and cmd[-2:] == ["hydra/launcher=joblib", "trainer=cpu"]
+    assert cmd[1:4] == ["-m", "experiments.train", "-m"] and cmd[-3:] == ["trainer=cpu", "resume=true",
+                                                                           "hydra/launcher=joblib"]
     assert env["RUNS_DIR"] == str(tree / "runs") and env["DATA_DIR"] == str(tree / "data")
     captured = capsys.readouterr()
     assert "1 of 2 command(s) failed" in captured.err and "make reproduce-uea" in captured.err
@@ -157,7 +159,7 @@ def test_selection_override_changes_where_runs_are_looked_for(tree, capsys):
     assert reproduce.main(argv(tree, "--dry-run", "--only", "uea/JapaneseVowels", "--extra", "selection=holdout_val"),
                           runner=Recorder()) == 0
     out = capsys.readouterr().out
-    assert "4 to start" in out and "0 done" in out  # the best_test runs do not count for holdout_val
+    assert "4 missing" in out and "0 done" in out  # the best_test runs do not count for holdout_val
     line = next(text for text in out.splitlines() if "experiment=uea/JapaneseVowels" in text)
     assert line.count("selection=") == 1 and "selection=holdout_val" in line and "seed=0,1" in line
 
@@ -204,3 +206,46 @@ def test_attentions_narrow_the_plan_to_some_columns(tree, capsys):
     assert reproduce.main(args, runner=Recorder()) == 0
     out = capsys.readouterr().out
     assert "runs (cell x seed): 2 = 0 done" in out and "model/attention=softmax seed=0,1 selection=holdout_val" in out
+
+
+def test_extra_overrides_that_change_the_recipe_run_as_a_variant_in_their_own_folder(tree, capsys):
+    """EXTRA=trainer.precision=bf16-mixed never lands in (or counts as) the paper cell's folder."""
+    args = argv(tree, "--dry-run", "--only", "uea/JapaneseVowels", "--extra", "trainer.precision=bf16-mixed")
+    assert reproduce.main(args, runner=Recorder()) == 0
+    out = capsys.readouterr().out
+    assert "0 done" in out and "4 missing" in out  # the finished fp32 run of flow seed 0 is not this variant
+    assert "Runs go to the variant folder(s) 'trainer.precision=bf16-mixed'" in out
+    assert "trainer.precision=bf16-mixed resume=true 'variant=\"trainer.precision=bf16-mixed\"'" in out
+    plan = reproduce.make_plan(load_manifest(tree / "manifests" / "uea.yaml"), runs_dir=tree / "runs",
+                               conf_dir=tree / "conf", data_dir=tree / "data", extra=["trainer.precision=bf16-mixed"],
+                               cells=reproduce.CellFilter(experiments=["uea/JapaneseVowels"]))
+    assert {c.run_dir.parent.name for c in plan.cells()} == {"trainer.precision=bf16-mixed"}
+    # hardware-only extras are the recipe: trainer=cpu keeps the cells' own folders and states
+    plan = reproduce.make_plan(load_manifest(tree / "manifests" / "uea.yaml"), runs_dir=tree / "runs",
+                               conf_dir=tree / "conf", data_dir=tree / "data", extra=["trainer=cpu"],
+                               cells=reproduce.CellFilter(experiments=["uea/JapaneseVowels"]))
+    assert {(c.attention, c.seed): c.state for c in plan.cells()}[("flow", 0)] == "done"
+
+
+def test_a_declared_variant_runs_under_its_name(tree, capsys):
+    manifest = tree / "manifests" / "uea.yaml"
+    manifest.write_text(MANIFEST + "variants:\n  quick: {overrides: [trainer.max_epochs=5], attentions: [softmax]}\n")
+    assert reproduce.main(argv(tree, "--dry-run", "--only", "uea/JapaneseVowels", "--variant", "quick"),
+                          runner=Recorder()) == 0
+    out = capsys.readouterr().out
+    assert "variant 'quick' (trainer.max_epochs=5)" in out and "model/attention=softmax seed=0,1" in out
+    assert "trainer.max_epochs=100 trainer.max_epochs=5 resume=true 'variant=\"quick\"'" in out
+    assert reproduce.main(argv(tree, "--dry-run", "--variant", "nope"), runner=Recorder()) == 2
+    assert "no variant 'nope' (declared: quick)" in capsys.readouterr().err
+
+
+def test_a_started_run_of_another_recipe_is_not_resumed(tree):
+    """A partial run whose recipe.json differs from the cell's recipe is reported, not resumed as the cell."""
+    run = tree / "runs/uea/JapaneseVowels/flow/best_test/seed1"
+    (run / "recipe.json").write_text(json.dumps({"science": {"trainer.max_epochs": 3}}))
+    plan = reproduce.make_plan(load_manifest(tree / "manifests" / "uea.yaml"), runs_dir=tree / "runs",
+                               conf_dir=tree / "conf", data_dir=tree / "data",
+                               cells=reproduce.CellFilter(experiments=["uea/JapaneseVowels"]))
+    cell = next(c for c in plan.cells() if (c.attention, c.seed) == ("flow", 1))
+    assert cell.state == "off-recipe" and "trainer.max_epochs=100 (recipe: 3)" not in cell.note
+    assert "trainer.max_epochs=3 (recipe: 100)" in cell.note

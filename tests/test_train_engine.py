@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 import sys
 import types
 from pathlib import Path
@@ -14,16 +16,17 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from experiments import train as train_entry
+from results.portable_paths import absolute_paths
 from results.run_record import validate_record
 from tasks.common.module import NonFiniteLossError
-from tests.helpers import TINY_UEA, compose_config, write_tiny_uea
+from tests.helpers import HARNESS, TINY_UEA, compose_config, write_tiny_uea
 
 
 def tiny_config(tmp_path: Path, *extra: str):
     write_tiny_uea(tmp_path / "data")
     return compose_config(
         ["experiment=uea/base", "data.dataset=Tiny", f"paths.data_dir={tmp_path / 'data'}", *TINY_UEA,
-         "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=1", *extra]
+         "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=1", HARNESS, *extra]
     )
 
 
@@ -60,9 +63,65 @@ def test_same_seed_gives_same_metrics_on_cpu(tmp_path):
 
 def test_holdout_val_reports_test_accuracy_of_the_best_val_checkpoint(tmp_path):
     write_tiny_uea(tmp_path / "data")
-    record = run(tmp_path, "h", "selection=holdout_val", "data.val_fraction=0.25")
+    record = run(tmp_path, "h", "selection=holdout_val", "data.val_fraction=0.25", "trainer.max_epochs=6")
     assert record["selection"] == "holdout_val" and record["data"]["val_source"] != "TEST"
     assert record["primary_value"] == pytest.approx(100 * record["metrics"]["test/acc"])
+    # the tested weights are best.ckpt, saved at the evaluation the objective picked (not the last one)
+    best = torch.load(tmp_path / "h" / "checkpoints" / "best.ckpt", weights_only=False)
+    picked = max(record["history"], key=lambda h: (h["val/acc"], -h["step"]))  # ties: the first
+    assert record["tested"] == {"checkpoint": "best", "step": picked["step"], "epoch": best["epoch"]}
+    assert best["global_step"] == picked["step"] == record["metrics"]["best/step"]
+    assert record["tested"]["step"] != record["timing"]["steps"] or picked is record["history"][-1]
+
+
+def test_final_reports_test_accuracy_of_the_last_weights(tmp_path):
+    record = run(tmp_path, "f", "selection=final", "data.val_fraction=0.25")
+    assert record["tested"] == {"checkpoint": "last", "step": record["timing"]["steps"], "epoch": 4}
+    assert record["primary_value"] == pytest.approx(100 * record["metrics"]["test/acc"])
+    assert record["data"]["val_source"] != "TEST"  # the evaluations score the held-out split, for monitoring only
+    # the test scored the weights after the last step: the same as scoring last.ckpt, which holds them
+    last = torch.load(tmp_path / "f" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == record["tested"]["step"]
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path):
+    first = run(tmp_path, "done")
+    record = tmp_path / "done" / "metrics.json"
+    before = record.read_bytes()
+    with pytest.raises(train_entry.FinishedRunError, match=r"holds a finished run .*resume=true.*overwrite=true"):
+        run(tmp_path, "done", "trainer.max_epochs=2")
+    assert record.read_bytes() == before
+    again = run(tmp_path, "done", "resume=true")  # continues the finished run: the same result, scored again
+    assert again["metrics"] == first["metrics"] and again["history"] == first["history"]
+    second = run(tmp_path, "done", "overwrite=true", "trainer.max_epochs=2")
+    assert len(second["history"]) == 2
+    moved = list((tmp_path / "done" / ".replaced").glob("*/metrics.json"))
+    assert len(moved) == 1 and json.loads(moved[0].read_text())["history"] == first["history"]
+    assert (moved[0].parent / "checkpoints" / "last.ckpt").exists()  # nothing deleted
+
+
+def test_resume_under_another_recipe_refuses(tmp_path):
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(tmp_path, "r", "+callbacks.kill._target_=tests.helpers.InterruptAtEpoch", "+callbacks.kill.epoch=2")
+    with pytest.raises(train_entry.RecipeChangedError, match=r"model.d_model is now 32, the run started with 16"):
+        run(tmp_path, "r", "resume=true", "model.d_model=32")
+    assert run(tmp_path, "r", "resume=true")["timing"]["resumed_from"].endswith("last.ckpt")
+
+
+def test_records_name_no_absolute_path(tmp_path, monkeypatch):
+    """A record written anywhere travels: paths are relative to the runs and data roots, or a package's data."""
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    cfg = compose_config(["experiment=uea/JapaneseVowels", *TINY_UEA, "trainer.max_epochs=2",
+                          f"paths.runs_dir={runs}", f"paths.data_dir={tmp_path / 'data'}"])
+    train_entry.train(cfg, runs / "uea/JapaneseVowels/flow/best_test/seed0")
+    written = json.loads((runs / "uea/JapaneseVowels/flow/best_test/seed0/metrics.json").read_text())
+    assert absolute_paths(written) == []
+    assert written["run_dir"] == "uea/JapaneseVowels/flow/best_test/seed0"
+    assert written["data"]["train_path"] == "aeon:datasets/data/JapaneseVowels/JapaneseVowels_TRAIN.ts"
+    assert written["config"]["callbacks"]["model_checkpoint"]["dirpath"] == (
+        "$RUNS_DIR/uea/JapaneseVowels/flow/best_test/seed0/checkpoints")
+    assert written["config"]["paths"]["data_dir"] == "$DATA_DIR"
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
@@ -80,14 +139,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 
 
 def test_nan_loss_stops_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    run(tmp_path, "r", "trainer.max_epochs=2")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(tmp_path, "r", "+callbacks.kill._target_=tests.helpers.InterruptAtEpoch", "+callbacks.kill.epoch=2")
     last = tmp_path / "r" / "checkpoints" / "last.ckpt"
     before = hashlib.sha256(last.read_bytes()).hexdigest()
     # 2 batches per epoch: the resumed run starts at global step 4 and is poisoned at step 5
     with pytest.raises(NonFiniteLossError, match=r"global step 5 .*resume=true"):
         run(tmp_path, "r", "resume=true", "+callbacks.poison._target_=tests.helpers.PoisonWeights", "+callbacks.poison.at_step=5")
     assert hashlib.sha256(last.read_bytes()).hexdigest() == before
-    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["timing"]["epochs"] == 2  # the failed run wrote none
+    assert not (tmp_path / "r" / "metrics.json").exists()  # the failed run wrote none
 
 
 def test_config_key_typo_gets_hydra_error(tmp_path):
@@ -227,7 +287,7 @@ def test_step_based_run_killed_between_evaluations_resumes_exactly(tmp_path):
         "model.d_model=16", "model.qkv_dim=16", "model.mlp_dim=16", "data.batch_size=2", "data.num_workers=0",
         "trainer.max_steps=10", "trainer.val_check_interval=3", "trainer.accelerator=cpu", "logger=csv",
         "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.last_checkpoint.every_n_epochs=null",
+        "callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.last_checkpoint.every_n_epochs=null", HARNESS,
     ]
 
     def go(name: str, *extra: str) -> dict:
@@ -253,3 +313,18 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
     record = run(tmp_path, "bf16", "trainer.precision=bf16-mixed", "trainer.max_epochs=2")
     assert record["config"]["trainer"]["precision"] == "bf16-mixed"
     assert all(map(math.isfinite, (h["val/loss"] for h in record["history"])))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_records_checkpoints_and_tables_are_readable_as_the_umask_says(tmp_path, mask):
+    from results.atomic_io import write_text_atomic
+    from tasks.common.checkpoint_io import AtomicCheckpointIO
+
+    old = os.umask(mask)
+    try:
+        write_text_atomic(tmp_path / "metrics.json", "{}")
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(old)
+    for name in ("metrics.json", "last.ckpt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name

@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from results.run_record import SELECTIONS
+
 MODES = ("max", "min")
-SELECTIONS = ("best_test", "holdout_val")
 
 
 class EmptyHistoryError(RuntimeError):
@@ -86,8 +87,8 @@ def select_result(
 
     best_test (the paper's protocol where the evaluations ran on the test set): the primary value of the
     evaluation with the best monitored value. holdout_val: the test value of the checkpoint that a held-out
-    validation split picked (the trainer tested that checkpoint). The metrics also keep the best and the last
-    evaluation, so both can be reported.
+    validation split picked; final: the test value of the weights after the last step (the trainer tested those
+    weights). The metrics also keep the best and the last evaluation, so both can be reported.
     """
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")

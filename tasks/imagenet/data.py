@@ -10,8 +10,9 @@ device (`on_after_batch_transfer`), folding the label smoothing into the soft ta
 `data.mixup=0` and `data.cutmix=0` targets stay hard and the module smooths them itself.
 
 Protocol (`selection`, recorded in metrics.json): `best_test` evaluates on val during training and reports the
-best top-1, as the official code does (val is ImageNet's test set); `holdout_val` evaluates on
-`holdout_per_class` training images of each class and tests the checkpoint they pick once on val.
+best top-1, as the official code does (val is ImageNet's test set); `holdout_val` and `final` evaluate on
+`holdout_per_class` training images of each class, and test once on val the checkpoint they pick (`holdout_val`) or
+the weights after the last epoch (`final`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from results.run_record import checked_selection, validates_on_test
 from tasks.common.datamodule import DataStatus, TaskDataModule
 from tasks.common.sampling import seeded_loader
 from tasks.imagenet.layout import PREPARE_HINT, SPLITS, FolderLayout, Samples, hold_out, load_layout
 
 log = logging.getLogger(__name__)
 
-SELECTIONS = ("best_test", "holdout_val")
 
 
 class UnreadableImageError(OSError):
@@ -70,7 +71,7 @@ class ImageFolderDataModule(TaskDataModule):
         eval_batch_size: per device for evaluation (None: batch_size).
         num_workers, pin_memory: loader settings; `num_workers` processes also run the image check.
         seed: the run's seed (shuffling, the hold-out draw).
-        selection: best_test | holdout_val (see the module docstring).
+        selection: one of results.run_record.SELECTIONS (see the module docstring).
         holdout_per_class: training images per class held out under holdout_val.
         check_images: open every image before training (headers only) and report the unreadable ones.
         corrupt_images: error | skip: what an unreadable image does (skipped images are listed in metrics.json).
@@ -103,8 +104,7 @@ class ImageFolderDataModule(TaskDataModule):
         eval_transform: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        checked_selection(selection)
         mixes = mixup > 0 or cutmix > 0
         if mixes and batch_size % 2:
             raise ValueError(
@@ -141,7 +141,7 @@ class ImageFolderDataModule(TaskDataModule):
 
         self.layout = load_layout(self.root, self.check_images, self.corrupt_images, self.num_workers)
         train, evaluation = self.layout.train, self.layout.val
-        if self.selection == "holdout_val":
+        if not validates_on_test(self.selection):
             train, evaluation = hold_out(train, self.holdout_per_class, self.seed)
         train_transform = create_transform(self.image_size, is_training=True, **self.train_transform_options)
         eval_transform = create_transform(self.image_size, is_training=False, **self.eval_transform_options)
@@ -157,7 +157,7 @@ class ImageFolderDataModule(TaskDataModule):
                 "dataset": self.dataset,
                 **self.layout.summary(),
                 "selection": self.selection,
-                "evaluated_on": "val" if self.selection == "best_test"
+                "evaluated_on": "val" if validates_on_test(self.selection)
                 else f"{self.holdout_per_class} train images per class",
                 "train_images": len(train),
                 "image_size": self.image_size,

@@ -2,11 +2,13 @@
 
 `data.dataset` picks the task: listops | text | retrieval | image | pathfinder.
 
-Protocol (`selection`, recorded in metrics.json):
-* ``best_test`` (the paper's): the val loader is the test set, as in the official code for ListOps and Text.
-* ``holdout_val``: the val loader is a held-out split: ListOps `basic_val.tsv`, Retrieval `new_aan_pairs.eval.tsv`,
-  Image the last 10% of the CIFAR-10 training batches, Pathfinder the seeded 10% val part, Text a seeded
-  `holdout_fraction` of the IMDB training set (IMDB has no validation split; the rest stays for training).
+Protocol (`selection`, recorded in metrics.json; each task's experiment config sets the official code's):
+* ``best_test`` (ListOps, Text, Retrieval): the val loader is the test set, as the official code evaluates them.
+* ``holdout_val`` and ``final`` (Image, Pathfinder): the val loader is a held-out split: ListOps `basic_val.tsv`,
+  Retrieval `new_aan_pairs.eval.tsv`, Image the last 10% of the CIFAR-10 training batches (the official 90/10
+  split), Pathfinder the seeded 10% val part (80/10/10, as the official code), Text a seeded `holdout_fraction` of
+  the IMDB training set (IMDB has no validation split; the rest stays for training). `holdout_val` tests the
+  checkpoint that split picked, `final` the weights after the last step.
 The test loader is always the test set.
 
 Batches are dicts: `tokens` (B, L) int64 with `padding_mask` (B, L) bool (True = padding) for the token tasks,
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from results.run_record import checked_selection, validates_on_test
 from tasks.common.datamodule import DataStatus, TaskDataModule
 from tasks.common.sampling import seeded_loader
 from tasks.lra import datasets as lra
@@ -36,7 +39,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LEN = {"listops": 2000, "text": 1000, "retrieval": 4000, "image": 1024, "pathfinder": 1024}
 NUM_CLASSES = {"listops": 10, "text": 2, "retrieval": 2, "image": 10, "pathfinder": 2}
-SELECTIONS = ("best_test", "holdout_val")
 PAD_MODES = ("longest", "max")
 
 
@@ -137,7 +139,7 @@ class LRADataModule(TaskDataModule):
         eval_batch_size: per-device batch for val/test (default: batch_size).
         max_len: tokens per sequence (per document for Retrieval); default the official length per task.
             Text: 1000 as in the official config; 4000 is the LRA paper's nominal length (`data.max_len=4000`).
-        selection: best_test | holdout_val (see the module docstring).
+        selection: one of results.run_record.SELECTIONS (see the module docstring).
         seed: seeds the training order (`EpochSeededSampler`).
         split_seed: seeds the Pathfinder 80/10/10 split and the Text hold-out; fixed across training seeds so every
             run is scored on the same examples.
@@ -168,8 +170,7 @@ class LRADataModule(TaskDataModule):
         super().__init__()
         if dataset not in lra.TASKS:
             raise ValueError(f"data.dataset={dataset!r} is not an LRA task; expected one of {', '.join(lra.TASKS)}")
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection={selection!r}; expected one of {', '.join(SELECTIONS)}")
+        checked_selection(selection)
         if pad_to not in PAD_MODES:
             raise ValueError(f"data.pad_to={pad_to!r}; expected one of {', '.join(PAD_MODES)}")
         if batch_size < 1:
@@ -217,7 +218,7 @@ class LRADataModule(TaskDataModule):
                 "pad_to": self.pad_to,
                 "vocab_size": self.vocab_size,
                 "selection": self.selection,
-                "val_loader": "test" if self.selection == "best_test" else "val",
+                "val_loader": "test" if validates_on_test(self.selection) else "val",
                 "sizes": {split: len(ds) for split, ds in self.splits.items()},
             }
         )
@@ -235,7 +236,7 @@ class LRADataModule(TaskDataModule):
         splits, source = lra.load_text(self.data_dir, self.cache_dir, self.max_len, self.text_source)
         self.vocab_size = BYTE_VOCAB_SIZE
         train_bytes, train_labels = splits["train"]
-        if self.selection == "holdout_val":
+        if not validates_on_test(self.selection):
             val_index, train_index = lra.seeded_split(len(train_labels), (self.holdout_fraction, 1.0), self.split_seed)
             train = TokenDataset(train_bytes, train_labels, self.max_len, True, index=np.sort(train_index))
             val = TokenDataset(train_bytes, train_labels, self.max_len, True, index=np.sort(val_index))
@@ -299,7 +300,7 @@ class LRADataModule(TaskDataModule):
         return self._loader(train, self.batch_size, shuffle=True, drop_last=len(train) >= self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        split = "test" if self.selection == "best_test" else "val"
+        split = "test" if validates_on_test(self.selection) else "val"
         return self._loader(self.splits[split], self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:

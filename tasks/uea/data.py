@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from results.run_record import checked_selection, validates_on_test
 from tasks.common.datamodule import DataStatus, TaskDataModule
 from tasks.common.sampling import seeded_loader
 from tasks.uea.datasets import (
@@ -28,7 +29,6 @@ from tasks.uea.datasets import (
 
 log = logging.getLogger(__name__)
 
-SELECTIONS = ("best_test", "holdout_val")
 SPLITS = ("TRAIN", "TEST")
 # The official code divides by (std + eps) with numpy's float64 epsilon.
 STD_EPS = float(np.finfo(np.float64).eps)
@@ -359,8 +359,8 @@ class UEADataModule(TaskDataModule):
     """One UEA dataset, preprocessed as in the official code (see module docstring).
 
     Batches are {"x": float32 (B, T, C), "padding_mask": bool (B, T) True = padding, "target": int64 (B,)}.
-    `selection="best_test"` (the paper's protocol) validates on the TEST set; `"holdout_val"` validates on a
-    seeded stratified `val_fraction` split of TRAIN and fits the normalisation on the rest. The test loader
+    `selection="best_test"` (the paper's protocol) validates on the TEST set; `"holdout_val"` and `"final"`
+    validate on a seeded stratified `val_fraction` split of TRAIN and fit the normalisation on the rest. The test loader
     is always TEST. `train_file_pattern` picks the training file: "TRAIN" (always, for the paper's results) or
     "TEST" (only to study the official SpokenArabicDigits script, which may have trained on the TEST file).
     After `setup()`, `model_dims()` gives the model's sizes and `data_info` records what was used.
@@ -378,11 +378,10 @@ class UEADataModule(TaskDataModule):
         train_file_pattern: str = "TRAIN",
     ) -> None:
         super().__init__()
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r} (root key `selection`)")
+        checked_selection(selection)
         if train_file_pattern not in SPLITS:
             raise ValueError(f"data.train_file_pattern must be one of {SPLITS}, got {train_file_pattern!r}")
-        if selection == "holdout_val" and not 0.0 < val_fraction < 1.0:
+        if not validates_on_test(selection) and not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.save_hyperparameters(logger=False)
         self.dataset = dataset
@@ -448,7 +447,7 @@ class UEADataModule(TaskDataModule):
 
         fit_idx = np.arange(len(train_x))
         val_idx = np.array([], dtype=np.int64)
-        if self.selection == "holdout_val":
+        if not validates_on_test(self.selection):
             fit_idx, val_idx = self._holdout_split(train_y, files.train)
 
         mean, std = fit_standardiser([train_x[i] for i in fit_idx])
@@ -473,7 +472,7 @@ class UEADataModule(TaskDataModule):
             "train": build([train_x[i] for i in fit_idx], train_y[fit_idx]),
             "test": build(test_x, test_y),
         }
-        if self.selection == "holdout_val":
+        if not validates_on_test(self.selection):
             splits["val"] = build([train_x[i] for i in val_idx], train_y[val_idx])
 
         feat_dim = int(train_x[0].shape[1])
@@ -485,9 +484,9 @@ class UEADataModule(TaskDataModule):
             "test_path": str(files.test),
             "train_file": self.train_file_pattern,
             "selection": self.selection,
-            "val_source": "TEST" if self.selection == "best_test" else f"stratified {self.val_fraction:g} of TRAIN",
-            "val_fraction": self.val_fraction if self.selection == "holdout_val" else None,
-            "split_seed": self.seed if self.selection == "holdout_val" else None,
+            "val_source": "TEST" if validates_on_test(self.selection) else f"stratified {self.val_fraction:g} of TRAIN",
+            "val_fraction": self.val_fraction if not validates_on_test(self.selection) else None,
+            "split_seed": self.seed if not validates_on_test(self.selection) else None,
             "n_train": len(splits["train"]),
             "n_val": len(splits["val"]) if "val" in splits else len(splits["test"]),
             "n_test": len(splits["test"]),
@@ -554,7 +553,7 @@ class UEADataModule(TaskDataModule):
 
     def val_dataloader(self) -> DataLoader:
         # best_test: the paper selects its reported number on the TEST set, so validation *is* the test set.
-        return self._loader(self._split("test" if self.selection == "best_test" else "val"))
+        return self._loader(self._split("test" if validates_on_test(self.selection) else "val"))
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._split("test"))

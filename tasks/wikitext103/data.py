@@ -3,8 +3,8 @@
 - Training: blocks of `tokens_per_sample` tokens of the training stream (fairseq's `--sample-break-mode none`),
   reshuffled every epoch by the engine's seeded sampler.
 - Evaluation during training (`val/*`, which picks the best checkpoint): the valid split under
-  `selection=holdout_val` (fairseq's protocol: the checkpoint with the best validation loss), the test split under
-  `selection=best_test`; in windows with `val_context_window` tokens of context (0: fairseq-train's validation).
+  `selection=holdout_val` (fairseq's protocol: the checkpoint with the best validation loss) and `selection=final`
+  (the last weights are tested), the test split under `selection=best_test`; in windows with `val_context_window` tokens of context (0: fairseq-train's validation).
 - Testing the selected checkpoint: valid and test, each as `fairseq-eval-lm --tokens-per-sample T --context-window C`
   (T = `tokens_per_sample`, C = `context_window`), reported as `valid/*` and `test/*`.
 
@@ -23,6 +23,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from results.run_record import checked_selection, validates_on_test
 from tasks.common.datamodule import DataStatus, TaskDataModule
 from tasks.common.sampling import seeded_loader
 from tasks.wikitext103.cache import TokenizedCorpus, cache_dir_of, load_or_build
@@ -32,7 +33,6 @@ from tasks.wikitext103.windows import ContextWindows, TokenStream, collate_windo
 
 log = logging.getLogger(__name__)
 
-SELECTIONS = ("best_test", "holdout_val")
 EVAL_SPLITS = ("valid", "test")
 
 
@@ -48,7 +48,7 @@ class WikiTextDataModule(TaskDataModule):
         val_context_window: C of the evaluations during training (fairseq-train validates with 0).
         batch_size: samples per device and micro-batch; eval_batch_size: windows per evaluation batch (default:
             batch_size; results do not depend on it).
-        selection: best_test | holdout_val (which split `val/*` scores).
+        selection: one of results.run_record.SELECTIONS (which split `val/*` scores).
         seed: the training order (`EpochSeededSampler`).
     """
 
@@ -68,8 +68,7 @@ class WikiTextDataModule(TaskDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection={selection!r}; expected one of {', '.join(SELECTIONS)}")
+        checked_selection(selection)
         if source not in SOURCES:
             raise ValueError(f"data.source={source!r}; expected one of {', '.join(SOURCES)}")
         if batch_size < 1:
@@ -134,7 +133,7 @@ class WikiTextDataModule(TaskDataModule):
     # --------------------------------------------------------------------------------------------- loaders
     @property
     def val_split(self) -> str:
-        return "test" if self.selection == "best_test" else "valid"
+        return "test" if validates_on_test(self.selection) else "valid"
 
     def _corpus(self) -> TokenizedCorpus:
         if self.corpus is None:
