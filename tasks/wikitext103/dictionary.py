@@ -79,13 +79,19 @@ class Dictionary:
     def load(cls, path: Path) -> Dictionary:
         """Read a fairseq dict.txt (ours or one from a fairseq `data-bin` folder)."""
         symbols, counts = list(SPECIALS), [0] * len(SPECIALS)
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                word, _, count = line.rstrip("\n").rpartition(" ")
-                if not word or not count.isdigit():
-                    raise DictionaryFormatError(f"{path}, line {number}: expected '<word> <count>', got {line!r}")
-                symbols.append(word)
-                counts.append(int(count))
+        try:
+            with open(path, encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    word, _, count = line.rstrip("\n").rpartition(" ")
+                    if not word or not count.isdigit():
+                        raise DictionaryFormatError(f"{path}, line {number}: expected '<word> <count>', got {line!r}")
+                    symbols.append(word)
+                    counts.append(int(count))
+        except UnicodeDecodeError as error:
+            raise DictionaryFormatError(
+                f"{path} is not UTF-8 text ({error.reason} at byte {error.start} of a read block); a fairseq dict.txt "
+                "is UTF-8: copy it again from the data cache it was built in"
+            ) from None
         return cls(symbols, counts)
 
 
