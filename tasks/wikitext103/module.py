@@ -13,10 +13,14 @@ Metrics (loss in nats per token; perplexity = exp(loss), which equals fairseq's 
 The optimiser is a Hydra partial (fairseq's Adam is AdamW: decoupled weight decay); the schedule is fairseq's
 inverse_sqrt (`tasks.common.schedules.InverseSqrtSchedule`) from `warmup_init_lr` to the optimiser's lr over
 `warmup_updates` optimiser steps.
+
+The test stage (the reported perplexities) runs in fp32 whatever `trainer.precision` is (`fp32_eval`, fairseq's
+`eval_lm` is fp32); training and the evaluations that pick the checkpoint run in the trainer's precision.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,11 +31,14 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.aggregation import SumMetric
 
+from tasks.common.full_precision import full_precision
 from tasks.common.module import TaskModule
 from tasks.common.objective import Objective
 from tasks.common.schedules import InverseSqrtSchedule
 from tasks.wikitext103.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy
 from tasks.wikitext103.windows import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 class SplitScore(nn.Module):
@@ -67,6 +74,8 @@ class LanguageModelModule(TaskModule):
         eval_splits: names of the test loaders, in the datamodule's order (`module_dims()`).
         warmup_updates, warmup_init_lr: fairseq's inverse_sqrt warm-up (paper: 6000 updates from 1e-7).
         loss_chunk_tokens: tokens per chunk of the output layer's cross-entropy (memory, not results).
+        fp32_eval: score the test stage in fp32 under a mixed-precision trainer (`module.fp32_eval`; default True,
+            as fairseq's eval_lm); False scores it in the trainer's precision.
         (model, optimizer, objective: see `TaskModule`; the model returns hidden states and has `output_weight`.)
     """
 
@@ -79,11 +88,13 @@ class LanguageModelModule(TaskModule):
         warmup_updates: int = 4000,
         warmup_init_lr: float = 1e-7,
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        fp32_eval: bool = True,
     ) -> None:
         super().__init__(model, optimizer, objective, scheduler=None, scheduler_interval="step")
         self.eval_splits = tuple(eval_splits)
         self.warmup_updates, self.warmup_init_lr = int(warmup_updates), float(warmup_init_lr)
         self.loss_chunk_tokens = int(loss_chunk_tokens)
+        self.fp32_eval = bool(fp32_eval)
         self.scores = nn.ModuleDict({name: SplitScore() for name in ("val", *self.eval_splits)})
         self._train_tokens, self._train_seconds = 0, 0.0
         self._batch_started = 0.0
@@ -128,8 +139,17 @@ class LanguageModelModule(TaskModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._score(batch, "val")
 
+    def on_test_start(self) -> None:
+        weights = {p.dtype for p in self.parameters()}
+        if self.fp32_eval and weights != {torch.float32}:
+            log.warning("module.fp32_eval: the weights are %s (trainer.precision=%s), so the test stage cannot run in "
+                        "fp32; use a mixed precision (bf16-mixed, 16-mixed) or 32-true for a reported perplexity",
+                        sorted(map(str, weights)), self.trainer.precision)
+
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._score(batch, self.eval_splits[dataloader_idx])
+        # the reported perplexities: fp32 also under a mixed-precision trainer, as fairseq's eval_lm scores them
+        with full_precision(self.device, self.fp32_eval):
+            self._score(batch, self.eval_splits[dataloader_idx])
 
     def _log_split(self, name: str) -> None:
         for key, value in self.scores[name].metrics().items():
