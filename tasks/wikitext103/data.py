@@ -129,7 +129,8 @@ class WikiTextDataModule(TaskDataModule):
         return {"vocab_size": len(self._corpus().dictionary), "padding_idx": PAD}
 
     def module_dims(self) -> dict[str, Any]:
-        return {"eval_splits": EVAL_SPLITS}
+        """The test loaders' names, and the tokens of a full training micro-batch (the scale of its loss)."""
+        return {"eval_splits": EVAL_SPLITS, "micro_batch_tokens": self.batch_size * self.tokens_per_sample}
 
     # --------------------------------------------------------------------------------------------- loaders
     @property

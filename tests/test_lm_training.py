@@ -1,0 +1,60 @@
+"""Training the language model: fairseq's gradient normalisation over accumulated micro-batches."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from flowformer.models.transformer_lm import TransformerLM
+from tasks.wikitext103.module import LanguageModelModule
+from tasks.wikitext103.windows import ContextWindows, TokenStream, collate_windows
+
+OBJECTIVE = {"monitor": "val/loss", "mode": "min", "primary": "ppl", "label": "perplexity", "scale": 1}
+
+
+class RecordingOptimizer(torch.optim.Optimizer):
+    """Keeps a copy of the gradients of every update and leaves the weights as they are."""
+
+    def __init__(self, params, lr: float = 1.0) -> None:
+        super().__init__(params, {"lr": lr})
+        self.updates: list[list[torch.Tensor]] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self.updates.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        return loss
+
+
+def test_a_short_accumulation_group_is_normalised_by_its_own_tokens():
+    """An update is the gradient of the summed NLL of the tokens its micro-batches held over their number (fairseq's
+    sample_size), also for the group the end of the epoch cuts short, and whatever micro_batch_tokens says."""
+    torch.manual_seed(0)
+    vocab, length, accumulate = 24, 8, 4
+    stream = TokenStream(array=np.random.default_rng(0).integers(4, vocab, size=45).astype(np.uint32))
+    blocks = ContextWindows(stream, length, 0)  # 6 blocks: 5 of 8 tokens, the last of 5
+    groups = [[0, 1, 2, 3], [4, 5]]  # 6 micro-batches in groups of 4: the second is cut short
+    model = TransformerLM(vocab, d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0,
+                          attention={"name": "flow", "clamp": 5.0})  # fmt: skip
+    expected = []
+    for group in groups:
+        model.zero_grad()
+        batch = collate_windows([blocks[i] for i in group])
+        hidden = model(batch["input"], padding_mask=batch.get("padding_mask"))
+        logits = model.logits(hidden)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["target"].flatten()).backward()  # token mean
+        expected.append([p.grad.clone() for p in model.parameters()])
+    model.zero_grad()
+
+    module = LanguageModelModule(model, lambda params: RecordingOptimizer(params), OBJECTIVE, warmup_updates=1,
+                                 micro_batch_tokens=6)  # a scale unlike the real 8 tokens per micro-batch
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, accumulate_grad_batches=accumulate, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(blocks, batch_size=1, collate_fn=collate_windows))
+    updates = trainer.optimizers[0].updates
+    assert len(updates) == len(groups)
+    for got, want in zip(updates, expected):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
