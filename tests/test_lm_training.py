@@ -1,4 +1,5 @@
-"""Training the language model: fairseq's gradient normalisation over accumulated micro-batches."""
+"""Training the language model: fairseq's gradient normalisation over accumulated micro-batches and the loaders with
+worker processes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from flowformer.models.transformer_lm import TransformerLM
+from tasks.wikitext103.data import WikiTextDataModule
 from tasks.wikitext103.module import LanguageModelModule
 from tasks.wikitext103.windows import ContextWindows, TokenStream, collate_windows
+from tests.fixtures.wikitext103 import write_corpus
 
 OBJECTIVE = {"monitor": "val/loss", "mode": "min", "primary": "ppl", "label": "perplexity", "scale": 1}
 
@@ -58,3 +61,29 @@ def test_a_short_accumulation_group_is_normalised_by_its_own_tokens():
     for got, want in zip(updates, expected):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_loaders_with_two_workers_give_the_batches_of_none(tmp_path):
+    """The task's default num_workers=2 (fixtures use 0): the same batches, in the same order, every epoch."""
+    write_corpus(tmp_path, "tiny-wiki")
+
+    def batches(num_workers: int) -> dict[str, list[dict[str, torch.Tensor]]]:
+        datamodule = WikiTextDataModule("tiny-wiki", tmp_path, tokens_per_sample=32, context_window=16, batch_size=3,
+                                        seed=5, num_workers=num_workers)  # fmt: skip
+        datamodule.setup()
+        train_loader = datamodule.train_dataloader()
+        out = {"train epoch 0": list(train_loader)}
+        train_loader.sampler.set_epoch(1)
+        out["train epoch 1"] = list(train_loader)
+        out["val"] = list(datamodule.val_dataloader())
+        for split, loader in zip(("valid", "test"), datamodule.test_dataloader()):
+            out[f"test {split}"] = list(loader)
+        return out
+
+    serial, parallel = batches(0), batches(2)
+    assert serial.keys() == parallel.keys()
+    for name in serial:
+        assert len(serial[name]) == len(parallel[name]) > 1, name
+        for one, other in zip(serial[name], parallel[name]):
+            assert one.keys() == other.keys() and all(torch.equal(one[key], other[key]) for key in one), name
+    assert not all(torch.equal(a["input"], b["input"]) for a, b in zip(serial["train epoch 0"], serial["train epoch 1"]))
