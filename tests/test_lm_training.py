@@ -1,18 +1,24 @@
-"""Training the language model: fairseq's gradient normalisation over accumulated micro-batches and the loaders with
-worker processes."""
+"""Training the language model: fairseq's gradient normalisation over accumulated micro-batches, the loaders with
+worker processes, and a short run that learns."""
 
 from __future__ import annotations
+
+import json
+import math
+from collections import Counter
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from experiments.train import train
 from flowformer.models.transformer_lm import TransformerLM
 from tasks.wikitext103.data import WikiTextDataModule
 from tasks.wikitext103.module import LanguageModelModule
 from tasks.wikitext103.windows import ContextWindows, TokenStream, collate_windows
-from tests.fixtures.wikitext103 import write_corpus
+from tests.fixtures.wikitext103 import write_corpus, write_markov_corpus
+from tests.helpers import compose_config
 
 OBJECTIVE = {"monitor": "val/loss", "mode": "min", "primary": "ppl", "label": "perplexity", "scale": 1}
 
@@ -87,3 +93,39 @@ def test_loaders_with_two_workers_give_the_batches_of_none(tmp_path):
         for one, other in zip(serial[name], parallel[name]):
             assert one.keys() == other.keys() and all(torch.equal(one[key], other[key]) for key in one), name
     assert not all(torch.equal(a["input"], b["input"]) for a, b in zip(serial["train epoch 0"], serial["train epoch 1"]))
+
+
+def unigram_perplexity(train_tokens: list[str], tokens: list[str]) -> float:
+    """Perplexity of `tokens` under the word frequencies of `train_tokens` (every word must occur there)."""
+    counts = Counter(train_tokens)
+    total = sum(counts.values())
+    return math.exp(-sum(math.log(counts[word] / total) for word in tokens) / len(tokens))
+
+
+def test_the_language_model_learns(tmp_path):
+    """A short, seeded CPU run on a corpus with structure (a Markov chain over words): the validation perplexity
+    falls far below the corpus's unigram perplexity, and stays above the chain's own (only a model that saw the
+    tokens it predicts could beat that)."""
+    data_dir = tmp_path / "data"
+    chain, drawn = write_markov_corpus(data_dir, "markov")
+    cached = {split: stream if stream[-1] == "</s>" else [*stream, "</s>"] for split, stream in drawn.items()}
+    unigram = unigram_perplexity(cached["train"], cached["valid"])
+    best_possible = math.exp(chain.nll(drawn["valid"]))
+    assert unigram > 20 and best_possible < 2.5  # what the corpus offers to learn
+
+    cfg = compose_config([
+        "experiment=wikitext103/transformer_lm", f"paths.data_dir={data_dir}", "data.dataset=markov", "seed=0",
+        "data.tokens_per_sample=32", "data.context_window=16", "data.batch_size=8", "data.num_workers=0",
+        "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.dropout=0.0",
+        "module.optimizer.lr=0.01", "module.warmup_updates=20", "trainer.accumulate_grad_batches=1",
+        "trainer.max_steps=150", "trainer.val_check_interval=50", "trainer.num_sanity_val_steps=0",
+        "callbacks.last_checkpoint.every_n_train_steps=50", "logger=csv", "callbacks.rich_progress_bar=null",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    ])
+    train(cfg, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    first, best = record["history"][0]["val/ppl"], record["metrics"]["valid/ppl"]
+    assert record["metrics"]["valid/tokens"] == len(cached["valid"])
+    assert best < unigram / 5, (best, unigram)
+    assert best > 0.95 * best_possible, (best, best_possible)
+    assert first > best
