@@ -13,8 +13,10 @@ Keys (`key=value`, as Hydra overrides):
                     softmax with a key/value cache, other attentions recompute the sequence for each token)
     device          cpu | cuda (default cpu)
 
-The dictionary is the one the run was trained with (its data's cache; the checksum recorded in metrics.json is
-checked). The continuation is printed with `</s>` as line breaks.
+The run folder is all it needs: the config (metrics.json or .hydra/), the checkpoint, and the dictionary the run
+was trained with, which training saves as `<run>/dict.txt` (its sha256 is checked against `dict.txt.sha256` and
+metrics.json). Runs from before that have no dict.txt: the error names the command that copies it from the data
+cache. The continuation is printed with `</s>` as line breaks.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments import resolvers
 from results.run_record import CHECKPOINT_DIR, METRICS_FILE
-from tasks.wikitext103.dictionary import BOS, EOS, PAD, Dictionary
+from tasks.wikitext103.cache import cache_dir_of
+from tasks.wikitext103.data import model_dims_of
+from tasks.wikitext103.dictionary import BOS, EOS, PAD, RUN_DICTIONARY, Dictionary, RunDictionaryError, load_from_run
 from tasks.wikitext103.generation import MODES, generate
 
 resolvers.register()
@@ -86,29 +90,46 @@ def run_config(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
                      "training (experiments/runs/wikitext103/...)")
 
 
-def load_model(cfg: DictConfig, run_dir: Path, checkpoint: str, device: str) -> tuple[torch.nn.Module, Dictionary]:
-    """The trained network (eval mode) and its dictionary."""
-    datamodule = instantiate(cfg.data)
-    datamodule.setup()
-    dictionary = datamodule.corpus.dictionary
-    model = instantiate(cfg.model, **datamodule.model_dims(), _convert_="all")
+def load_dictionary(cfg: DictConfig, run_dir: Path, data_record: dict[str, Any]) -> Dictionary:
+    """The dictionary saved in the run folder, checked against the checksum that metrics.json records."""
+    try:
+        dictionary = load_from_run(run_dir)
+    except FileNotFoundError:
+        data_dir, dataset = Path(cfg.data.data_dir), cfg.data.dataset
+        cache = cache_dir_of(data_dir, dataset) / "dict.txt"
+        raise SystemExit(
+            f"{run_dir / RUN_DICTIONARY} is missing: this run was trained before runs saved their dictionary. Copy it "
+            f"from the training data's token cache: `cp {cache} {run_dir}/` (its sha256 is checked against the run's "
+            f"metrics.json). If that cache is gone, rebuild it from the corpus first: `python -m "
+            f"tasks.wikitext103.download --dataset {dataset} --data-dir {data_dir} --check`"
+        ) from None
+    except RunDictionaryError as error:
+        raise SystemExit(str(error)) from None
+    recorded = data_record.get("dictionary_sha256")
+    if recorded and recorded != dictionary.sha256:
+        raise SystemExit(f"{run_dir / RUN_DICTIONARY} (sha256 {dictionary.sha256[:12]}...) is not the dictionary this "
+                         f"run was trained with ({METRICS_FILE} records {recorded[:12]}...); copy the training data's "
+                         f"{cache_dir_of(Path(cfg.data.data_dir), cfg.data.dataset) / 'dict.txt'} into {run_dir}")
+    return dictionary
+
+
+def load_model(cfg: DictConfig, run_dir: Path, checkpoint: str, device: str, dictionary: Dictionary) -> torch.nn.Module:
+    """The trained network (eval mode) for `dictionary`, from the run's checkpoint."""
+    model = instantiate(cfg.model, **model_dims_of(dictionary), _convert_="all")
     path = run_dir / CHECKPOINT_DIR / f"{checkpoint}.ckpt"
     if not path.is_file():
         raise SystemExit(f"no checkpoint {path}; checkpoint=best|last picks another one")
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")})
-    return model.to(device).eval(), dictionary
+    return model.to(device).eval()
 
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     run_dir = Path(args.run)
     cfg, data_record = run_config(run_dir)
-    model, dictionary = load_model(cfg, run_dir, args.checkpoint, args.device)
-    recorded = data_record.get("dictionary_sha256")
-    if recorded and recorded != dictionary.sha256:
-        raise SystemExit(f"the dictionary under {cfg.data.data_dir}/{cfg.data.dataset}/cache is not the one this run "
-                         f"was trained with (sha256 {dictionary.sha256[:12]}... vs {recorded[:12]}...)")
+    dictionary = load_dictionary(cfg, run_dir, data_record)
+    model = load_model(cfg, run_dir, args.checkpoint, args.device, dictionary)
     # the stream starts with </s>, as every training and evaluation stream does
     prompt = torch.tensor([[EOS, *dictionary.encode_line(args.prompt)[:-1]]], device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)

@@ -3,6 +3,10 @@ sequence, the sampling options, and `python -m experiments.generate` on a traine
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -86,6 +90,10 @@ def test_generate_command_on_a_trained_run(tmp_path, capsys):
     run_dir = tmp_path / "run"
     train(cfg, run_dir)
     capsys.readouterr()
+    recorded = json.loads((run_dir / "metrics.json").read_text())["data"]["dictionary_sha256"]
+    assert hashlib.sha256((run_dir / "dict.txt").read_bytes()).hexdigest() == recorded
+    assert (run_dir / "dict.txt.sha256").read_text() == f"{recorded}  dict.txt\n"
+    shutil.rmtree(data_dir)  # the corpus and its token cache are gone: the run folder is enough
     text = generate_cli.main([f"run={run_dir}", "prompt=the river", "max_new_tokens=7", "seed=3", "top_k=10"])
     printed = capsys.readouterr().out
     assert printed.startswith("the river") and len(text.split()) + text.count("\n") >= 7
@@ -94,6 +102,18 @@ def test_generate_command_on_a_trained_run(tmp_path, capsys):
     assert again == text  # the recurrent step mode draws what recomputing draws
     with pytest.raises(SystemExit, match="checkpoint"):
         generate_cli.main([f"run={run_dir}", "prompt=a", "checkpoint=missing"])
+
+    saved = (run_dir / "dict.txt").read_text()
+    (run_dir / "dict.txt").write_text(saved.replace("the ", "teh ", 1))  # edited after training
+    with pytest.raises(SystemExit, match=r"dict\.txt .*is not the dictionary dict\.txt\.sha256 records"):
+        generate_cli.main([f"run={run_dir}", "prompt=a"])
+    (run_dir / "dict.txt.sha256").unlink()
+    with pytest.raises(SystemExit, match=r"is not the dictionary this run was trained with \(metrics\.json records"):
+        generate_cli.main([f"run={run_dir}", "prompt=a"])
+    (run_dir / "dict.txt").unlink()  # a run from before the dictionary was saved with it
+    cache = data_dir / "tiny-wiki" / "cache" / "dict.txt"
+    with pytest.raises(SystemExit, match=rf"dict\.txt is missing.*`cp {cache} {run_dir}/`.*--check"):
+        generate_cli.main([f"run={run_dir}", "prompt=a"])
 
 
 def test_prompts_are_taken_as_written():
