@@ -5,8 +5,11 @@ Keys (`key=value`, as Hydra overrides):
                     and checkpoints/)
     prompt          words separated by spaces, as in the corpus (unknown words become <unk>)
     max_new_tokens  tokens to draw (default 50)
-    temperature     softmax temperature; 0 draws the most likely word (default 1.0)
-    top_k           draw among the k most likely words only (default null: all)
+    temperature     softmax temperature, > 0; exactly 0 draws the most likely word (greedy) (default 1.0)
+    top_k           draw among the k most likely words only, k >= 1 (default null: all)
+    max_context     the most tokens the model sees (default null: the run's data.tokens_per_sample, the positions it
+                    was trained on). A longer sequence continues from its last max_context tokens, in every mode;
+                    a larger value lets the sequence run past the trained positions (a warning says so)
     seed            seeds the draws (default 0)
     checkpoint      best | last (default best)
     mode            auto | incremental | recompute (default auto: flow attention runs in its recurrent step mode,
@@ -22,6 +25,7 @@ cache. The continuation is printed with `</s>` as line breaks.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +40,10 @@ from results.run_record import CHECKPOINT_DIR, METRICS_FILE
 from tasks.wikitext103.cache import cache_dir_of
 from tasks.wikitext103.data import model_dims_of
 from tasks.wikitext103.dictionary import BOS, EOS, PAD, RUN_DICTIONARY, Dictionary, RunDictionaryError, load_from_run
-from tasks.wikitext103.generation import MODES, generate
+from tasks.wikitext103.generation import MODES, check_options, generate
 
 resolvers.register()
+log = logging.getLogger("flowformer.generate")
 
 
 @dataclass
@@ -48,6 +53,7 @@ class GenerateConfig:
     max_new_tokens: int = 50
     temperature: float = 1.0
     top_k: int | None = None
+    max_context: int | None = None
     seed: int = 0
     checkpoint: str = "best"
     mode: str = "auto"
@@ -55,7 +61,8 @@ class GenerateConfig:
 
 
 USAGE = ("usage: python -m experiments.generate run=<run dir> prompt=\"...\" [max_new_tokens=N] [temperature=T] "
-         "[top_k=K] [seed=S] [checkpoint=best|last] [mode=auto|incremental|recompute] [device=cpu|cuda]")
+         "[top_k=K] [max_context=C] [seed=S] [checkpoint=best|last] [mode=auto|incremental|recompute] "
+         "[device=cpu|cuda]")
 # taken as written: a prompt is free text, not a YAML value ("a: b", "[x]" and "null" stay words)
 VERBATIM_KEYS = ("run", "prompt")
 
@@ -74,6 +81,11 @@ def parse_args(argv: list[str]) -> GenerateConfig:
         raise SystemExit(USAGE)
     if cfg.mode not in MODES:
         raise SystemExit(f"mode={cfg.mode!r}; expected one of {', '.join(MODES)}")
+    try:
+        check_options(temperature=cfg.temperature, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
+                      max_context=cfg.max_context)
+    except ValueError as error:
+        raise SystemExit(f"{error}; {USAGE}") from None
     return OmegaConf.to_object(cfg)
 
 
@@ -133,8 +145,13 @@ def main(argv: list[str] | None = None) -> str:
     # the stream starts with </s>, as every training and evaluation stream does
     prompt = torch.tensor([[EOS, *dictionary.encode_line(args.prompt)[:-1]]], device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    trained = int(cfg.data.tokens_per_sample)
+    max_context = trained if args.max_context is None else args.max_context
+    if max_context > trained and prompt.shape[1] + args.max_new_tokens > trained:
+        log.warning("max_context=%d: positions past %d (data.tokens_per_sample of this run) were never trained; "
+                    "the continuation past them is out of the model's training distribution", max_context, trained)
     tokens = generate(model, prompt, args.max_new_tokens, mode=args.mode, temperature=args.temperature,
-                      top_k=args.top_k, generator=generator, banned=(BOS, PAD))
+                      top_k=args.top_k, generator=generator, banned=(BOS, PAD), max_context=max_context)
     text = dictionary.decode(tokens[0, prompt.shape[1] :].tolist())
     print(f"{args.prompt} {text}".strip())
     return text
