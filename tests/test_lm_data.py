@@ -17,9 +17,16 @@ from tasks.wikitext103.cache import (
     cache_dir_of,
     load_or_build,
 )
-from tasks.wikitext103.corpus import HF_CONFIGS, HF_REPO, MissingSplitError, find_source, split_file
+from tasks.wikitext103.corpus import (
+    HF_CONFIGS,
+    HF_REPO,
+    CorpusEncodingError,
+    MissingSplitError,
+    find_source,
+    split_file,
+)
 from tasks.wikitext103.data import WikiTextDataModule
-from tasks.wikitext103.dictionary import EOS, SPECIALS, UNK, Dictionary
+from tasks.wikitext103.dictionary import EOS, SPECIALS, UNK, Dictionary, DictionaryFormatError
 from tests.fixtures.wikitext103 import UNSEEN, write_corpus
 
 
@@ -217,3 +224,35 @@ def test_real_wikitext103_has_fairseqs_sizes():
     module.setup()  # raises KnownSizeError on any difference
     assert module.data_info["tokens"] == {"train": 103_227_021, "valid": 217_646, "test": 245_569}
     assert module.data_info["vocab_size"] == 267_744
+
+
+def test_bytes_that_are_not_utf8_name_the_file_line_and_fix_and_write_nothing(tmp_path):
+    folder = write_corpus(tmp_path, "tiny-wiki")
+    valid = folder / "wiki.valid.tokens"
+    lines = valid.read_bytes().split(b"\n")
+    offset = sum(len(line) + 1 for line in lines[:2]) + 3
+    lines[2] = lines[2][:3] + b"caf\xe9" + lines[2][3:]  # Latin-1 é on line 3
+    valid.write_bytes(b"\n".join(lines))
+    cache = cache_dir_of(tmp_path, "tiny-wiki")
+    with pytest.raises(CorpusEncodingError) as caught:
+        load_or_build(find_source(tmp_path, "tiny-wiki"), cache)
+    message = str(caught.value)
+    assert str(valid) in message and "line 3" in message and f"byte offset {offset + 3}" in message
+    assert "UTF-8" in message and "make data-wikitext103" in message and "iconv" in message
+    assert sorted(path.name for path in cache.iterdir()) == [".lock"]  # train was fine, yet nothing was written
+
+    # a cache that was complete stays as it was when its source turns bad
+    write_corpus(tmp_path, "tiny-wiki")
+    good = load_or_build(find_source(tmp_path, "tiny-wiki"), cache)
+    before = {path.name: path.read_bytes() for path in cache.iterdir()}
+    (folder / "wiki.test.tokens").write_bytes(b" ok \n \xff\xfe \n")
+    with pytest.raises(CorpusEncodingError, match=r"wiki\.test\.tokens is not UTF-8 text: line 2, byte offset 6"):
+        load_or_build(find_source(tmp_path, "tiny-wiki"), cache)
+    assert {path.name: path.read_bytes() for path in cache.iterdir()} == before
+    assert good.dictionary.sha256 == Dictionary.load(cache / "dict.txt").sha256
+
+
+def test_a_dictionary_file_that_is_not_utf8_names_the_file(tmp_path):
+    (tmp_path / "dict.txt").write_bytes(b"the 3\ncaf\xe9 1\n")
+    with pytest.raises(DictionaryFormatError, match=r"dict\.txt is not UTF-8"):
+        Dictionary.load(tmp_path / "dict.txt")

@@ -63,10 +63,11 @@ def tiny_lm(vocab_size: int, attention: str, seed: int = 0) -> TransformerLM:
     return TransformerLM(vocab_size, d_model=16, n_layers=2, n_heads=2, d_ff=32, attention=options, dropout=0.0)
 
 
-def run_test_stage(datamodule: WikiTextDataModule, model: TransformerLM) -> dict[str, float]:
-    module = LanguageModelModule(model, lambda params: torch.optim.SGD(params, lr=0.0), OBJECTIVE)
+def run_test_stage(datamodule: WikiTextDataModule, model: TransformerLM, precision: str = "32-true",
+                   **module_options) -> dict[str, float]:  # fmt: skip
+    module = LanguageModelModule(model, lambda params: torch.optim.SGD(params, lr=0.0), OBJECTIVE, **module_options)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                        enable_model_summary=False)
+                        enable_model_summary=False, precision=precision)
     return trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
 
@@ -124,3 +125,26 @@ def test_evaluation_under_ddp_never_repeats_a_window(tmp_path):
             for batch in loader:
                 seen += [t for t in batch["target"].flatten().tolist() if t != IGNORE_INDEX]
     assert sorted(seen) == sorted(np.asarray(datamodule.corpus.streams["test"]).tolist())
+
+
+@pytest.mark.parametrize("fp32_eval", [True, False])
+def test_test_stage_scores_in_fp32_under_a_bf16_mixed_trainer(tmp_path, fp32_eval):
+    """trainer=gpu trains in bf16-mixed; the reported perplexities are still computed in fp32 (module.fp32_eval)."""
+    write_corpus(tmp_path, "tiny-wiki")
+    datamodule = WikiTextDataModule("tiny-wiki", tmp_path, tokens_per_sample=32, context_window=16, batch_size=4)
+    datamodule.setup()
+    model = tiny_lm(datamodule.model_dims()["vocab_size"], "flow")
+    seen = set()
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            layer.register_forward_hook(lambda _, __, out: seen.add((out.dtype, torch.is_autocast_enabled("cpu"))))
+    mixed = run_test_stage(datamodule, model, precision="bf16-mixed", fp32_eval=fp32_eval)
+    full = run_test_stage(datamodule, model, precision="32-true")
+    if fp32_eval:  # autocast is switched off around every test step: the same numbers as an fp32 trainer
+        assert {dtype for dtype, _ in seen} == {torch.float32} and not any(on for _, on in seen)
+        scores = lambda metrics: {key: value for key, value in metrics.items() if not key.endswith("tokens_per_s")}
+        assert scores(mixed) == scores(full)
+    else:  # the trainer's precision, whose rounding shows in the perplexity
+        assert (torch.bfloat16, True) in seen
+        assert mixed["test/loss"] != full["test/loss"]
+        assert mixed["test/loss"] == pytest.approx(full["test/loss"], rel=2e-2)

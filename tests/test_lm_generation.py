@@ -3,6 +3,11 @@ sequence, the sampling options, and `python -m experiments.generate` on a traine
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import shutil
+
 import pytest
 import torch
 
@@ -73,7 +78,63 @@ def test_modes_and_sampling_options():
     assert set(drawn.tolist()) == {1, 3}
 
 
-def test_generate_command_on_a_trained_run(tmp_path, capsys):
+def record_positions(model: TransformerLM) -> list[int]:
+    """The end (one past the last position) of every run of positions the model embeds, appended as it runs."""
+    ends: list[int] = []
+    model.embed_positions.register_forward_pre_hook(lambda _, args, kwargs: ends.append(args[0] + args[1]),
+                                                    with_kwargs=True)  # fmt: skip
+    return ends
+
+
+@pytest.mark.parametrize("name", ["flow", "softmax"])
+@pytest.mark.parametrize("prompt_length", [5, 12])
+def test_past_max_context_every_mode_continues_from_the_last_window(name, prompt_length):
+    """Once the sequence outgrows max_context (the trained positions), the next token is drawn from its last
+    max_context tokens at positions 0..max_context-1, in the step mode as in recompute (nanoGPT's crop)."""
+    model, window, steps = tiny(name), 8, 20
+    prompt = torch.randint(4, 60, (2, prompt_length), generator=torch.Generator().manual_seed(2))
+    tokens, draws = prompt, torch.Generator().manual_seed(5)
+    with torch.no_grad():  # an independent reference: crop, run the whole window, draw
+        for _ in range(steps):
+            logits = model.logits(model(tokens[:, -window:])[:, -1])
+            tokens = torch.cat([tokens, next_tokens(logits, 0.9, 6, draws)[:, None]], dim=1)
+    ends = record_positions(model)
+    for mode in ("incremental", "recompute"):
+        ends.clear()
+        drawn = generate(model, prompt, steps, mode=mode, temperature=0.9, top_k=6, max_context=window,
+                         generator=torch.Generator().manual_seed(5))  # fmt: skip
+        assert torch.equal(drawn, tokens), mode
+        assert max(ends) == window  # no position past the trained ones, in any mode
+
+
+def test_without_max_context_the_step_mode_runs_past_the_trained_positions():
+    model = tiny("flow")
+    ends = record_positions(model)
+    drawn = generate(model, torch.randint(4, 60, (1, 5)), 20, mode="incremental", max_context=None)
+    assert drawn.shape == (1, 25) and max(ends) == 24  # the last drawn token is never fed back
+
+
+@pytest.mark.parametrize("key, value", [("top_k", 0), ("top_k", -1), ("temperature", -0.5),
+                                        ("temperature", float("nan")), ("max_new_tokens", -1), ("max_context", 0)])
+def test_out_of_range_generation_options_are_errors_naming_the_option(key, value):
+    options = {"max_new_tokens": 3, key: value}
+    with pytest.raises(ValueError, match=key):
+        generate(tiny("flow"), torch.randint(4, 60, (1, 4)), options.pop("max_new_tokens"), **options)
+    with pytest.raises(SystemExit, match=key):
+        generate_cli.parse_args(["run=r", f"{key}={value}"])
+
+
+def test_temperature_zero_is_greedy_and_top_k_keeps_exactly_k():
+    model, prompt = tiny("flow"), torch.randint(4, 60, (1, 4), generator=torch.Generator().manual_seed(3))
+    greedy = generate(model, prompt, 6, temperature=0.0)
+    with torch.no_grad():
+        assert greedy[0, -1] == model.logits(model(greedy[:, :-1])[:, -1]).argmax(dim=-1)[0]
+    tied = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]]).repeat(400, 1)  # three ids tie at the 2nd largest logit
+    drawn = next_tokens(tied, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert len(set(drawn.tolist())) == 2 and 0 in drawn.tolist()
+
+
+def test_generate_command_on_a_trained_run(tmp_path, capsys, caplog, monkeypatch):
     data_dir = tmp_path / "data"
     overrides = write_fixture(data_dir)
     cfg = compose_config([
@@ -86,6 +147,10 @@ def test_generate_command_on_a_trained_run(tmp_path, capsys):
     run_dir = tmp_path / "run"
     train(cfg, run_dir)
     capsys.readouterr()
+    recorded = json.loads((run_dir / "metrics.json").read_text())["data"]["dictionary_sha256"]
+    assert hashlib.sha256((run_dir / "dict.txt").read_bytes()).hexdigest() == recorded
+    assert (run_dir / "dict.txt.sha256").read_text() == f"{recorded}  dict.txt\n"
+    shutil.rmtree(data_dir)  # the corpus and its token cache are gone: the run folder is enough
     text = generate_cli.main([f"run={run_dir}", "prompt=the river", "max_new_tokens=7", "seed=3", "top_k=10"])
     printed = capsys.readouterr().out
     assert printed.startswith("the river") and len(text.split()) + text.count("\n") >= 7
@@ -94,6 +159,29 @@ def test_generate_command_on_a_trained_run(tmp_path, capsys):
     assert again == text  # the recurrent step mode draws what recomputing draws
     with pytest.raises(SystemExit, match="checkpoint"):
         generate_cli.main([f"run={run_dir}", "prompt=a", "checkpoint=missing"])
+
+    # past the trained positions (data.tokens_per_sample=32): the context slides, the modes still agree
+    long = {mode: generate_cli.main([f"run={run_dir}", "prompt=the river", "max_new_tokens=40", f"mode={mode}"])
+            for mode in ("incremental", "recompute")}  # fmt: skip
+    assert long["incremental"] == long["recompute"]
+    limits = []
+    monkeypatch.setattr(generate_cli, "generate", lambda *a, **k: limits.append(k["max_context"]) or generate(*a, **k))
+    generate_cli.main([f"run={run_dir}", "prompt=a", "max_new_tokens=2"])
+    with caplog.at_level(logging.WARNING, logger="flowformer.generate"):
+        generate_cli.main([f"run={run_dir}", "prompt=a", "max_new_tokens=40", "max_context=64"])
+    assert limits == [32, 64] and "never trained" in caplog.text
+
+    saved = (run_dir / "dict.txt").read_text()
+    (run_dir / "dict.txt").write_text(saved.replace("the ", "teh ", 1))  # edited after training
+    with pytest.raises(SystemExit, match=r"dict\.txt .*is not the dictionary dict\.txt\.sha256 records"):
+        generate_cli.main([f"run={run_dir}", "prompt=a"])
+    (run_dir / "dict.txt.sha256").unlink()
+    with pytest.raises(SystemExit, match=r"is not the dictionary this run was trained with \(metrics\.json records"):
+        generate_cli.main([f"run={run_dir}", "prompt=a"])
+    (run_dir / "dict.txt").unlink()  # a run from before the dictionary was saved with it
+    cache = data_dir / "tiny-wiki" / "cache" / "dict.txt"
+    with pytest.raises(SystemExit, match=rf"dict\.txt is missing.*`cp {cache} {run_dir}/`.*--check"):
+        generate_cli.main([f"run={run_dir}", "prompt=a"])
 
 
 def test_prompts_are_taken_as_written():

@@ -146,17 +146,29 @@ def count_words(source: CorpusSource, split: str = "train") -> tuple[Counter[str
 
 
 def build(source: CorpusSource, cache_dir: Path) -> None:
-    """Build the dictionary from the training split, write every split's ids, then `meta.json`."""
+    """Build the dictionary from the training split, write every split's ids, then `meta.json`.
+
+    All or nothing: the files are staged under temporary names and put in place only once every split has been
+    read, so a split that cannot be read (bad bytes, an empty file) leaves the cache folder as it was.
+    """
     log.info("tokenising %s into %s (once)", source.dataset, cache_dir)
     counts, _ = count_words(source, "train")
     dictionary = Dictionary.from_counts(counts)
-    (cache_dir / "meta.json").unlink(missing_ok=True)
-    _write_atomic(cache_dir / "dict.txt", dictionary.to_text().encode("utf-8"))
-    splits = {}
-    for split in SPLITS:
-        ids, lines = encode_split(source, split, dictionary)
-        _write_atomic(cache_dir / f"{split}.bin", ids.tobytes())
-        splits[split] = {"tokens": int(ids.size), "lines": lines, "source": source.fingerprint(split)}
+    staged: dict[str, Path] = {}
+    try:
+        staged["dict.txt"] = _stage(cache_dir / "dict.txt", dictionary.to_text().encode("utf-8"))
+        splits = {}
+        for split in SPLITS:
+            ids, lines = encode_split(source, split, dictionary)
+            staged[f"{split}.bin"] = _stage(cache_dir / f"{split}.bin", ids.tobytes())
+            splits[split] = {"tokens": int(ids.size), "lines": lines, "source": source.fingerprint(split)}
+    except BaseException:
+        for temporary in staged.values():
+            temporary.unlink(missing_ok=True)
+        raise
+    (cache_dir / "meta.json").unlink(missing_ok=True)  # the old cache stops being valid before any file changes
+    for name, temporary in staged.items():
+        os.replace(temporary, cache_dir / name)
     meta = {
         "format": CACHE_FORMAT,
         "dataset": source.dataset,
@@ -186,10 +198,15 @@ def encode_split(source: CorpusSource, split: str, dictionary: Dictionary) -> tu
     return np.concatenate(pieces), lines
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _stage(path: Path, data: bytes) -> Path:
+    """Write `data` next to `path` under a temporary name (the caller holds the cache's lock) and return that name."""
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_bytes(data)
-    os.replace(temporary, path)
+    return temporary
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    os.replace(_stage(path, data), path)
 
 
 def check_known_sizes(source: CorpusSource, corpus: TokenizedCorpus) -> None:

@@ -7,7 +7,8 @@ is absent but the files are already in the local Hugging Face cache (`make data-
 one row per line of the original file, blank lines as "", so the tokens are the same.
 
 Lines are read as fairseq reads them: UTF-8 text with universal newlines (\\n, \\r\\n and \\r end a line; other
-Unicode separators do not).
+Unicode separators do not). A file that is not UTF-8 raises `CorpusEncodingError` naming the file, the line and
+byte offset of the first bad byte, and the fix.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ class MissingSplitError(FileNotFoundError):
     """A split of the corpus is on disk neither as a file nor in the Hugging Face cache."""
 
 
+class CorpusEncodingError(ValueError):
+    """A split file holds bytes that are not UTF-8."""
+
+
 def split_file(data_dir: Path, dataset: str, split: str) -> Path:
     """`<data_dir>/<dataset>/wiki.<split>.tokens`."""
     return Path(data_dir) / dataset / f"wiki.{split}.tokens"
@@ -46,8 +51,12 @@ class CorpusSource:
     def lines(self, split: str) -> Iterator[str]:
         """The split's lines in order (each with or without its line break; only whitespace tokens matter)."""
         if self.kind == "files":
-            with open(self.files[split][0], encoding="utf-8") as handle:
-                yield from handle
+            path = self.files[split][0]
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    yield from handle
+            except UnicodeDecodeError as error:
+                raise CorpusEncodingError(_encoding_message(path, error)) from None
             return
         import pyarrow.parquet as pq  # with `datasets` (the `lm` extra)
 
@@ -61,6 +70,32 @@ class CorpusSource:
     def describe(self, split: str) -> str:
         paths = self.files[split]
         return str(paths[0]) if len(paths) == 1 else f"{paths[0].parent}/{HF_SPLITS[split]}-*.parquet"
+
+
+def first_invalid_utf8(path: Path) -> tuple[int, int, bytes] | None:
+    """(line number from 1, byte offset in the file, the offending bytes) of the first byte sequence of `path` that is
+    not UTF-8, counting lines at \\n as editors and `sed -n <line>p` do; None when the whole file decodes."""
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                # a sequence cut by the line break cannot continue past it: the error lies within the line
+                return number, offset + error.start, line[error.start : error.end]
+            offset += len(line)
+    return None
+
+
+def _encoding_message(path: Path, error: UnicodeDecodeError) -> str:
+    found = first_invalid_utf8(path)
+    where = (f"line {found[0]}, byte offset {found[1]:,} (bytes {found[2].hex(' ')})" if found is not None
+             else f"({error.reason})")
+    return (
+        f"{path} is not UTF-8 text: {where}. WikiText files (and fairseq-preprocess) are UTF-8: re-fetch the corpus "
+        f"with `{FETCH_COMMAND}`, or convert this file to UTF-8 from the encoding it was saved in (e.g. `iconv -f "
+        f"latin1 -t utf-8 {path.name} > {path.name}.utf8`, then move it in place). Nothing was written to the token cache"
+    )
 
 
 def find_source(data_dir: Path, dataset: str, source: str = "auto") -> CorpusSource:
@@ -122,6 +157,6 @@ def data_root_from_env() -> Path:
 
 
 __all__ = [
-    "FETCH_COMMAND", "HF_CONFIGS", "HF_REPO", "HF_SPLITS", "SOURCES", "SPLITS", "CorpusSource", "MissingSplitError",
-    "data_root_from_env", "find_source", "hf_cached_files", "split_file",
+    "FETCH_COMMAND", "HF_CONFIGS", "HF_REPO", "HF_SPLITS", "SOURCES", "SPLITS", "CorpusEncodingError", "CorpusSource",
+    "MissingSplitError", "data_root_from_env", "find_source", "first_invalid_utf8", "hf_cached_files", "split_file",
 ]

@@ -28,12 +28,17 @@ from tasks.common.datamodule import DataStatus, TaskDataModule
 from tasks.common.sampling import seeded_loader
 from tasks.wikitext103.cache import TokenizedCorpus, cache_dir_of, load_or_build
 from tasks.wikitext103.corpus import SOURCES, SPLITS, MissingSplitError, find_source
-from tasks.wikitext103.dictionary import PAD
+from tasks.wikitext103.dictionary import PAD, Dictionary, save_to_run
 from tasks.wikitext103.windows import ContextWindows, TokenStream, collate_windows
 
 log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("valid", "test")
+
+
+def model_dims_of(dictionary: Dictionary) -> dict[str, Any]:
+    """What the language model needs from the data: the vocabulary size and the `<pad>` id."""
+    return {"vocab_size": len(dictionary), "padding_idx": PAD}
 
 
 class WikiTextDataModule(TaskDataModule):
@@ -50,6 +55,8 @@ class WikiTextDataModule(TaskDataModule):
             batch_size; results do not depend on it).
         selection: one of results.run_record.SELECTIONS (which split `val/*` scores).
         seed: the training order (`EpochSeededSampler`).
+        run_dir: the run directory (`${paths.run_dir}`, set by the training entry point); when given, the
+            dictionary is saved there (`dict.txt` and its sha256), so that generation needs the run folder alone.
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class WikiTextDataModule(TaskDataModule):
         seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool = False,
+        run_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         checked_selection(selection)
@@ -85,6 +93,7 @@ class WikiTextDataModule(TaskDataModule):
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size or batch_size)
         self.selection, self.seed = selection, int(seed)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.run_dir = None if run_dir is None else Path(run_dir)
         self.corpus: TokenizedCorpus | None = None
 
     # --------------------------------------------------------------------------------------- the contract
@@ -123,12 +132,15 @@ class WikiTextDataModule(TaskDataModule):
             "val_split": self.val_split,
         }
         log.info("%s: %s tokens, vocabulary %d", self.dataset, self.data_info["tokens"], len(corpus.dictionary))
+        if self.run_dir is not None:
+            save_to_run(corpus.dictionary, self.run_dir)
 
     def model_dims(self) -> dict[str, Any]:
-        return {"vocab_size": len(self._corpus().dictionary), "padding_idx": PAD}
+        return model_dims_of(self._corpus().dictionary)
 
     def module_dims(self) -> dict[str, Any]:
-        return {"eval_splits": EVAL_SPLITS}
+        """The test loaders' names, and the tokens of a full training micro-batch (the scale of its loss)."""
+        return {"eval_splits": EVAL_SPLITS, "micro_batch_tokens": self.batch_size * self.tokens_per_sample}
 
     # --------------------------------------------------------------------------------------------- loaders
     @property
@@ -171,4 +183,4 @@ class WikiTextDataModule(TaskDataModule):
         return StatefulDataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_options())
 
 
-__all__ = ["EVAL_SPLITS", "WikiTextDataModule"]
+__all__ = ["EVAL_SPLITS", "WikiTextDataModule", "model_dims_of"]

@@ -10,6 +10,9 @@ Words of valid/test that training never saw map to `<unk>`.
 
 `Dictionary.save` writes fairseq's `dict.txt` ("<word> <count>" per line, specials omitted), so the checksum of
 that file can be compared with the `dict.txt` of a fairseq `data-bin` folder.
+
+Training also saves the dictionary into its run directory (`save_to_run`: `dict.txt` and `dict.txt.sha256`), so
+that generating from a run needs the run folder alone (`load_from_run`), not the corpus and its token cache.
 """
 
 from __future__ import annotations
@@ -19,14 +22,23 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from results.atomic_io import write_text_atomic
+
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 EOS_WORD = SPECIALS[EOS]
 PADDING_FACTOR = 8
+# in a run directory: the dictionary the run was trained with, and its sha256 in `sha256sum`'s format
+RUN_DICTIONARY = "dict.txt"
+RUN_DICTIONARY_SHA256 = "dict.txt.sha256"
 
 
 class DictionaryFormatError(ValueError):
     """A dict.txt line is not `<word> <count>`."""
+
+
+class RunDictionaryError(ValueError):
+    """A run directory's dict.txt is not the dictionary its sha256 file records."""
 
 
 class Dictionary:
@@ -79,14 +91,54 @@ class Dictionary:
     def load(cls, path: Path) -> Dictionary:
         """Read a fairseq dict.txt (ours or one from a fairseq `data-bin` folder)."""
         symbols, counts = list(SPECIALS), [0] * len(SPECIALS)
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                word, _, count = line.rstrip("\n").rpartition(" ")
-                if not word or not count.isdigit():
-                    raise DictionaryFormatError(f"{path}, line {number}: expected '<word> <count>', got {line!r}")
-                symbols.append(word)
-                counts.append(int(count))
+        try:
+            with open(path, encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    word, _, count = line.rstrip("\n").rpartition(" ")
+                    if not word or not count.isdigit():
+                        raise DictionaryFormatError(f"{path}, line {number}: expected '<word> <count>', got {line!r}")
+                    symbols.append(word)
+                    counts.append(int(count))
+        except UnicodeDecodeError as error:
+            raise DictionaryFormatError(
+                f"{path} is not UTF-8 text ({error.reason} at byte {error.start} of a read block); a fairseq dict.txt "
+                "is UTF-8: copy it again from the data cache it was built in"
+            ) from None
         return cls(symbols, counts)
 
 
-__all__ = ["BOS", "EOS", "EOS_WORD", "PAD", "SPECIALS", "UNK", "Dictionary", "DictionaryFormatError"]
+def save_to_run(dictionary: Dictionary, run_dir: Path) -> Path:
+    """Write `dictionary` as `<run_dir>/dict.txt` with its sha256 beside it (`sha256sum -c dict.txt.sha256` checks
+    it); each file atomically, so processes of one DDP run may all write it. Returns the dict.txt path."""
+    path = Path(run_dir) / RUN_DICTIONARY
+    write_text_atomic(path, dictionary.to_text())
+    write_text_atomic(path.with_name(RUN_DICTIONARY_SHA256), f"{dictionary.sha256}  {RUN_DICTIONARY}\n")
+    return path
+
+
+def load_from_run(run_dir: Path) -> Dictionary:
+    """The dictionary saved by `save_to_run`, checked against its recorded sha256 (when that file is there).
+
+    Raises FileNotFoundError when `<run_dir>/dict.txt` is absent (runs from before it was saved), and
+    `RunDictionaryError` when it does not match its recorded checksum.
+    """
+    path = Path(run_dir) / RUN_DICTIONARY
+    if not path.is_file():
+        raise FileNotFoundError(f"no dictionary at {path}")
+    dictionary = Dictionary.load(path)
+    checksum = path.with_name(RUN_DICTIONARY_SHA256)
+    if checksum.is_file():
+        recorded = checksum.read_text(encoding="utf-8").split()[0]
+        if recorded != dictionary.sha256:
+            raise RunDictionaryError(
+                f"{path} (sha256 {dictionary.sha256[:12]}...) is not the dictionary {checksum.name} records "
+                f"({recorded[:12]}...): it was edited or replaced after training. Copy the training data's "
+                f"<data_dir>/<dataset>/cache/dict.txt back into {path.parent}"
+            )
+    return dictionary
+
+
+__all__ = [
+    "BOS", "EOS", "EOS_WORD", "PAD", "RUN_DICTIONARY", "RUN_DICTIONARY_SHA256", "SPECIALS", "UNK", "Dictionary",
+    "DictionaryFormatError", "RunDictionaryError", "load_from_run", "save_to_run",
+]

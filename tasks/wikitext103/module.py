@@ -13,10 +13,22 @@ Metrics (loss in nats per token; perplexity = exp(loss), which equals fairseq's 
 The optimiser is a Hydra partial (fairseq's Adam is AdamW: decoupled weight decay); the schedule is fairseq's
 inverse_sqrt (`tasks.common.schedules.InverseSqrtSchedule`) from `warmup_init_lr` to the optimiser's lr over
 `warmup_updates` optimiser steps.
+
+Each update is the gradient of the summed NLL of the tokens its micro-batches held, divided by their number, as in
+fairseq (which sums the loss over the accumulated micro-batches and divides the gradient by their `sample_size`).
+Lightning divides every micro-batch's loss by `trainer.accumulate_grad_batches`, also in a group cut short by the
+end of an epoch (WikiText-103: 50,404 batches, so the last group of each epoch holds 4 of 16); here each micro-batch
+backpropagates its summed NLL over the fixed `micro_batch_tokens`, and before the optimiser step the gradients are
+rescaled by what was actually accumulated (summed over processes under DDP). A full group of full micro-batches is
+left exactly as it was.
+
+The test stage (the reported perplexities) runs in fp32 whatever `trainer.precision` is (`fp32_eval`, fairseq's
+`eval_lm` is fp32); training and the evaluations that pick the checkpoint run in the trainer's precision.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,11 +39,16 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.aggregation import SumMetric
 
+from tasks.common.full_precision import full_precision
 from tasks.common.module import TaskModule
 from tasks.common.objective import Objective
 from tasks.common.schedules import InverseSqrtSchedule
 from tasks.wikitext103.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy
 from tasks.wikitext103.windows import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+# fairseq's --max-tokens in the paper's command (4 samples of 512): the default scale of a micro-batch's loss
+DEFAULT_MICRO_BATCH_TOKENS = 2048
 
 
 class SplitScore(nn.Module):
@@ -67,6 +84,11 @@ class LanguageModelModule(TaskModule):
         eval_splits: names of the test loaders, in the datamodule's order (`module_dims()`).
         warmup_updates, warmup_init_lr: fairseq's inverse_sqrt warm-up (paper: 6000 updates from 1e-7).
         loss_chunk_tokens: tokens per chunk of the output layer's cross-entropy (memory, not results).
+        fp32_eval: score the test stage in fp32 under a mixed-precision trainer (`module.fp32_eval`; default True,
+            as fairseq's eval_lm); False scores it in the trainer's precision.
+        micro_batch_tokens: the tokens of a full training micro-batch (from the datamodule, `module_dims()`): each
+            micro-batch backpropagates its summed NLL divided by it. It sets only the scale of the loss handed to
+            Lightning (what loss scaling sees); every update is divided by the tokens it really accumulated.
         (model, optimizer, objective: see `TaskModule`; the model returns hidden states and has `output_weight`.)
     """
 
@@ -79,11 +101,18 @@ class LanguageModelModule(TaskModule):
         warmup_updates: int = 4000,
         warmup_init_lr: float = 1e-7,
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        fp32_eval: bool = True,
+        micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
     ) -> None:
         super().__init__(model, optimizer, objective, scheduler=None, scheduler_interval="step")
+        if micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
         self.eval_splits = tuple(eval_splits)
         self.warmup_updates, self.warmup_init_lr = int(warmup_updates), float(warmup_init_lr)
         self.loss_chunk_tokens = int(loss_chunk_tokens)
+        self.fp32_eval = bool(fp32_eval)
+        self.micro_batch_tokens = int(micro_batch_tokens)
+        self._group_tokens = 0  # scored tokens of the micro-batches accumulated since the last optimiser step
         self.scores = nn.ModuleDict({name: SplitScore() for name in ("val", *self.eval_splits)})
         self._train_tokens, self._train_seconds = 0, 0.0
         self._batch_started = 0.0
@@ -96,11 +125,32 @@ class LanguageModelModule(TaskModule):
                                     chunk_tokens=self.loss_chunk_tokens)
 
     def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        """Training: the summed NLL over `micro_batch_tokens` (see the module docstring), after logging the mean
+        `train/loss`. Otherwise the mean NLL per scored token."""
         nll, count = self.nll(batch)
-        loss = nll / count.clamp_min(1)
-        if stage == "train":
-            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=int(count))
-        return loss
+        tokens = int(count)
+        mean = nll / max(tokens, 1)
+        if stage != "train":
+            return mean
+        self.log("train/loss", mean, on_step=True, on_epoch=True, prog_bar=True, batch_size=tokens)
+        self._group_tokens += tokens
+        return nll / self.micro_batch_tokens
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide the accumulated gradient by the tokens it holds (fairseq's sample_size), not by the group size
+        Lightning assumes: Lightning backpropagated Σ nll / (micro_batch_tokens · accumulate_grad_batches) per
+        process and DDP averaged over processes."""
+        accumulated, self._group_tokens = self._group_tokens, 0
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            total = torch.tensor(accumulated, dtype=torch.int64, device=self.device)
+            accumulated = int(trainer.strategy.reduce(total, reduce_op="sum").item())
+        assumed = self.micro_batch_tokens * trainer.accumulate_grad_batches * trainer.world_size
+        if accumulated in (0, assumed):  # nothing scored, or exactly what Lightning assumed: leave the bits alone
+            return
+        for parameter in self.parameters():
+            if parameter.grad is not None:
+                parameter.grad.mul_(assumed / accumulated)
 
     # ---------------------------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -128,8 +178,17 @@ class LanguageModelModule(TaskModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._score(batch, "val")
 
+    def on_test_start(self) -> None:
+        weights = {p.dtype for p in self.parameters()}
+        if self.fp32_eval and weights != {torch.float32}:
+            log.warning("module.fp32_eval: the weights are %s (trainer.precision=%s), so the test stage cannot run in "
+                        "fp32; use a mixed precision (bf16-mixed, 16-mixed) or 32-true for a reported perplexity",
+                        sorted(map(str, weights)), self.trainer.precision)
+
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._score(batch, self.eval_splits[dataloader_idx])
+        # the reported perplexities: fp32 also under a mixed-precision trainer, as fairseq's eval_lm scores them
+        with full_precision(self.device, self.fp32_eval):
+            self._score(batch, self.eval_splits[dataloader_idx])
 
     def _log_split(self, name: str) -> None:
         for key, value in self.scores[name].metrics().items():
@@ -154,4 +213,4 @@ class LanguageModelModule(TaskModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-__all__ = ["LanguageModelModule", "SplitScore"]
+__all__ = ["DEFAULT_MICRO_BATCH_TOKENS", "LanguageModelModule", "SplitScore"]
