@@ -35,6 +35,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from results.portable_paths import local_paths
 from results.recipe import register_resolvers
 from results.run_record import CHECKPOINT_DIR, METRICS_FILE
 from tasks.wikitext103.cache import cache_dir_of
@@ -93,7 +94,7 @@ def run_config(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
     """The run's resolved config and data record: from metrics.json when the run finished, else from .hydra/."""
     metrics = run_dir / METRICS_FILE
     if metrics.is_file():
-        record = json.loads(metrics.read_text())
+        record = local_paths(json.loads(metrics.read_text()))  # paths as this machine has them
         return OmegaConf.create(record["config"]), record.get("data", {})
     hydra_config = run_dir / ".hydra" / "config.yaml"
     if hydra_config.is_file():

@@ -13,6 +13,7 @@ by an absolute `data.data_dir` elsewhere).
 """
 from __future__ import annotations
 
+import os
 import site
 import sysconfig
 from collections.abc import Mapping
@@ -72,3 +73,34 @@ def absolute_paths(value: Any, where: str = "record") -> list[str]:
     if isinstance(value, list | tuple):
         return [hit for i, item in enumerate(value) for hit in absolute_paths(item, f"{where}[{i}]")]
     return []
+
+
+# The roots' defaults where the environment does not set them (as conf/paths/default.yaml reads them).
+ROOT_DEFAULTS = {"$RUNS_DIR": ("RUNS_DIR", "experiments/runs"), "$DATA_DIR": ("DATA_DIR", "data")}
+
+
+def local_path(text: str) -> str:
+    """A portable path as a path on this machine: the roots from the environment (RUNS_DIR, DATA_DIR, or their
+    defaults), a package's file from where the package is installed here. Other strings are returned as they are."""
+    for name, (variable, default) in ROOT_DEFAULTS.items():
+        if text == name or text.startswith(f"{name}/"):
+            return (os.environ.get(variable) or default) + text[len(name):]
+    package, sep, rest = text.partition(":")
+    if sep and package.isidentifier() and "/" in rest and not rest.startswith("/"):
+        import importlib.util
+
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            return str(Path(next(iter(spec.submodule_search_locations))) / rest)
+    return text
+
+
+def local_paths(value: Any) -> Any:
+    """`value` (nested dicts, lists and strings, as in a record) with every portable path made local."""
+    if isinstance(value, str):
+        return local_path(value)
+    if isinstance(value, Mapping):
+        return {key: local_paths(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [local_paths(item) for item in value]
+    return value

@@ -136,6 +136,7 @@ def test_temperature_zero_is_greedy_and_top_k_keeps_exactly_k():
 
 def test_generate_command_on_a_trained_run(tmp_path, capsys, caplog, monkeypatch):
     data_dir = tmp_path / "data"
+    monkeypatch.setenv("DATA_DIR", str(data_dir))  # the record names $DATA_DIR/...: this machine's data root
     overrides = write_fixture(data_dir)
     cfg = compose_config([
         "experiment=wikitext103/transformer_lm", f"paths.data_dir={data_dir}", "logger=csv",
