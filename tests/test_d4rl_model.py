@@ -109,3 +109,77 @@ def test_bf16_autocast_trains_and_stays_close_to_fp32(attention):
         loss = (model(**batch).float() - batch["actions"]).pow(2).mean()
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------------------ the official recipe
+
+
+def test_the_feed_forward_drops_out_once_after_its_output_as_gpt2s_mlp():
+    """GPT-2's MLP is Linear -> activation -> Linear -> dropout; no dropout after the activation."""
+    cfg = _composed_model()
+    assert cfg.ffn_inner_dropout is False
+    model = tiny(ffn_inner_dropout=cfg.ffn_inner_dropout)
+    for block in model.blocks:
+        layers = list(block.ffn)
+        dropouts = [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.Dropout)]
+        assert dropouts == [len(layers) - 1] and isinstance(layers[-2], torch.nn.Linear)
+        assert layers[-1].p == 0.1
+
+
+def test_other_domains_keep_the_dropout_after_the_activation():
+    from flowformer.nn.blocks import EncoderBlock
+
+    layers = list(EncoderBlock(8, 2, 16, dropout=0.1).ffn)
+    assert [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.Dropout)] == [2, 4]
+
+
+def test_only_the_transformer_blocks_start_from_gpt2s_normal_init():
+    """As in the official code, N(0, 0.02) and zero biases are GPT-2's, inside the blocks; the timestep embedding
+    keeps PyTorch's N(0, 1) and the embeddings and action head nn.Linear's uniform ±1/sqrt(fan_in) with biases."""
+    torch.manual_seed(0)
+    model = DecisionTransformer(17, 6, d_model=256, n_layers=2, n_heads=4, d_ff=1024, attention={"name": "softmax"})
+    assert 0.9 < model.timestep_embedding.weight.std().item() < 1.1
+    for layer in (model.action_head, model.state_embedding, model.return_embedding, model.action_embedding):
+        bound = 1 / layer.in_features**0.5
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+        assert layer.bias.abs().max() > 0  # PyTorch's uniform bias, not GPT-2's zeros
+    inner = [module for module in model.blocks.modules() if isinstance(module, torch.nn.Linear)]
+    assert len(inner) == 2 * 6  # q, k, v, out and the feed-forward's two, per block
+    for layer in inner:
+        assert abs(layer.weight.std().item() - 0.02) < 0.002 and (layer.bias == 0).all()
+    everywhere = DecisionTransformer(17, 6, d_model=256, n_layers=1, init_scope="all")  # CORL's choice
+    assert abs(everywhere.timestep_embedding.weight.std().item() - 0.02) < 0.002
+    assert (everywhere.action_head.bias == 0).all()
+
+
+def test_the_softmax_dt_drops_out_attention_probabilities_as_gpt2():
+    """The official "DT" column is GPT-2 with attn_pdrop 0.1; the D4RL model config gives softmax that default."""
+    from tests.helpers import compose_config
+
+    def first_op(*overrides):
+        cfg = compose_config(["experiment=d4rl/hopper-medium", *overrides])
+        model = DecisionTransformer(5, 2, d_model=16, n_heads=2, d_ff=32, n_layers=1, **_model_options(cfg))
+        return model, model.blocks[0].attention.op
+
+    model, op = first_op("model/attention=softmax")
+    assert op.dropout == 0.1
+    model.train()
+    assert not torch.equal(model(**window()), model(**window()))  # a new dropout mask each call
+    assert first_op("model/attention=softmax", "+model.attention.dropout=0")[1].dropout == 0
+    assert not hasattr(first_op()[1], "dropout")  # flow has no attention probabilities to drop out
+
+
+def _composed_model():
+    from tests.helpers import compose_config
+
+    return compose_config(["experiment=d4rl/hopper-medium"]).model
+
+
+def _model_options(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    return {
+        key: node[key]
+        for key in ("attention", "attention_defaults", "ffn_inner_dropout", "init_scope", "dropout")
+    }
