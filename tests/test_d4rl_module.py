@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -118,6 +119,30 @@ def test_a_trained_run_is_a_policy_for_the_collector(tmp_path):
         collect.main(["--env", "walker2d", "--policy", str(tmp_path / "run"), "--episodes", "1", "--out", str(out)])
         == 2
     )
+
+
+class RecordForwardDtypes(L.Callback):
+    """Records (training?, output dtype) of every forward of the model, in `RecordForwardDtypes.seen`."""
+
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if stage == "fit":
+            RecordForwardDtypes.seen = []
+            pl_module.model.register_forward_hook(
+                lambda model, inputs, output: RecordForwardDtypes.seen.append((model.training, output.dtype))
+            )
+
+
+@pytest.mark.parametrize("fp32_eval, eval_dtype", [(True, torch.float32), (False, torch.bfloat16)])
+def test_rollouts_act_in_fp32_under_a_bf16_mixed_trainer(tmp_path, fp32_eval, eval_dtype):
+    """trainer=gpu trains in bf16-mixed; the official evaluation is fp32, and so are ours unless module.fp32_eval=false."""
+    probe = ["+callbacks.dtypes._target_=tests.test_d4rl_module.RecordForwardDtypes"]
+    run(tmp_path, "run", "trainer.precision=bf16-mixed", f"module.fp32_eval={fp32_eval}", "trainer.max_steps=2", *probe)
+    training = {dtype for is_training, dtype in RecordForwardDtypes.seen if is_training}
+    evaluating = {dtype for is_training, dtype in RecordForwardDtypes.seen if not is_training}
+    assert training == {torch.bfloat16}  # the trainer's autocast is on
+    assert evaluating == {eval_dtype}
 
 
 def test_the_loss_ignores_padded_steps():
