@@ -63,7 +63,8 @@ class D4RLDataModule(TaskDataModule):
         source: "d4rl" (an HDF5 file) or "minari".
         data_dir: folder of the HDF5 files (`${paths.data_dir}/d4rl`).
         minari_root: Minari's datasets root (None: $MINARI_DATASETS_PATH, else ~/.minari/datasets).
-        context_length: K, steps per window. padding: "right" (official) or "left" (original DT, CORL).
+        context_length: K, steps per window. padding: "right" (official, also CORL's side) or "left" (the
+            original Decision Transformer of kzl).
         return_scale: returns-to-go are divided by it. max_timestep: timesteps are clipped below it.
         batch_size: windows per training batch (per device). seed: the training order.
         evaluation: the `eval` node (conf/task/d4rl.yaml), resolved into an `EvaluationProtocol` in `setup`.
