@@ -96,6 +96,35 @@ def test_a_run_killed_between_evaluations_resumes_to_the_same_result(tmp_path):
     assert resumed.metrics == pytest.approx(whole.metrics)
 
 
+def test_a_resumed_run_lists_each_evaluation_once(tmp_path):
+    """Killed after the evaluation of step 3 but before the checkpoint of step 4, the run resumes from step 2 and
+    plays step 3 again: evaluations.jsonl must hold it once, as the uninterrupted run's file does. Resuming a
+    finished run tests again: its test lines replace the earlier ones."""
+    every = [
+        "trainer.val_check_interval=1",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
+        "callbacks.last_checkpoint.every_n_epochs=null",
+    ]
+    run(tmp_path, "whole", *every)
+    kill = ["+callbacks.kill._target_=tests.helpers.InterruptAtStep", "+callbacks.kill.step=3"]
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(tmp_path, "killed", *every, *kill)
+    assert [(e["stage"], e["step"]) for e in evaluations(tmp_path / "killed")][-1] == ("val", 3)
+    run(tmp_path, "killed", *every, "resume=true")
+    run(tmp_path, "whole", *every, "resume=true")
+
+    def played(name):
+        return [{k: v for k, v in e.items() if k != "seconds"} for e in evaluations(tmp_path / name)]
+
+    whole = played("whole")
+    assert [(e["stage"], e["step"]) for e in whole] == [
+        *[("val", step) for step in (1, 1, 2, 2, 3, 3, 4, 4)],
+        ("test", 4),
+        ("test", 4),
+    ]
+    assert played("killed") == whole
+
+
 def test_a_trained_run_is_a_policy_for_the_collector(tmp_path):
     run(tmp_path, "run", "trainer.max_steps=2")
     out = tmp_path / "hopper-ours.hdf5"

@@ -7,7 +7,9 @@ as a batch of episodes (tasks/d4rl/rollout.py) and logged as `<stage>/return_<ta
 target (`eval.report_target`), which the objective monitors. Evaluations during training play `eval.episodes`
 episodes per target, the last one (at `trainer.max_steps`) `eval.final_episodes`, as the official code does; the
 test plays `eval.final_episodes` fresh episodes with the checkpoint the objective picked. Every episode's seed,
-return and length, and the evaluation's wall time, go to `<run dir>/evaluations.jsonl`. The policy acts in fp32
+return and length, and the evaluation's wall time, go to `<run dir>/evaluations.jsonl`, which always lists the
+evaluations of the run's history once (a resumed run first drops the lines its checkpoint does not hold, which it
+plays again, and a test replaces the lines of an earlier test). The policy acts in fp32
 as in the official evaluation, also when a mixed-precision trainer (`trainer=gpu`, bf16) trains it
 (`module.fp32_eval`).
 """
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from results.atomic_io import write_text_atomic
 from tasks.common.full_precision import full_precision
 from tasks.common.module import TaskModule
 from tasks.common.objective import Objective
@@ -118,6 +121,35 @@ class DecisionTransformerModule(TaskModule):
         self._record_episodes(stage, target, episodes, time.perf_counter() - started)
         return torch.tensor(score)
 
+    @property
+    def episodes_file(self) -> Path:
+        return Path(self.trainer.default_root_dir) / EPISODES_FILE
+
+    def on_train_start(self) -> None:
+        # Runs once the checkpoint is restored: the history holds exactly the evaluations that are not replayed.
+        super().on_train_start()
+        kept = {entry["step"] for entry in self.history}
+        self._keep_episode_lines(lambda line: line.get("stage") == "val" and line.get("step") in kept)
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._keep_episode_lines(lambda line: line.get("stage") != "test")
+
+    def _keep_episode_lines(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Rewrite evaluations.jsonl with the lines `keep` accepts (a torn last line of a killed run goes too)."""
+        path = self.episodes_file
+        if not self.trainer.is_global_zero or not path.exists():
+            return
+        lines = []
+        for text in path.read_text(encoding="utf-8").splitlines():
+            try:
+                line = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if keep(line):
+                lines.append(text + "\n")
+        write_text_atomic(path, "".join(lines))
+
     def _record_episodes(self, stage: str, target: float, episodes: list[Episode], seconds: float) -> None:
         if not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
@@ -132,7 +164,7 @@ class DecisionTransformerModule(TaskModule):
             "scores": [self.evaluation.reference.score(episode.episode_return) for episode in episodes],
             "seconds": round(seconds, 3),
         }
-        path = Path(self.trainer.default_root_dir) / EPISODES_FILE
+        path = self.episodes_file
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
