@@ -58,6 +58,19 @@ def test_a_prediction_never_sees_its_own_action_or_later_steps(attention):
     assert not torch.allclose(model(**changed)[:, 4:], model(**base)[:, 4:])
 
 
+@pytest.mark.parametrize("attention", ["flow", "softmax"])
+def test_the_action_of_a_step_is_read_from_its_state_token(attention):
+    """Output t changes with s_t: the state token of step t sees s_t, the return token R_t (before it) does not."""
+    model = tiny(attention)
+    base = window()
+    for t in (0, 3, 5):
+        changed = {key: value.clone() for key, value in base.items()}
+        changed["states"][:, t] += 3.0
+        before, after = model(**base), model(**changed)
+        torch.testing.assert_close(after[:, :t], before[:, :t])
+        assert (after[:, t] - before[:, t]).abs().min() > 1e-4, t
+
+
 @pytest.mark.parametrize("attention", [name for name in ATTENTIONS if name != "reformer"])
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_padded_windows_give_the_outputs_of_the_unpadded_steps(attention, padding):
