@@ -72,6 +72,10 @@ def test_d4rl_cache_names_and_dir_are_found(tmp_path, monkeypatch):
         (lambda a: a.update(rewards=a["rewards"][:-1]), "differ in length"),
         (lambda a: a["observations"].__setitem__((6, 2), np.nan), "'observations' holds NaN or Inf (first at row 6"),
         (lambda a: (a["terminals"].fill(False), a["timeouts"].fill(False)), "no episode ends"),
+        (lambda a: a.update({key: value[:0] for key, value in a.items()}), "the arrays hold no rows"),
+        (lambda a: a.update(terminals=_float_flags(a["terminals"], nan_at=3)), "'terminals' holds nan at row 3 of 9"),
+        (lambda a: a.update(timeouts=_float_flags(a["timeouts"], nan_at=2)), "'timeouts' holds nan at row 2 of 9"),
+        (lambda a: a.update(timeouts=a["timeouts"] * 2.0), "'timeouts' holds 2.0 at row 8"),
     ],
 )
 def test_bad_files_name_the_file_and_the_key(tmp_path, damage, message):
@@ -81,6 +85,18 @@ def test_bad_files_name_the_file_and_the_key(tmp_path, damage, message):
     with pytest.raises(D4RLDataError, match="hopper-bad.hdf5") as error:
         read_d4rl_file(path)
     assert message in str(error.value)
+
+
+def _float_flags(flags: np.ndarray, nan_at: int) -> np.ndarray:
+    values = flags.astype(np.float32)
+    values[nan_at] = np.nan
+    return values
+
+
+def test_float_flags_of_0_and_1_are_episode_ends(tmp_path):
+    arrays = episode_arrays("hopper", [5, 4])
+    arrays.update(terminals=arrays["terminals"].astype(np.float32), timeouts=arrays["timeouts"].astype(np.float64))
+    assert read_d4rl_file(write_d4rl_file(tmp_path / "hopper-x.hdf5", arrays)).boundaries.tolist() == [0, 5, 9]
 
 
 def test_a_missing_file_names_both_ways_to_get_one(tmp_path):

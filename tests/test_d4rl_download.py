@@ -44,3 +44,13 @@ def test_without_network_the_message_gives_the_address_and_the_place(tmp_path, m
         f"could not download {download.dataset_url('hopper-medium-v2')} (Name or service not known); download it by "
         f"hand to {tmp_path / 'd4rl' / 'hopper-medium-v2.hdf5'}"
     ]
+
+
+def test_check_reports_an_empty_file_instead_of_failing(tmp_path, capsys):
+    """`make data-d4rl ARGS=--check` on a file with the five keys and no rows: a report line, no traceback."""
+    arrays = {key: value[:0] for key, value in episode_arrays("hopper", [5]).items()}
+    path = write_d4rl_file(tmp_path / "d4rl" / "hopper-medium-v2.hdf5", arrays)
+    code = download.main(["--data-dir", str(tmp_path), "--check", "--datasets", "hopper-medium-v2"])
+    _, err = capsys.readouterr()
+    assert code == 1
+    assert f"[missing] hopper-medium-v2: {path}: the arrays hold no rows" in err and "make data-d4rl" in err
