@@ -16,7 +16,13 @@ from tasks.d4rl.trajectories import (
     read_minari,
 )
 from tasks.d4rl.windows import PAD_ACTION, Conditioning, StateStats, WindowDataset, returns_to_go
-from tests.fixtures.d4rl import episode_arrays, write_d4rl_dataset, write_d4rl_file, write_minari_dataset
+from tests.fixtures.d4rl import (
+    episode_arrays,
+    recorded_arrays,
+    write_d4rl_dataset,
+    write_d4rl_file,
+    write_minari_dataset,
+)
 
 EVAL = {
     "env_version": "v4",
@@ -220,6 +226,33 @@ def test_a_dataset_of_another_environment_is_refused(tmp_path):
     write_d4rl_file(tmp_path / "d4rl" / "hopper-wrong.hdf5", episode_arrays("walker2d", [5]))
     with pytest.raises(D4RLDataError, match="states of size 17 and actions of size 6, but Hopper-v4 has 11 and 3"):
         datamodule(tmp_path, dataset="hopper-wrong").setup("fit")
+
+
+def test_data_of_another_environment_with_the_same_sizes_is_refused_by_its_rewards(tmp_path):
+    """HalfCheetah and Walker2d both take 17/6: a walker2d file named halfcheetah-* passes the size check, but its
+    rewards replayed in HalfCheetah (and the other way round) are not the stored ones."""
+    walker, cheetah = recorded_arrays("walker2d", [40, 40]), recorded_arrays("halfcheetah", [40, 40])
+    write_d4rl_file(tmp_path / "d4rl" / "halfcheetah-wrong.hdf5", walker)
+    write_d4rl_file(tmp_path / "d4rl" / "walker2d-wrong.hdf5", cheetah)
+    for dataset, env_id in (("halfcheetah-wrong", "HalfCheetah-v4"), ("walker2d-wrong", "Walker2d-v4")):
+        with pytest.raises(D4RLDataError, match=f"{dataset}.hdf5: .* does not come from {env_id}: replayed") as error:
+            datamodule(tmp_path, dataset=dataset).setup("fit")
+        assert "rename the file <env>-<quality>.hdf5" in str(error.value)
+    write_d4rl_file(tmp_path / "d4rl" / "walker2d-right.hdf5", walker)
+    module = datamodule(tmp_path, dataset="walker2d-right")
+    module.setup("fit")
+    check = module.data_info["environment"]["reward_check"]
+    assert check["passed"] and check["agreeing"] == check["rows"] > 8
+
+
+def test_a_collected_file_names_the_environment_it_was_recorded_on(tmp_path):
+    from tasks.d4rl.collect import write_d4rl_file as write_collected
+
+    path = tmp_path / "d4rl" / "halfcheetah-renamed.hdf5"
+    write_collected(path, recorded_arrays("walker2d", [10]), {"env_id": "Walker2d-v4"})
+    assert read_d4rl_file(path).info["recorded_env_id"] == "Walker2d-v4"
+    with pytest.raises(D4RLDataError, match="recorded on Walker2d-v4, but data.dataset='halfcheetah-renamed' names"):
+        datamodule(tmp_path, dataset="halfcheetah-renamed").setup("fit")
 
 
 def test_a_minari_dataset_is_evaluated_on_its_own_environment(tmp_path):

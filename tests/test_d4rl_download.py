@@ -5,7 +5,7 @@ from __future__ import annotations
 import urllib.error
 
 from tasks.d4rl import download
-from tests.fixtures.d4rl import episode_arrays, write_d4rl_dataset, write_d4rl_file
+from tests.fixtures.d4rl import episode_arrays, recorded_arrays, write_d4rl_dataset, write_d4rl_file
 
 
 def test_the_nine_paper_datasets_and_their_addresses():
@@ -54,3 +54,10 @@ def test_check_reports_an_empty_file_instead_of_failing(tmp_path, capsys):
     _, err = capsys.readouterr()
     assert code == 1
     assert f"[missing] hopper-medium-v2: {path}: the arrays hold no rows" in err and "make data-d4rl" in err
+
+
+def test_check_refuses_walker2d_data_named_halfcheetah(tmp_path, capsys):
+    write_d4rl_file(tmp_path / "d4rl" / "halfcheetah-medium-v2.hdf5", recorded_arrays("walker2d", [30, 30]))
+    code = download.main(["--data-dir", str(tmp_path), "--check", "--datasets", "halfcheetah-medium-v2"])
+    _, err = capsys.readouterr()
+    assert code == 1 and "[missing] halfcheetah-medium-v2: " in err and "does not come from HalfCheetah-v4" in err

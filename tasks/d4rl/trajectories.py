@@ -170,9 +170,24 @@ def split_episodes(ends: np.ndarray) -> np.ndarray:
 
 
 def read_d4rl_file(path: str | Path) -> Trajectories:
-    """Episodes of one D4RL HDF5 file (see the module docstring); errors name the file and the key."""
+    """Episodes of one D4RL HDF5 file (see the module docstring); errors name the file and the key. A file that
+    `python -m tasks.d4rl.collect` wrote names the environment it was recorded on (`info["recorded_env_id"]`)."""
     path = Path(path)
-    return episodes_of(path, read_d4rl_arrays(path))
+    trajectories = episodes_of(path, read_d4rl_arrays(path))
+    recorded = recorded_env_id(path)
+    if recorded is not None:
+        trajectories.info["recorded_env_id"] = recorded
+    return trajectories
+
+
+def recorded_env_id(path: str | Path) -> str | None:
+    """The `env_id` attribute of a file written by the collector (D4RL's own files have none)."""
+    h5py = _require_h5py()
+    with h5py.File(path, "r") as handle:
+        value = handle.attrs.get("env_id")
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def episodes_of(path: Path, arrays: dict[str, np.ndarray]) -> Trajectories:
