@@ -180,3 +180,17 @@ def test_without_the_rl_extra_the_error_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "gymnasium", None)  # import gymnasium now fails as if it were not installed
     with pytest.raises(ImportError, match=r"pip install -e '\.\[rl\]'"):
         require_gymnasium()
+
+
+def test_the_evaluation_bench_reports_equal_means_not_identical_episodes(tmp_path):
+    from experiments import d4rl_eval_bench
+
+    args = ["--episodes", "3", "--max-episode-steps", "5", "--widths", "16", "--out", str(tmp_path)]
+    assert d4rl_eval_bench.main(args) == 0
+    import json
+
+    measurement = json.loads((tmp_path / "d4rl_eval.json").read_text())["measurements"][0]
+    assert measurement["same_lengths"] and measurement["steps"] == 15
+    difference = measurement["return_difference"]
+    assert abs(difference["mean"]) <= difference["ci95"] + 1e-3
+    assert "mean Δ return (95% CI)" in (tmp_path / "d4rl_eval.md").read_text()
