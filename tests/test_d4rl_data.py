@@ -238,6 +238,9 @@ def test_data_of_another_environment_with_the_same_sizes_is_refused_by_its_rewar
         with pytest.raises(D4RLDataError, match=f"{dataset}.hdf5: .* does not come from {env_id}: replayed") as error:
             datamodule(tmp_path, dataset=dataset).setup("fit")
         assert "rename the file <env>-<quality>.hdf5" in str(error.value)
+    skipped = datamodule(tmp_path, dataset="halfcheetah-wrong", reward_check=False)
+    skipped.setup("fit")
+    assert skipped.data_info["environment"]["reward_check"] == "skipped (data.reward_check=false)"
     write_d4rl_file(tmp_path / "d4rl" / "walker2d-right.hdf5", walker)
     module = datamodule(tmp_path, dataset="walker2d-right")
     module.setup("fit")

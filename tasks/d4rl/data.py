@@ -69,6 +69,8 @@ class D4RLDataModule(TaskDataModule):
         return_scale: returns-to-go are divided by it. max_timestep: timesteps are clipped below it.
         batch_size: windows per training batch (per device). seed: the training order.
         evaluation: the `eval` node (conf/task/d4rl.yaml), resolved into an `EvaluationProtocol` in `setup`.
+        reward_check: replay some transitions of a D4RL file in its environment and refuse the file when the
+            rewards are not that environment's (tasks/d4rl/reward_check.py); False skips it (recorded).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class D4RLDataModule(TaskDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        reward_check: bool = True,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -97,7 +100,7 @@ class D4RLDataModule(TaskDataModule):
         self.context_length, self.padding = int(context_length), padding
         self.return_scale, self.max_timestep = float(return_scale), int(max_timestep)
         self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
-        self.seed = int(seed)
+        self.seed, self.reward_check = int(seed), bool(reward_check)
         self.evaluation_config = dict(evaluation)
         self.windows: WindowDataset | None = None
         self.protocol: EvaluationProtocol | None = None
@@ -227,6 +230,9 @@ class D4RLDataModule(TaskDataModule):
                 f"{location}: the file was recorded on {recorded}, but data.dataset={self.dataset!r} names "
                 f"{family}: rename it after its environment ({environments.family_of_env_id(recorded) or recorded}-…)"
             )
+        if not self.reward_check:
+            self.data_info.setdefault("environment", {})["reward_check"] = "skipped (data.reward_check=false)"
+            return
         check = check_rewards(
             env, env_id, family, trajectories.observations, trajectories.actions, trajectories.rewards
         )

@@ -92,5 +92,6 @@ def mismatch_message(path: Any, dataset: str, check: RewardCheck) -> str:
         f"only {check.agreeing} of {check.rows} sampled transitions give the reward the file stores (a file of "
         "another environment with the same state and action sizes, e.g. walker2d data named halfcheetah-*). The "
         "name's first field decides the environment: rename the file <env>-<quality>.hdf5 after the environment "
-        "its data came from, or fetch the right file with `make data-d4rl`."
+        "its data came from, or fetch the right file with `make data-d4rl`. (data.reward_check=false skips this "
+        "check, for data whose dynamics differ on purpose.)"
     )
