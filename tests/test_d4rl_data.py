@@ -16,7 +16,13 @@ from tasks.d4rl.trajectories import (
     read_minari,
 )
 from tasks.d4rl.windows import PAD_ACTION, Conditioning, StateStats, WindowDataset, returns_to_go
-from tests.fixtures.d4rl import episode_arrays, write_d4rl_dataset, write_d4rl_file, write_minari_dataset
+from tests.fixtures.d4rl import (
+    episode_arrays,
+    recorded_arrays,
+    write_d4rl_dataset,
+    write_d4rl_file,
+    write_minari_dataset,
+)
 
 EVAL = {
     "env_version": "v4",
@@ -72,6 +78,10 @@ def test_d4rl_cache_names_and_dir_are_found(tmp_path, monkeypatch):
         (lambda a: a.update(rewards=a["rewards"][:-1]), "differ in length"),
         (lambda a: a["observations"].__setitem__((6, 2), np.nan), "'observations' holds NaN or Inf (first at row 6"),
         (lambda a: (a["terminals"].fill(False), a["timeouts"].fill(False)), "no episode ends"),
+        (lambda a: a.update({key: value[:0] for key, value in a.items()}), "the arrays hold no rows"),
+        (lambda a: a.update(terminals=_float_flags(a["terminals"], nan_at=3)), "'terminals' holds nan at row 3 of 9"),
+        (lambda a: a.update(timeouts=_float_flags(a["timeouts"], nan_at=2)), "'timeouts' holds nan at row 2 of 9"),
+        (lambda a: a.update(timeouts=a["timeouts"] * 2.0), "'timeouts' holds 2.0 at row 8"),
     ],
 )
 def test_bad_files_name_the_file_and_the_key(tmp_path, damage, message):
@@ -81,6 +91,18 @@ def test_bad_files_name_the_file_and_the_key(tmp_path, damage, message):
     with pytest.raises(D4RLDataError, match="hopper-bad.hdf5") as error:
         read_d4rl_file(path)
     assert message in str(error.value)
+
+
+def _float_flags(flags: np.ndarray, nan_at: int) -> np.ndarray:
+    values = flags.astype(np.float32)
+    values[nan_at] = np.nan
+    return values
+
+
+def test_float_flags_of_0_and_1_are_episode_ends(tmp_path):
+    arrays = episode_arrays("hopper", [5, 4])
+    arrays.update(terminals=arrays["terminals"].astype(np.float32), timeouts=arrays["timeouts"].astype(np.float64))
+    assert read_d4rl_file(write_d4rl_file(tmp_path / "hopper-x.hdf5", arrays)).boundaries.tolist() == [0, 5, 9]
 
 
 def test_a_missing_file_names_both_ways_to_get_one(tmp_path):
@@ -204,6 +226,36 @@ def test_a_dataset_of_another_environment_is_refused(tmp_path):
     write_d4rl_file(tmp_path / "d4rl" / "hopper-wrong.hdf5", episode_arrays("walker2d", [5]))
     with pytest.raises(D4RLDataError, match="states of size 17 and actions of size 6, but Hopper-v4 has 11 and 3"):
         datamodule(tmp_path, dataset="hopper-wrong").setup("fit")
+
+
+def test_data_of_another_environment_with_the_same_sizes_is_refused_by_its_rewards(tmp_path):
+    """HalfCheetah and Walker2d both take 17/6: a walker2d file named halfcheetah-* passes the size check, but its
+    rewards replayed in HalfCheetah (and the other way round) are not the stored ones."""
+    walker, cheetah = recorded_arrays("walker2d", [40, 40]), recorded_arrays("halfcheetah", [40, 40])
+    write_d4rl_file(tmp_path / "d4rl" / "halfcheetah-wrong.hdf5", walker)
+    write_d4rl_file(tmp_path / "d4rl" / "walker2d-wrong.hdf5", cheetah)
+    for dataset, env_id in (("halfcheetah-wrong", "HalfCheetah-v4"), ("walker2d-wrong", "Walker2d-v4")):
+        with pytest.raises(D4RLDataError, match=f"{dataset}.hdf5: .* does not come from {env_id}: replayed") as error:
+            datamodule(tmp_path, dataset=dataset).setup("fit")
+        assert "rename the file <env>-<quality>.hdf5" in str(error.value)
+    skipped = datamodule(tmp_path, dataset="halfcheetah-wrong", reward_check=False)
+    skipped.setup("fit")
+    assert skipped.data_info["environment"]["reward_check"] == "skipped (data.reward_check=false)"
+    write_d4rl_file(tmp_path / "d4rl" / "walker2d-right.hdf5", walker)
+    module = datamodule(tmp_path, dataset="walker2d-right")
+    module.setup("fit")
+    check = module.data_info["environment"]["reward_check"]
+    assert check["passed"] and check["agreeing"] == check["rows"] > 8
+
+
+def test_a_collected_file_names_the_environment_it_was_recorded_on(tmp_path):
+    from tasks.d4rl.collect import write_d4rl_file as write_collected
+
+    path = tmp_path / "d4rl" / "halfcheetah-renamed.hdf5"
+    write_collected(path, recorded_arrays("walker2d", [10]), {"env_id": "Walker2d-v4"})
+    assert read_d4rl_file(path).info["recorded_env_id"] == "Walker2d-v4"
+    with pytest.raises(D4RLDataError, match="recorded on Walker2d-v4, but data.dataset='halfcheetah-renamed' names"):
+        datamodule(tmp_path, dataset="halfcheetah-renamed").setup("fit")
 
 
 def test_a_minari_dataset_is_evaluated_on_its_own_environment(tmp_path):

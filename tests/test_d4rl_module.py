@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -98,6 +99,35 @@ def test_a_run_killed_between_evaluations_resumes_to_the_same_result(tmp_path):
     assert resumed.metrics == pytest.approx(whole.metrics)
 
 
+def test_a_resumed_run_lists_each_evaluation_once(tmp_path):
+    """Killed after the evaluation of step 3 but before the checkpoint of step 4, the run resumes from step 2 and
+    plays step 3 again: evaluations.jsonl must hold it once, as the uninterrupted run's file does. Resuming a
+    finished run tests again: its test lines replace the earlier ones."""
+    every = [
+        "trainer.val_check_interval=1",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
+        "callbacks.last_checkpoint.every_n_epochs=null",
+    ]
+    run(tmp_path, "whole", *every)
+    kill = ["+callbacks.kill._target_=tests.helpers.InterruptAtStep", "+callbacks.kill.step=3"]
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(tmp_path, "killed", *every, *kill)
+    assert [(e["stage"], e["step"]) for e in evaluations(tmp_path / "killed")][-1] == ("val", 3)
+    run(tmp_path, "killed", *every, "resume=true")
+    run(tmp_path, "whole", *every, "resume=true")
+
+    def played(name):
+        return [{k: v for k, v in e.items() if k != "seconds"} for e in evaluations(tmp_path / name)]
+
+    whole = played("whole")
+    assert [(e["stage"], e["step"]) for e in whole] == [
+        *[("val", step) for step in (1, 1, 2, 2, 3, 3, 4, 4)],
+        ("test", 4),
+        ("test", 4),
+    ]
+    assert played("killed") == whole
+
+
 def test_a_trained_run_is_a_policy_for_the_collector(tmp_path):
     run(tmp_path, "run", "trainer.max_steps=2")
     out = tmp_path / "hopper-ours.hdf5"
@@ -121,6 +151,30 @@ def test_a_trained_run_is_a_policy_for_the_collector(tmp_path):
         collect.main(["--env", "walker2d", "--policy", str(tmp_path / "run"), "--episodes", "1", "--out", str(out)])
         == 2
     )
+
+
+class RecordForwardDtypes(L.Callback):
+    """Records (training?, output dtype) of every forward of the model, in `RecordForwardDtypes.seen`."""
+
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if stage == "fit":
+            RecordForwardDtypes.seen = []
+            pl_module.model.register_forward_hook(
+                lambda model, inputs, output: RecordForwardDtypes.seen.append((model.training, output.dtype))
+            )
+
+
+@pytest.mark.parametrize("fp32_eval, eval_dtype", [(True, torch.float32), (False, torch.bfloat16)])
+def test_rollouts_act_in_fp32_under_a_bf16_mixed_trainer(tmp_path, fp32_eval, eval_dtype):
+    """trainer=gpu trains in bf16-mixed; the official evaluation is fp32, and so are ours unless module.fp32_eval=false."""
+    probe = ["+callbacks.dtypes._target_=tests.test_d4rl_module.RecordForwardDtypes"]
+    run(tmp_path, "run", "trainer.precision=bf16-mixed", f"module.fp32_eval={fp32_eval}", "trainer.max_steps=2", *probe)
+    training = {dtype for is_training, dtype in RecordForwardDtypes.seen if is_training}
+    evaluating = {dtype for is_training, dtype in RecordForwardDtypes.seen if not is_training}
+    assert training == {torch.bfloat16}  # the trainer's autocast is on
+    assert evaluating == {eval_dtype}
 
 
 def test_the_loss_ignores_padded_steps():

@@ -58,6 +58,32 @@ def test_vectorised_episodes_equal_the_sequential_loop(padding, attention):
     assert all(e.terminated for e in vectorised) and len({e.length for e in vectorised}) > 1
 
 
+def test_vectorised_episodes_equal_the_sequential_loop_when_they_end_on_the_time_limit():
+    """HalfCheetah never terminates: every episode is truncated by the time limit, its slot is refilled with the next
+    seed, and timesteps past max_timestep - 1 are clipped as in training."""
+    torch.manual_seed(3)
+    model = DecisionTransformer(
+        17, 6, context_length=4, max_timestep=10, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+        attention={"name": "flow", "clamp": 10.0},
+    ).eval()
+    rng = np.random.default_rng(1)
+    conditioning = Conditioning(
+        rng.normal(size=17).astype(np.float32), rng.uniform(0.5, 2, 17).astype(np.float32), 1000.0, 4, 10, "right"
+    )
+    seeds = [21, 22, 23, 24, 25]
+    vectorised = run_episodes(
+        TransformerPolicy(model), "HalfCheetah-v4", 6000.0, seeds, conditioning, num_envs=3, max_episode_steps=25
+    )
+    sequential = run_episodes_sequentially(model, "HalfCheetah-v4", 6000.0, seeds, conditioning, max_episode_steps=25)
+    assert [e.length for e in vectorised] == [e.length for e in sequential] == [25] * 5
+    assert not any(e.terminated for e in vectorised + sequential)
+    # HalfCheetah amplifies the float rounding of a padded, batched forward more than the hopper's short episodes
+    np.testing.assert_allclose(
+        [e.episode_return for e in vectorised], [e.episode_return for e in sequential], rtol=1e-3, atol=1e-3
+    )
+    assert len({round(e.episode_return, 3) for e in vectorised}) == 5  # the seeds gave different episodes
+
+
 def test_an_episode_does_not_depend_on_how_many_step_beside_it():
     model, conditioning = policy_model()
     run = lambda n: run_episodes(
@@ -84,7 +110,20 @@ def test_the_score_is_d4rls_normalised_return_times_100():
         reference = d4rl_reference(family)
         assert reference.score(random) == pytest.approx(0.0)
         assert reference.score(expert) == pytest.approx(100.0)
-    assert d4rl_reference("hopper").score(1607.0) == pytest.approx(100 * (1607.0 + 20.272305) / (3234.3 + 20.272305))
+
+
+@pytest.mark.parametrize(
+    "family, random, expert",
+    [  # D4RL's published REF_MIN_SCORE / REF_MAX_SCORE of the v2 locomotion datasets (d4rl/infos.py)
+        ("halfcheetah", -280.178953, 12135.0),
+        ("hopper", -20.272305, 3234.3),
+        ("walker2d", 1.629008, 4592.3),
+    ],
+)
+def test_the_reference_returns_are_d4rls_published_constants(family, random, expert):
+    reference = d4rl_reference(family)
+    assert (reference.random, reference.expert, reference.source) == (random, expert, "d4rl")
+    assert reference.score(1607.0) == pytest.approx(100 * (1607.0 - random) / (expert - random))
 
 
 def test_the_collector_writes_d4rls_layout_reproducibly(tmp_path):
@@ -141,3 +180,17 @@ def test_without_the_rl_extra_the_error_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "gymnasium", None)  # import gymnasium now fails as if it were not installed
     with pytest.raises(ImportError, match=r"pip install -e '\.\[rl\]'"):
         require_gymnasium()
+
+
+def test_the_evaluation_bench_reports_equal_means_not_identical_episodes(tmp_path):
+    from experiments import d4rl_eval_bench
+
+    args = ["--episodes", "3", "--max-episode-steps", "5", "--widths", "16", "--out", str(tmp_path)]
+    assert d4rl_eval_bench.main(args) == 0
+    import json
+
+    measurement = json.loads((tmp_path / "d4rl_eval.json").read_text())["measurements"][0]
+    assert measurement["same_lengths"] and measurement["steps"] == 15
+    difference = measurement["return_difference"]
+    assert abs(difference["mean"]) <= difference["ci95"] + 1e-3
+    assert "mean Δ return (95% CI)" in (tmp_path / "d4rl_eval.md").read_text()

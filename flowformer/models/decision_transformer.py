@@ -19,6 +19,16 @@ from torch import Tensor, nn
 from flowformer.nn.blocks import CausalDecoderBlock
 
 TOKENS_PER_STEP = 3  # return-to-go, state, action
+INIT_SCOPES = ("blocks", "all")
+
+
+def with_attention_defaults(
+    attention: Mapping[str, Any] | str, defaults: Mapping[str, Mapping[str, Any]] | None
+) -> Mapping[str, Any] | str:
+    """The `model.attention` node with the options `defaults` names for its attention added, where it sets none."""
+    node = {"name": attention} if isinstance(attention, str) else dict(attention)
+    extra = dict((defaults or {}).get(node.get("name"), {}))
+    return {**extra, **node} if extra else attention
 
 
 class DecisionTransformer(nn.Module):
@@ -29,10 +39,19 @@ class DecisionTransformer(nn.Module):
         context_length: K, steps per window (3K tokens).
         max_timestep: size of the timestep embedding (timesteps lie in [0, max_timestep)).
         d_model, n_layers, n_heads, d_ff, dropout, activation, ln_eps: the transformer; dropout applies to the
-            embedded sequence, after attention and in the feed-forward.
+            embedded sequence, after attention and after the feed-forward's output projection.
+        ffn_inner_dropout: also drop out after the feed-forward's activation. GPT-2's MLP, which the official
+            Decision Transformer uses, has no such dropout (False).
         attention: the `model.attention` node (any registered causal attention).
+        attention_defaults: per attention name, options that attention gets unless the node sets them, e.g.
+            `{"softmax": {"dropout": 0.1}}` for GPT-2's dropout on the attention probabilities.
         max_action: actions are tanh(·) · max_action.
-        init_std: weights of linear layers and embeddings start from N(0, init_std²), biases at 0 (GPT-2's scheme).
+        init_std: the standard deviation of the N(0, init_std²) initialisation (biases start at 0).
+        init_scope: which layers get it. "blocks" (the official code): the linear layers of the transformer blocks,
+            where the official code's GPT-2 applies its `_init_weights`; the timestep, return, state and action
+            embeddings and the action head, which the official code builds outside GPT-2, keep PyTorch's defaults
+            (an embedding N(0, 1), a linear layer uniform in ±1/sqrt(fan_in)). "all" (CORL): every linear layer
+            and embedding.
     """
 
     def __init__(
@@ -51,8 +70,13 @@ class DecisionTransformer(nn.Module):
         max_action: float = 1.0,
         ln_eps: float = 1e-5,
         init_std: float = 0.02,
+        init_scope: str = "blocks",
+        ffn_inner_dropout: bool = False,
+        attention_defaults: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
+        if init_scope not in INIT_SCOPES:
+            raise ValueError(f"model.init_scope={init_scope!r}; expected one of {', '.join(INIT_SCOPES)}")
         self.state_dim, self.act_dim, self.context_length = int(state_dim), int(act_dim), int(context_length)
         self.max_action = float(max_action)
         self.timestep_embedding = nn.Embedding(max_timestep, d_model)
@@ -61,16 +85,25 @@ class DecisionTransformer(nn.Module):
         self.action_embedding = nn.Linear(act_dim, d_model)
         self.embedding_norm = nn.LayerNorm(d_model, eps=ln_eps)
         self.embedding_dropout = nn.Dropout(dropout)
+        attention = with_attention_defaults(attention, attention_defaults)
         self.blocks = nn.ModuleList(
             CausalDecoderBlock(
-                d_model, n_heads, d_ff, attention, dropout, norm_first=True, activation=activation, ln_eps=ln_eps
+                d_model,
+                n_heads,
+                d_ff,
+                attention,
+                dropout,
+                norm_first=True,
+                activation=activation,
+                ln_eps=ln_eps,
+                ffn_inner_dropout=ffn_inner_dropout,
             )
             for _ in range(n_layers)
         )
         self.final_norm = nn.LayerNorm(d_model, eps=ln_eps)
         self.action_head = nn.Linear(d_model, act_dim)
         self.init_std = float(init_std)
-        self.apply(self._init_weights)
+        (self.blocks if init_scope == "blocks" else self).apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

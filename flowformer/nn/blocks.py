@@ -22,11 +22,19 @@ def make_activation(name: str) -> nn.Module:
 
 
 class FeedForward(nn.Sequential):
-    """Linear -> activation -> dropout -> Linear -> dropout (position-wise; equals the official Conv1d k=1)."""
+    """Linear -> activation -> dropout -> Linear -> dropout (position-wise; equals the official Conv1d k=1).
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
+    inner_dropout=False drops the dropout after the activation (GPT-2's MLP has only the one after its output
+    projection); an identity keeps its place, so the layers' indices and checkpoint keys stay the same.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str, inner_dropout: bool = True) -> None:
         super().__init__(
-            nn.Linear(d_model, d_ff), make_activation(activation), nn.Dropout(dropout), nn.Linear(d_ff, d_model), nn.Dropout(dropout)
+            nn.Linear(d_model, d_ff),
+            make_activation(activation),
+            nn.Dropout(dropout) if inner_dropout else nn.Identity(),
+            nn.Linear(d_ff, d_model),
+            nn.Dropout(dropout),
         )
 
 
@@ -35,7 +43,7 @@ class EncoderBlock(nn.Module):
 
     norm_first=True (pre-LN):  x += drop(attn(LN(x)));  x += ffn(LN(x))
     norm_first=False (post-LN): x = LN(x + drop(attn(x)));  x = LN(x + ffn(x))
-    causal=True makes it a decoder block (token i attends to tokens <= i).
+    causal=True makes it a decoder block (token i attends to tokens <= i). ffn_inner_dropout: see `FeedForward`.
     """
 
     def __init__(
@@ -50,6 +58,7 @@ class EncoderBlock(nn.Module):
         ln_eps: float = 1e-5,
         causal: bool = False,
         d_head: int | None = None,
+        ffn_inner_dropout: bool = True,
     ) -> None:
         super().__init__()
         self.norm_first, self.causal = norm_first, causal
@@ -57,7 +66,7 @@ class EncoderBlock(nn.Module):
         self.norm1 = nn.LayerNorm(d_model, eps=ln_eps)
         self.norm2 = nn.LayerNorm(d_model, eps=ln_eps)
         self.dropout = nn.Dropout(dropout)
-        self.ffn = FeedForward(d_model, d_ff, dropout, activation)
+        self.ffn = FeedForward(d_model, d_ff, dropout, activation, inner_dropout=ffn_inner_dropout)
 
     def _attend(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         return self.dropout(self.attention(x, causal=self.causal, key_padding_mask=padding_mask))

@@ -28,6 +28,7 @@ from tasks.common.datamodule import DataStatus, TaskDataModule
 from tasks.common.sampling import seeded_loader
 from tasks.d4rl import environments
 from tasks.d4rl.evaluation import EvaluationProtocol, request_targets
+from tasks.d4rl.reward_check import check_rewards, mismatch_message
 from tasks.d4rl.trajectories import (
     D4RLDataError,
     Trajectories,
@@ -63,10 +64,13 @@ class D4RLDataModule(TaskDataModule):
         source: "d4rl" (an HDF5 file) or "minari".
         data_dir: folder of the HDF5 files (`${paths.data_dir}/d4rl`).
         minari_root: Minari's datasets root (None: $MINARI_DATASETS_PATH, else ~/.minari/datasets).
-        context_length: K, steps per window. padding: "right" (official) or "left" (original DT, CORL).
+        context_length: K, steps per window. padding: "right" (official, also CORL's side) or "left" (the
+            original Decision Transformer of kzl).
         return_scale: returns-to-go are divided by it. max_timestep: timesteps are clipped below it.
         batch_size: windows per training batch (per device). seed: the training order.
         evaluation: the `eval` node (conf/task/d4rl.yaml), resolved into an `EvaluationProtocol` in `setup`.
+        reward_check: replay some transitions of a D4RL file in its environment and refuse the file when the
+            rewards are not that environment's (tasks/d4rl/reward_check.py); False skips it (recorded).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class D4RLDataModule(TaskDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        reward_check: bool = True,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -95,7 +100,7 @@ class D4RLDataModule(TaskDataModule):
         self.context_length, self.padding = int(context_length), padding
         self.return_scale, self.max_timestep = float(return_scale), int(max_timestep)
         self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
-        self.seed = int(seed)
+        self.seed, self.reward_check = int(seed), bool(reward_check)
         self.evaluation_config = dict(evaluation)
         self.windows: WindowDataset | None = None
         self.protocol: EvaluationProtocol | None = None
@@ -124,7 +129,7 @@ class D4RLDataModule(TaskDataModule):
         if self.windows is not None:
             return
         trajectories, env_id, family, reference, location = self._read()
-        self._check_environment(env_id, trajectories)
+        self._check_environment(env_id, family, trajectories, location)
         stats = StateStats.of(trajectories.observations)
         self.conditioning = Conditioning(
             stats.mean, stats.std, self.return_scale, self.context_length, self.max_timestep, self.padding
@@ -186,29 +191,54 @@ class D4RLDataModule(TaskDataModule):
         env_id = environments.gymnasium_id(family, str(self.evaluation_config.get("env_version", "v4")))
         return read_d4rl_file(path), env_id, family, environments.d4rl_reference(family), path
 
-    def _check_environment(self, env_id: str, trajectories: Trajectories) -> None:
-        """The evaluation environment must take the dataset's states and actions; records its versions."""
+    def _check_environment(self, env_id: str, family: str, trajectories: Trajectories, location: Path) -> None:
+        """The evaluation environment must take the dataset's states and actions, and a D4RL file (whose name
+        decides the environment) must hold that environment's data: its recorded environment, if the collector
+        wrote it, and its rewards replayed in MuJoCo (tasks/d4rl/reward_check.py). Records the versions."""
         gym = environments.require_gymnasium()
         env = environments.make_env(env_id)
         try:
             state_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
             high = np.asarray(env.action_space.high, np.float64)
             low = np.asarray(env.action_space.low, np.float64)
+            found = (trajectories.observations.shape[1], trajectories.actions.shape[1])
+            if found != (state_dim, act_dim):
+                raise D4RLDataError(
+                    f"data.dataset={self.dataset!r} has states of size {found[0]} and actions of size {found[1]}, "
+                    f"but {env_id} has {state_dim} and {act_dim}: the file does not belong to this environment"
+                )
+            if self.source == "d4rl":
+                self._check_d4rl_file_environment(env, env_id, family, trajectories, location)
         finally:
             env.close()
-        found = (trajectories.observations.shape[1], trajectories.actions.shape[1])
-        if found != (state_dim, act_dim):
-            raise D4RLDataError(
-                f"data.dataset={self.dataset!r} has states of size {found[0]} and actions of size {found[1]}, but "
-                f"{env_id} has {state_dim} and {act_dim}: the file does not belong to this environment"
-            )
         if not (np.allclose(high, high[0]) and np.allclose(low, -high)):
             raise D4RLDataError(
                 f"{env_id}: the action bounds [{low}, {high}] are not symmetric and equal; "
                 "the tanh action head needs [-a, a] in every dimension"
             )
         self.dims = {"state_dim": state_dim, "act_dim": act_dim, "max_action": float(high[0])}
-        self.data_info["environment"] = {"env_id": env_id, "gymnasium": gym.__version__, "mujoco": _mujoco_version()}
+        self.data_info.setdefault("environment", {}).update(
+            {"env_id": env_id, "gymnasium": gym.__version__, "mujoco": _mujoco_version()}
+        )
+
+    def _check_d4rl_file_environment(
+        self, env: Any, env_id: str, family: str, trajectories: Trajectories, location: Path
+    ) -> None:
+        recorded = trajectories.info.get("recorded_env_id")
+        if recorded is not None and environments.family_of_env_id(recorded) != family:
+            raise D4RLDataError(
+                f"{location}: the file was recorded on {recorded}, but data.dataset={self.dataset!r} names "
+                f"{family}: rename it after its environment ({environments.family_of_env_id(recorded) or recorded}-…)"
+            )
+        if not self.reward_check:
+            self.data_info.setdefault("environment", {})["reward_check"] = "skipped (data.reward_check=false)"
+            return
+        check = check_rewards(
+            env, env_id, family, trajectories.observations, trajectories.actions, trajectories.rewards
+        )
+        if not check.passed:
+            raise D4RLDataError(mismatch_message(location, self.dataset, check))
+        self.data_info.setdefault("environment", {})["reward_check"] = check.to_dict()
 
     def model_dims(self) -> dict[str, Any]:
         """state_dim, act_dim, max_action (from the environment), context_length and max_timestep."""

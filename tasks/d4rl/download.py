@@ -3,7 +3,8 @@
 Each file comes from D4RL's own server (rail.eecs.berkeley.edu) and is saved as `$DATA_DIR/d4rl/<name>.hdf5`
 (e.g. `hopper-medium-replay-v2.hdf5`). A file already there, or in D4RL's cache (`$D4RL_DATASET_DIR`, with
 D4RL's underscore names), is not fetched again. Every file is then checked: the five arrays of D4RL's layout,
-their common length, the state and action sizes of its environment, finite values, and at least one episode.
+their common length, the state and action sizes of its environment, finite values, at least one episode, and
+rewards that replaying some of its transitions in that environment gives back (tasks/d4rl/reward_check.py).
 Without network, the message gives each URL and where to put the file by hand.
 """
 
@@ -15,8 +16,16 @@ import sys
 import urllib.error
 from pathlib import Path
 
-from tasks.d4rl.environments import env_family
-from tasks.d4rl.trajectories import D4RLDataError, d4rl_file_names, find_d4rl_file, read_d4rl_arrays, read_d4rl_file
+from tasks.d4rl.environments import env_family, gymnasium_id, make_env
+from tasks.d4rl.reward_check import RewardCheck, check_rewards, mismatch_message
+from tasks.d4rl.trajectories import (
+    D4RLDataError,
+    Trajectories,
+    d4rl_file_names,
+    episodes_of,
+    find_d4rl_file,
+    read_d4rl_arrays,
+)
 
 ENVIRONMENTS = ("halfcheetah", "hopper", "walker2d")
 QUALITIES = ("medium", "medium-replay", "medium-expert")
@@ -32,7 +41,7 @@ def dataset_url(name: str) -> str:
 
 
 def check_file(path: Path, name: str) -> list[str]:
-    """Problems with one dataset file (empty when it is usable)."""
+    """Problems with one dataset file (empty when it is usable); a bad file is reported, never raised."""
     try:
         arrays = read_d4rl_arrays(path)
         expected = SIZES[env_family(name)]
@@ -40,10 +49,27 @@ def check_file(path: Path, name: str) -> list[str]:
         if found != expected:
             sizes = f"states of size {found[0]} and actions of size {found[1]}"
             return [f"{path}: {sizes}, expected {expected[0]} and {expected[1]}"]
-        trajectories = read_d4rl_file(path)
+        trajectories = episodes_of(path, arrays)
+        if trajectories.num_episodes:
+            check = _replay_rewards(name, trajectories)
+            if not check.passed:
+                return [mismatch_message(path, name, check)]
     except (D4RLDataError, ImportError) as error:
         return [str(error)]
+    except (ValueError, OSError, KeyError, TypeError) as error:  # h5py and numpy on content no check foresaw
+        return [f"{path}: unreadable ({type(error).__name__}: {error}); delete it and fetch it again"]
     return [] if trajectories.num_episodes else [f"{path}: no complete episode"]
+
+
+def _replay_rewards(name: str, trajectories: Trajectories) -> RewardCheck:
+    """Whether the file's rewards are those of the environment its name gives (tasks/d4rl/reward_check.py)."""
+    family = env_family(name)
+    env_id = gymnasium_id(family, "v4")
+    env = make_env(env_id)
+    try:
+        return check_rewards(env, env_id, family, trajectories.observations, trajectories.actions, trajectories.rewards)
+    finally:
+        env.close()
 
 
 def fetch(name: str, root: Path) -> Path:

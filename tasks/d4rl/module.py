@@ -7,7 +7,11 @@ as a batch of episodes (tasks/d4rl/rollout.py) and logged as `<stage>/return_<ta
 target (`eval.report_target`), which the objective monitors. Evaluations during training play `eval.episodes`
 episodes per target, the last one (at `trainer.max_steps`) `eval.final_episodes`, as the official code does; the
 test plays `eval.final_episodes` fresh episodes with the checkpoint the objective picked. Every episode's seed,
-return and length, and the evaluation's wall time, go to `<run dir>/evaluations.jsonl`.
+return and length, and the evaluation's wall time, go to `<run dir>/evaluations.jsonl`, which always lists the
+evaluations of the run's history once (a resumed run first drops the lines its checkpoint does not hold, which it
+plays again, and a test replaces the lines of an earlier test). The policy acts in fp32
+as in the official evaluation, also when a mixed-precision trainer (`trainer=gpu`, bf16) trains it
+(`module.fp32_eval`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from results.atomic_io import write_text_atomic
+from tasks.common.full_precision import full_precision
 from tasks.common.module import TaskModule
 from tasks.common.objective import Objective
 from tasks.d4rl.evaluation import EvaluationProtocol, target_name
@@ -48,6 +54,8 @@ class DecisionTransformerModule(TaskModule):
         conditioning: state statistics and scales that build the model's input from an episode, from the datamodule.
         policy_dims: the model's data dims; saved with `conditioning` in checkpoints, so that a checkpoint alone
             is a policy (`python -m tasks.d4rl.collect --policy <run dir>`).
+        fp32_eval: the rollouts' forwards compute in fp32 whatever the trainer's precision (the official evaluation
+            is fp32); False: in the trainer's precision (bf16 under `trainer=gpu`).
         (model, optimizer, objective, scheduler, scheduler_interval: see `TaskModule`.)
     """
 
@@ -61,8 +69,10 @@ class DecisionTransformerModule(TaskModule):
         policy_dims: Mapping[str, Any],
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "step",
+        fp32_eval: bool = True,
     ) -> None:
         super().__init__(model, optimizer, objective, scheduler, scheduler_interval)
+        self.fp32_eval = bool(fp32_eval)
         self.evaluation = (
             evaluation if isinstance(evaluation, EvaluationProtocol) else EvaluationProtocol.from_dict(evaluation)
         )
@@ -90,16 +100,17 @@ class DecisionTransformerModule(TaskModule):
         protocol = self.evaluation
         seeds = protocol.seeds(stage, final=stage == "val" and self.final_evaluation())
         started = time.perf_counter()
-        episodes = run_episodes(
-            TransformerPolicy(self.model),
-            protocol.env_id,
-            target,
-            seeds,
-            self.conditioning,
-            num_envs=protocol.num_envs,
-            max_episode_steps=protocol.max_episode_steps,
-            vectorization=protocol.vectorization,
-        )
+        with full_precision(self.device, self.fp32_eval):
+            episodes = run_episodes(
+                TransformerPolicy(self.model),
+                protocol.env_id,
+                target,
+                seeds,
+                self.conditioning,
+                num_envs=protocol.num_envs,
+                max_episode_steps=protocol.max_episode_steps,
+                vectorization=protocol.vectorization,
+            )
         mean_return = float(np.mean([episode.episode_return for episode in episodes]))
         score = protocol.reference.score(mean_return)
         values = {f"return_{target_name(target)}": mean_return, f"score_{target_name(target)}": score}
@@ -109,6 +120,35 @@ class DecisionTransformerModule(TaskModule):
             self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=1, prog_bar=name == "score")
         self._record_episodes(stage, target, episodes, time.perf_counter() - started)
         return torch.tensor(score)
+
+    @property
+    def episodes_file(self) -> Path:
+        return Path(self.trainer.default_root_dir) / EPISODES_FILE
+
+    def on_train_start(self) -> None:
+        # Runs once the checkpoint is restored: the history holds exactly the evaluations that are not replayed.
+        super().on_train_start()
+        kept = {entry["step"] for entry in self.history}
+        self._keep_episode_lines(lambda line: line.get("stage") == "val" and line.get("step") in kept)
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._keep_episode_lines(lambda line: line.get("stage") != "test")
+
+    def _keep_episode_lines(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Rewrite evaluations.jsonl with the lines `keep` accepts (a torn last line of a killed run goes too)."""
+        path = self.episodes_file
+        if not self.trainer.is_global_zero or not path.exists():
+            return
+        lines = []
+        for text in path.read_text(encoding="utf-8").splitlines():
+            try:
+                line = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if keep(line):
+                lines.append(text + "\n")
+        write_text_atomic(path, "".join(lines))
 
     def _record_episodes(self, stage: str, target: float, episodes: list[Episode], seconds: float) -> None:
         if not self.trainer.is_global_zero or self.trainer.sanity_checking:
@@ -124,7 +164,7 @@ class DecisionTransformerModule(TaskModule):
             "scores": [self.evaluation.reference.score(episode.episode_return) for episode in episodes],
             "seconds": round(seconds, 3),
         }
-        path = Path(self.trainer.default_root_dir) / EPISODES_FILE
+        path = self.episodes_file
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")

@@ -4,12 +4,19 @@
 every live episode in one batched call. Each environment slot plays episodes one after another: when an episode
 ends, its slot is reset at once with the next waiting episode's seed. A finished episode is never stepped again
 and never reaches the policy; once no episode is waiting, its slot idles (the vector API steps every slot, so an
-idle one is reset, fed zero actions, and its outputs are discarded). Per-episode results do not depend on
-`num_envs`: an episode's course is fixed by its seed and the (deterministic) policy.
+idle one is reset, fed zero actions, and its outputs are discarded). An episode's course is fixed by its seed
+and the (deterministic) policy, not by `num_envs` or by which episodes step beside it.
 
 `run_episodes_sequentially` is the loop that kzl's and CORL's Decision Transformer code runs: one environment,
 one episode at a time, one forward per step on the unpadded last K steps. It is the reference the vectorised
 version is tested against and the baseline of its benchmark (experiments/d4rl_eval_bench.py).
+
+"The same as sequential" means: the same episodes (seeds, order, lengths where no rounding tips a termination),
+each action equal up to float rounding (a padded, masked window in a batch is not computed with the same
+operations as the unpadded window alone: differences of about 1e-7), and therefore the same mean return. It does
+not mean bit-identical single episodes: MuJoCo's dynamics amplify those rounding differences step by step, so over
+1000-step episodes single returns can drift apart (by tens on HalfCheetah with the paper's model) while their means
+agree within the noise. The tests hold single returns equal on short episodes, where the drift stays small.
 """
 
 from __future__ import annotations

@@ -131,16 +131,37 @@ def read_d4rl_arrays(path: str | Path) -> dict[str, np.ndarray]:
     lengths = {key: len(value) for key, value in arrays.items()}
     if len(set(lengths.values())) != 1:
         raise D4RLDataError(f"{path}: the arrays differ in length {lengths}; every key needs one row per step")
+    if not lengths["rewards"]:
+        raise D4RLDataError(
+            f"{path}: the arrays hold no rows, so there is no step to train on. Delete it and fetch it again with "
+            "`make data-d4rl`, or write a dataset with `python -m tasks.d4rl.collect`."
+        )
     return arrays
+
+
+CORRUPT_HINT = "the file is corrupt: delete it and fetch it again with `make data-d4rl`"
 
 
 def _check_finite(path: Path, key: str, values: np.ndarray) -> None:
     finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
+        raise D4RLDataError(f"{path}: {key!r} holds NaN or Inf (first at row {row} of {len(values)}); {CORRUPT_HINT}")
+
+
+def _episode_end_flags(path: Path, key: str, values: np.ndarray) -> np.ndarray:
+    """`terminals` or `timeouts` as bool (N,): a flag stored as numbers must be 0 or 1 (astype(bool) would read NaN,
+    or any other value, as an episode end)."""
+    if values.dtype == bool:
+        return values
+    bad = ~np.isin(values, (0, 1))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
         raise D4RLDataError(
-            f"{path}: {key!r} holds NaN or Inf (first at row {row} of {len(values)}); the file is corrupt"
+            f"{path}: {key!r} holds {values[row].item()!r} at row {row} of {len(values)} (first of {int(bad.sum())}); "
+            f"an episode-end flag is 0 or 1, {CORRUPT_HINT}"
         )
+    return values.astype(bool)
 
 
 def split_episodes(ends: np.ndarray) -> np.ndarray:
@@ -149,12 +170,33 @@ def split_episodes(ends: np.ndarray) -> np.ndarray:
 
 
 def read_d4rl_file(path: str | Path) -> Trajectories:
-    """Episodes of one D4RL HDF5 file (see the module docstring); errors name the file and the key."""
+    """Episodes of one D4RL HDF5 file (see the module docstring); errors name the file and the key. A file that
+    `python -m tasks.d4rl.collect` wrote names the environment it was recorded on (`info["recorded_env_id"]`)."""
     path = Path(path)
-    arrays = read_d4rl_arrays(path)
+    trajectories = episodes_of(path, read_d4rl_arrays(path))
+    recorded = recorded_env_id(path)
+    if recorded is not None:
+        trajectories.info["recorded_env_id"] = recorded
+    return trajectories
+
+
+def recorded_env_id(path: str | Path) -> str | None:
+    """The `env_id` attribute of a file written by the collector (D4RL's own files have none)."""
+    h5py = _require_h5py()
+    with h5py.File(path, "r") as handle:
+        value = handle.attrs.get("env_id")
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def episodes_of(path: Path, arrays: dict[str, np.ndarray]) -> Trajectories:
+    """Episodes of the D4RL arrays read from `path` (which the errors name)."""
     for key in ("observations", "actions", "rewards"):
         _check_finite(path, key, arrays[key])
-    boundaries = split_episodes(arrays["terminals"].astype(bool) | arrays["timeouts"].astype(bool))
+    ends = _episode_end_flags(path, "terminals", arrays["terminals"])
+    ends = ends | _episode_end_flags(path, "timeouts", arrays["timeouts"])
+    boundaries = split_episodes(ends)
     if len(boundaries) < 2:
         raise D4RLDataError(f"{path}: no episode ends (terminals and timeouts are all false), so there is no episode")
     used = int(boundaries[-1])

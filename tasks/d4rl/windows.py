@@ -3,8 +3,9 @@
 Every timestep of every episode starts a window of K steps; a window that runs past its episode's end is padded.
 Padding follows the official code: states are padded with 0 before normalisation (so a padded state is −μ/σ),
 actions with −10, returns-to-go and timesteps with 0, and `padding_mask` marks the padded steps (True = padding).
-`padding="right"` (official) puts the pads after the real steps; `padding="left"` (the original Decision Transformer,
-kzl and CORL's convention for the same windows) puts them before. States are normalised with the mean and the std
+`padding="right"` (official) puts the pads after the real steps; `padding="left"` (the original Decision Transformer
+of kzl) puts them before. CORL pads on the right too, but with other values (zeros after normalisation, timesteps that
+run on past the episode's end), which no switch here reproduces. States are normalised with the mean and the std
 (+1e-6) of every step of the dataset; returns-to-go are undiscounted and divided by `return_scale`; timesteps (the
 step's index in its episode) are clipped to `max_timestep − 1`. `Conditioning` holds these choices, so that the
 rollouts (tasks/d4rl/rollout.py) build the model's input the same way.
