@@ -107,6 +107,7 @@ def test_a_resumed_run_lists_each_evaluation_once(tmp_path):
         "trainer.val_check_interval=1",
         "callbacks.last_checkpoint.every_n_train_steps=2",
         "callbacks.last_checkpoint.every_n_epochs=null",
+        HARNESS,
     ]
     run(tmp_path, "whole", *every)
     kill = ["+callbacks.kill._target_=tests.helpers.InterruptAtStep", "+callbacks.kill.step=3"]
