@@ -5,9 +5,11 @@
   layer-scale γ) and the model's `no_weight_decay()` names (position embeddings) out of weight decay.
 - `lr` is the rate at a global batch of `reference_batch` (512) images; the optimiser runs at
   lr × global batch / 512, the global batch being data.batch_size × devices × nodes × gradient accumulation.
-- The schedule is `timm.scheduler.create_scheduler_v2` (cosine with linear warm-up), stepped once per epoch like
-  the official code's; epoch e trains at the schedule's value for e. Lightning hands timm schedulers to
-  `lr_scheduler_step`, which says which epoch to step to.
+- The schedule is `timm.scheduler.create_scheduler_v2` (cosine with linear warm-up), stepped once per epoch as
+  DeiT's and the official code's loops step it: the scheduler sets the warm-up start (1e-6) when it is built, which
+  epoch 0 trains at, and after epoch e they call `step(e)`, so epoch e ≥ 1 trains at the schedule's value for e − 1
+  (epochs 0 and 1 both at 1e-6, the peak at epoch `warmup_epochs` + 1). Lightning hands timm schedulers to
+  `lr_scheduler_step` at the end of each epoch.
 - Testing also logs `test/params_M` (parameters, millions) and `test/gmacs` (multiply-accumulates of one image, G),
   counted as `python -m experiments.profile` counts them, so the aggregator fills those rows of the paper's table.
 """
@@ -82,8 +84,8 @@ class ImageNetModule(ClassificationModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        # called at the end of epoch `current_epoch`: set the rate of the next one
-        scheduler.step(epoch=self.current_epoch + 1)
+        # called at the end of epoch `current_epoch`, where DeiT's loop calls step(epoch)
+        scheduler.step(epoch=self.current_epoch)
 
     def on_test_epoch_end(self) -> None:
         size = count_complexity(self.model, self.image_size)
