@@ -1,5 +1,5 @@
 """The ImageNet recipe in the module (official_code.md §5.2): lr scaled by the global batch, timm's AdamW groups,
-per-epoch warm-up + cosine stepped as DeiT steps it, and a short run of the engine that
+per-epoch warm-up + cosine stepped as DeiT steps it, the optional weight average, and a short run of the engine that
 records top-5, parameters and MACs."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from experiments.train import train
@@ -76,6 +77,26 @@ def test_schedule_follows_deit_epoch_by_epoch():
     assert max(rates) == rates[6] and rates[6:] == sorted(rates[6:], reverse=True)
 
 
+def test_the_weight_average_follows_optimiser_steps_only():
+    assert recipe_module().ema is None  # off by default: DeiT reports the trained model
+    module = recipe_module(overrides=("module.ema_decay=0.75",), global_step=0)
+    module.on_train_start()
+    average = module.ema.module
+    start = [p.detach().clone() for p in module.model.parameters()]
+    assert not any(p.requires_grad for p in module.ema.parameters())  # DDP waits for no gradient of it
+    with torch.no_grad():
+        for parameter in module.model.parameters():
+            parameter.add_(1.0)
+    module.on_train_batch_end(None, None, 0)  # no optimiser step yet (accumulating): the average stays
+    assert all(torch.equal(a, s) for a, s in zip(average.parameters(), start))
+    module._trainer.global_step = 1
+    module.on_train_batch_end(None, None, 1)
+    assert all(torch.allclose(a, s + 0.25) for a, s in zip(average.parameters(), start))
+    assert {f"ema.module.{name}" for name, _ in module.model.named_parameters()} <= module.state_dict().keys()
+    with pytest.raises(Exception, match="module.ema_decay must lie in"):  # Hydra wraps the ValueError
+        recipe_module(overrides=("module.ema_decay=1.5",))
+
+
 def test_top_k_beyond_the_classes_is_left_out():
     assert recipe_module(num_classes=3).top_k == (1,)
     assert recipe_module(num_classes=6).top_k == (1, 5)
@@ -86,13 +107,16 @@ def test_a_short_run_records_top5_parameters_and_macs(tmp_path):
     overrides = [f"{key}={value}" for key, value in write_fixture(data_dir).items()]
     cfg = compose_config(
         ["experiment=imagenet/hierarchical", f"paths.data_dir={data_dir}", "trainer.max_epochs=3",
-         "module.warmup_epochs=1", "module.lr=0.128", "trainer.log_every_n_steps=1", *TINY_MODEL,
+         "module.warmup_epochs=1", "module.lr=0.128", "module.ema_decay=0.9", "trainer.log_every_n_steps=1", *TINY_MODEL,
          *QUIET, *overrides]
     )
     record = train(cfg, tmp_path / "run")
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     metrics = written["metrics"]
     assert {"test/acc", "test/acc_top5", "best/val/acc_top5", "last/val/acc"} <= metrics.keys()
+    assert all(0 <= entry["val/ema_acc"] <= 1 for entry in written["history"])
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert "ema.module.head.weight" in state and not torch.equal(state["ema.module.head.weight"], state["model.head.weight"])
     model = HierarchicalFlowformer(6, image_size=32, dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), heads=[1, 1, 2, 4])
     assert metrics["test/params_M"] == pytest.approx(count_parameters(model) / 1e6, rel=1e-6)
     assert metrics["test/gmacs"] > 0
