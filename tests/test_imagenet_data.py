@@ -15,7 +15,8 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from tasks.imagenet.data import ImageFolderDataModule, UnreadableImageError
-from tasks.imagenet.digits import write_digits
+from tasks.imagenet.digits import DigitsExistError, write_digits
+from tasks.imagenet.digits import main as digits_main
 from tasks.imagenet.layout import ImageFolderError, load_layout
 from tests.fixtures.imagenet import FIXTURE_CLASSES, write_image_folder
 from tests.helpers import compose_config
@@ -177,6 +178,19 @@ def test_digits_are_written_as_a_real_image_folder(tmp_path):
     assert layout.classes == [str(d) for d in range(10)] and len(layout.val) == 360
     with Image.open(layout.train[0][0]) as image:
         assert image.format == "PNG" and image.size == (24, 24)
+
+
+def test_digits_refuse_to_mix_with_an_earlier_split(tmp_path, capsys):
+    out = tmp_path / "digits"
+    write_digits(out, size=8, seed=0)
+    with pytest.raises(DigitsExistError, match="--overwrite"):
+        write_digits(out, size=8, seed=1)
+    assert digits_main(["--out", str(out), "--size", "8", "--seed", "1"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    counts = write_digits(out, size=8, seed=1, overwrite=True)
+    names = {split: {path.name for path in (out / split).rglob("*.png")} for split in ("train", "val")}
+    assert not names["train"] & names["val"]  # no image in both splits
+    assert {split: len(found) for split, found in names.items()} == counts
 
 
 def test_randaugment_survives_posterize_to_zero_bits(folder):
