@@ -113,3 +113,33 @@ def test_the_datamodule_trains_on_its_replicas_share(tmp_path):
     off = ImageFolderDataModule("folder", tmp_path, image_size=32, batch_size=2, num_workers=0, pin_memory=False)
     off.setup("fit")
     assert not isinstance(off.train_dataloader().sampler, RepeatedAugmentationSampler)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_train_on_their_repeated_shares(tmp_path):
+    # Two CPU processes of the real entry point: Lightning must keep the sampler (not wrap it), give each rank its
+    # share, and reshuffle per epoch.
+    import json
+    import subprocess
+    import sys
+
+    data_dir = tmp_path / "data"
+    write_image_folder(data_dir / "folder", FIXTURE_CLASSES, {"train": 50, "val": 1})
+    command = [
+        sys.executable, "-m", "experiments.train", "experiment=imagenet/hierarchical", "trainer=ddp",
+        f"paths.data_dir={data_dir}", "data.dataset=folder", f"hydra.run.dir={tmp_path / 'run'}",
+        "data.repeated_aug=true", "data.image_size=32", "data.batch_size=4", "data.num_workers=0",
+        "data.pin_memory=false", "model.dims=[8,16,32,64]", "model.depths=[1,1,1,1]", "model.heads=1",
+        "trainer.max_epochs=2", "logger=csv", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
+        "+callbacks.record._target_=tests.fixtures.imagenet.RecordTrainingOrder", f"+callbacks.record.out_dir={tmp_path}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    orders = []
+    for epoch in (0, 1):
+        ranks = [json.loads((tmp_path / f"rank{rank}_epoch{epoch}.json").read_text()) for rank in (0, 1)]
+        assert {record["sampler"] for record in ranks} == {"RepeatedAugmentationSampler"}
+        shares_of_epoch = [record["indices"] for record in ranks]
+        assert shares_of_epoch == [repeated_epoch_order(300, 0, epoch, 3, 2, rank, 128) for rank in (0, 1)]
+        orders.append(shares_of_epoch)
+    assert orders[0] != orders[1]
