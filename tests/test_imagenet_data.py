@@ -1,5 +1,5 @@
 """ImageFolder data on fixtures written as real image files: the layout checks, the datamodule's batches, timm's
-transforms and Mixup, the hold-out protocol, and the digits converter."""
+transforms and Mixup as the task config builds them, the hold-out protocol, and the digits converter."""
 
 from __future__ import annotations
 
@@ -8,14 +8,18 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from hydra.utils import instantiate
+from PIL import Image
 
 from tasks.imagenet.data import ImageFolderDataModule, UnreadableImageError
-from tasks.imagenet.digits import write_digits
+from tasks.imagenet.digits import DigitsExistError, write_digits
+from tasks.imagenet.digits import main as digits_main
 from tasks.imagenet.layout import ImageFolderError, load_layout
 from tests.fixtures.imagenet import FIXTURE_CLASSES, write_image_folder
+from tests.helpers import compose_config
 
 CLASSES = FIXTURE_CLASSES[:3]
 
@@ -44,13 +48,39 @@ def test_setup_reads_classes_from_the_folders_and_batches_images(folder):
     assert len(dm.train_dataloader()) == 3  # 12 images, full batches only
 
 
-def test_transforms_are_timms_recipe(folder):
-    dm = datamodule(folder.parent, image_size=224, train_transform={"auto_augment": "rand-m9-mstd0.5-inc1",
-                    "interpolation": "bicubic"}, eval_transform={"crop_pct": 0.875, "interpolation": "bicubic"})
+def config_datamodule(folder: Path, experiment: str) -> ImageFolderDataModule:
+    """The datamodule exactly as an experiment's config builds it, on the fixture folder."""
+    cfg = compose_config([f"experiment={experiment}", f"paths.data_dir={folder.parent}", f"data.dataset={folder.name}",
+                          "data.num_workers=0", "data.pin_memory=false"])
+    dm = instantiate(cfg.data)
     dm.setup("fit")
-    train, evaluation = (str(dm.splits[split].transform) for split in ("train", "val"))
-    assert "RandomResizedCrop" in train and "RandAugment" in train and "bicubic" in train.lower()
-    assert "size=256" in evaluation and "CenterCrop(size=(224, 224))" in evaluation
+    return dm
+
+
+@pytest.mark.parametrize("experiment", ["imagenet/hierarchical", "imagenet/deit_small"])
+def test_the_task_config_builds_timms_recipe(folder, experiment):
+    dm = config_datamodule(folder, experiment)
+    train = {type(t).__name__: t for t in dm.splits["train"].transform.transforms}
+    crop, rand_augment = train["RandomResizedCropAndInterpolation"], train["RandAugment"]
+    assert crop.size == (224, 224) and crop.scale == (0.08, 1.0) and str(crop.interpolation.value) == "bicubic"
+    assert train["RandomHorizontalFlip"].p == 0.5
+    # rand-m9-mstd0.5-inc1: 2 ops per image, magnitude 9 with noise 0.5, the increasing variants
+    assert rand_augment.num_layers == 2
+    assert {(op.magnitude, op.magnitude_std) for op in rand_augment.ops} == {(9, 0.5)}
+    assert {"PosterizeIncreasing", "SolarizeIncreasing"} <= {op.name for op in rand_augment.ops}
+    if experiment == "imagenet/deit_small":  # DeiT: random erasing 0.25 with per-pixel noise
+        erasing = train["RandomErasing"]
+        assert (erasing.probability, erasing.mode, erasing.per_pixel, erasing.max_count) == (0.25, "pixel", True, 1)
+    else:  # the official run: none
+        assert "RandomErasing" not in train
+    evaluation = [type(t).__name__ for t in dm.splits["val"].transform.transforms]
+    resize, center = dm.splits["val"].transform.transforms[:2]
+    assert evaluation[:2] == ["Resize", "CenterCrop"] and resize.size == 256 and center.size == (224, 224)
+    assert str(resize.interpolation.value) == "bicubic"
+    mixer = dm.mixer
+    assert (mixer.mixup_alpha, mixer.cutmix_alpha, mixer.label_smoothing) == (0.8, 1.0, 0.1)
+    assert (mixer.mix_prob, mixer.switch_prob, mixer.mode) == (1.0, 0.5, "batch")
+    assert dm.splits["train"][0]["x"].shape == (3, 224, 224)
 
 
 def test_mixup_mixes_training_batches_only(folder):
@@ -150,14 +180,41 @@ def test_digits_are_written_as_a_real_image_folder(tmp_path):
         assert image.format == "PNG" and image.size == (24, 24)
 
 
+def test_digits_refuse_to_mix_with_an_earlier_split(tmp_path, capsys):
+    out = tmp_path / "digits"
+    write_digits(out, size=8, seed=0)
+    with pytest.raises(DigitsExistError, match="--overwrite"):
+        write_digits(out, size=8, seed=1)
+    assert digits_main(["--out", str(out), "--size", "8", "--seed", "1"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    counts = write_digits(out, size=8, seed=1, overwrite=True)
+    names = {split: {path.name for path in (out / split).rglob("*.png")} for split in ("train", "val")}
+    assert not names["train"] & names["val"]  # no image in both splits
+    assert {split: len(found) for split, found in names.items()} == counts
+
+
 def test_randaugment_survives_posterize_to_zero_bits(folder):
-    # rand-m9-mstd0.5-inc1 asks for 0 bits now and then (magnitude clipped at 10); Pillow 13 raises on it, so
+    # rand-m9-mstd0.5-inc1 asks for 0 bits now and then (magnitude noise reaching 10); Pillow 13 raises on it, so
     # pyproject keeps Pillow below 13, where 0 bits give the black image the official run trained on
     dm = datamodule(folder.parent, train_transform={"auto_augment": "rand-m9-mstd0.5-inc1"})
     dm.setup()
+    rand_augment = next(t for t in dm.splits["train"].transform.transforms if type(t).__name__ == "RandAugment")
+    posterize = next(op for op in rand_augment.ops if op.name == "PosterizeIncreasing")
+    kept_bits, results = [], []
+    apply = posterize.aug_fn
+
+    def spy(image, bits, **kwargs):
+        kept_bits.append(bits)
+        results.append(apply(image, bits, **kwargs))
+        return results[-1]
+
+    posterize.aug_fn = spy
     image = Image.new("RGB", (8, 8), (100, 150, 200))
-    assert ImageOps.posterize(image, 0).getextrema() == ((0, 0),) * 3
-    random.seed(0)  # 3000 draws of this seed include 0-bit posterizes
-    rand_augment = next(t for t in dm.splits["train"].transform.transforms if "RandAugment" in type(t).__name__)
+    random.seed(0)  # timm draws the ops with numpy and their magnitudes with random
+    np.random.seed(0)
     for _ in range(3000):
         rand_augment(image)
+        if 0 in kept_bits:
+            break
+    assert 0 in kept_bits, "3000 draws asked for no 0-bit posterize: this test tested nothing"
+    assert results[kept_bits.index(0)].getextrema() == ((0, 0),) * 3

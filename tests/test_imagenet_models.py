@@ -134,3 +134,82 @@ def test_registered_flow_differs_from_the_cv_variant_below_fp32_noise(tokens, wi
     ours = build_attention("flow", head_dim=width, n_heads=2)(q, k, v)
     assert relative_error(ours, official_cv_flow(q, k, v, outer_eps=0.0)) < 1e-12  # the reference is right
     assert relative_error(ours, official_cv_flow(q, k, v, outer_eps=1e-6)) < 2e-6
+
+
+def test_proj_bias_of_the_attention_node_reaches_both_projections():
+    # flow_lra_official has bias-free projections; the node's proj_bias overrides what the network (timm) passes
+    node = {"name": "flow_lra_official", "proj_bias": False}
+    layer = QkvAttention(16, 2, node, qkv_bias=True, proj_bias=True)
+    assert layer.qkv.bias is None and layer.proj.bias is None
+    hierarchical = HierarchicalFlowformer(num_classes=3, image_size=32, attention=node, **TINY)
+    deit = deit_small(num_classes=3, image_size=32, attention=node)
+    for model in (hierarchical, deit):
+        assert not [name for name, _ in model.named_parameters() if ".attn." in name and name.endswith("bias")]
+    assert QkvAttention(16, 2, {"name": "flow"}).qkv.bias is not None  # no key: the constructor's choice stands
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(
+            strict=True, reason="flowformer/attention/reformer.py builds its LSH class inside a function"))
+        if name == "reformer" else name
+        for name in REGISTERED_NAMES
+    ],
+)
+def test_deit_variants_pickle_and_compute_the_same_after(attention):
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = deit_small(num_classes=3, image_size=32, attention={"name": attention}).eval()
+    images = torch.randn(2, 3, 32, 32)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # what torch.save(model) and strategy=ddp_spawn need
+    buffer.seek(0)
+    copies = [pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False)]
+    with torch.no_grad():
+        expected = model(images)
+        for copy in copies:
+            assert type(copy.blocks[0].attn).__name__ == f"QkvAttention[{attention}]"
+            assert torch.equal(copy.eval()(images), expected)
+
+
+@pytest.fixture(scope="module")
+def timm_state():
+    """A stand-in for timm's released DeiT-S weights (no download): a freshly built timm DeiT-S's state."""
+    import timm
+
+    torch.manual_seed(1)
+    return timm.create_model("deit_small_patch16_224", num_classes=3, img_size=32).state_dict()
+
+
+@pytest.mark.parametrize("attention", REGISTERED_NAMES)
+def test_pretrained_weights_load_into_every_deit_variant(attention, timm_state, monkeypatch, caplog):
+    from flowformer.models import deit
+
+    monkeypatch.setattr(deit, "timm_pretrained_state", lambda num_classes, image_size: timm_state)
+    torch.manual_seed(0)
+    model = deit_small(num_classes=3, image_size=32, attention={"name": attention}, pretrained=True)
+    ours = model.state_dict()
+    shared = [key for key in timm_state if "attn.qkv" not in key]
+    assert all(torch.equal(ours[key], timm_state[key]) for key in shared)  # all but the attention's own tensors
+    qkv, expected = ours["blocks.3.attn.qkv.weight"], timm_state["blocks.3.attn.qkv.weight"]
+    if attention == "reformer":  # keys are the queries: the query and value thirds of timm's qkv
+        assert torch.equal(qkv, torch.cat([expected[:384], expected[768:]]))
+        assert "reformer attention ties keys to queries" in caplog.text
+    else:
+        assert torch.equal(qkv, expected)
+    if attention == "performer":  # its random features are not in timm's weights: kept, and said so
+        assert "performer attention variant in part" in caplog.text and "blocks.*.attn.op.projection (12)" in caplog.text
+    else:
+        assert "in part" not in caplog.text
+
+
+def test_pretrained_weights_skip_what_a_variant_lacks(timm_state, caplog):
+    from flowformer.models.deit import load_timm_weights
+
+    model = deit_small(num_classes=3, image_size=32, attention={"name": "flow_lra_official", "proj_bias": False})
+    result = load_timm_weights(model, timm_state, "flow_lra_official")
+    assert result.missing == () and len(result.unused) == 24 and all("attn" in key for key in result.unused)
+    assert "flow_lra_official attention variant in part" in caplog.text and "blocks.*.attn.qkv.bias (12)" in caplog.text

@@ -65,3 +65,28 @@ def test_the_image_check_runs_in_worker_processes(tmp_path):
     paths = [str(path) for path in good] * 200 + [str(broken)]
     failures = unreadable_images(paths, workers=2)
     assert [path for path, _ in failures] == [str(broken)] and failures == unreadable_images(paths, workers=0)
+
+
+def test_an_interrupted_train_unpacking_is_finished_on_rerun(tmp_path):
+    # torchvision had unpacked the first class, was unpacking the third (one of its two images out, its tar still
+    # there) and had not reached the second
+    root = tmp_path / "subset"
+    rng = np.random.default_rng(0)
+    train = root / "train"
+    done = write_image(train / WNIDS[0] / f"{WNIDS[0]}_1.JPEG", rng)
+    for wnid in WNIDS[1:]:
+        images = [write_image(tmp_path / "staging" / wnid / f"{wnid}_{i}.JPEG", rng) for i in (1, 2)]
+        with tarfile.open(train / f"{wnid}.tar", "w") as tar:
+            for image in images:
+                tar.add(image, arcname=image.name)
+    (train / WNIDS[2]).mkdir()
+    (train / WNIDS[2] / f"{WNIDS[2]}_1.JPEG").write_bytes(b"\xff\xd8 cut off by the interruption")
+    flat_val(root / "val", len(LABELS))
+    write_devkit(tmp_path / "ILSVRC2012_devkit_t12", WNIDS, LABELS)
+    prepare(root, devkit=tmp_path / "ILSVRC2012_devkit_t12", workers=0)  # checks that every image opens
+    assert sorted(path.name for path in train.iterdir()) == WNIDS  # no tar left
+    assert done.is_file() and all(len(list((train / wnid).iterdir())) == 2 for wnid in WNIDS[1:])
+    for wnid in WNIDS[1:]:
+        for i in (1, 2):
+            name = f"{wnid}_{i}.JPEG"
+            assert (train / wnid / name).read_bytes() == (tmp_path / "staging" / wnid / name).read_bytes()

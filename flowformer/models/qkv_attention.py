@@ -7,6 +7,8 @@ Keeping timm's parameter names means timm's DeiT-S weights load into any attenti
 
 from __future__ import annotations
 
+import copy
+import copyreg
 from typing import Any
 
 import torch
@@ -22,7 +24,9 @@ class QkvAttention(nn.Module):
         dim: token width C (divisible by `num_heads`).
         num_heads: number of heads H (head width C / H).
         attention: the `model.attention` config node (`{"name": ..., <op options>}`) or a registered name.
-        qkv_bias, proj_bias: biases of the two projections.
+        qkv_bias, proj_bias: biases of the two projections. A `proj_bias` key in the attention node overrides both
+            (as `flowformer.attention.MultiHeadAttention` does for its four projections): `flow_lra_official` has
+            bias-free projections.
         proj_drop: dropout after the output projection.
         attn_drop, qk_norm, scale_norm: timm's options; only their defaults (off) are supported, because a linear
             attention forms no attention matrix to drop out from and the ops have no norm hooks.
@@ -56,7 +60,9 @@ class QkvAttention(nn.Module):
                 f"QkvAttention supports attn_drop=0, qk_norm=False and scale_norm=False; got attn_drop={attn_drop}, "
                 f"qk_norm={qk_norm}, scale_norm={scale_norm}"
             )
-        name, options, _ = split_attention_config(attention)
+        name, options, layer_options = split_attention_config(attention)
+        if "proj_bias" in layer_options:
+            qkv_bias = proj_bias = bool(layer_options["proj_bias"])
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.op = build_attention(name, head_dim=self.head_dim, n_heads=num_heads, **options)
         self.shares_qk = bool(getattr(self.op, "shares_qk", False))
@@ -81,14 +87,35 @@ class QkvAttention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, length, width)))
 
 
+class _BoundAttentionType(type):
+    """The type of `bind_attention`'s classes; its pickle reducer (registered below) rebuilds such a class from its
+    attention config, since a class made at run time cannot be found by name when unpickling."""
+
+    bound_attention: dict[str, Any] | str
+
+
+def _reduce_bound_class(cls: _BoundAttentionType) -> tuple[Any, tuple[Any, ...]]:
+    return bind_attention, (cls.bound_attention,)
+
+
+copyreg.pickle(_BoundAttentionType, _reduce_bound_class)
+
+
 def bind_attention(attention: dict[str, Any] | str) -> type[QkvAttention]:
     """A `QkvAttention` subclass with `attention` fixed, for timm's `attn_layer` argument (timm builds the layer
-    itself and checks that it is a class, so a partial would not do)."""
+    itself and checks that it is a class, so a partial would not do).
 
-    class BoundQkvAttention(QkvAttention):
-        def __init__(self, dim: int, num_heads: int = 8, **kwargs: Any) -> None:
-            super().__init__(dim, num_heads, attention=attention, **kwargs)
-
+    The class pickles as "bind `attention`" (timm keeps it among the model's arguments), and so do its instances:
+    `torch.save(model)`, `strategy=ddp_spawn` and deep copies work.
+    """
     name, _, _ = split_attention_config(attention)
+    bound = copy.deepcopy(attention)
+
+    class BoundQkvAttention(QkvAttention, metaclass=_BoundAttentionType):
+        bound_attention = bound
+
+        def __init__(self, dim: int, num_heads: int = 8, **kwargs: Any) -> None:
+            super().__init__(dim, num_heads, attention=bound, **kwargs)
+
     BoundQkvAttention.__name__ = BoundQkvAttention.__qualname__ = f"QkvAttention[{name}]"
     return BoundQkvAttention

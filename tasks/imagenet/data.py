@@ -9,6 +9,9 @@ RandAugment; evaluation: resize by `crop_pct`, centre crop), and timm's `Mixup` 
 device (`on_after_batch_transfer`), folding the label smoothing into the soft targets it returns. With
 `data.mixup=0` and `data.cutmix=0` targets stay hard and the module smooths them itself.
 
+With `data.repeated_aug=true` the training order is DeiT's repeated augmentation (`tasks/imagenet/sampling.py`):
+each epoch draws every image `repeated_aug_repeats` (3) times, on different replicas under DDP.
+
 Protocol (`selection`, recorded in metrics.json): `best_test` evaluates on val during training and reports the
 best top-1, as the official code does (val is ImageNet's test set); `holdout_val` and `final` evaluate on
 `holdout_per_class` training images of each class, and test once on val the checkpoint they pick (`holdout_val`) or
@@ -25,11 +28,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from results.run_record import checked_selection, validates_on_test
 from tasks.common.datamodule import DataStatus, TaskDataModule
 from tasks.common.sampling import seeded_loader
 from tasks.imagenet.layout import PREPARE_HINT, SPLITS, FolderLayout, Samples, hold_out, load_layout
+from tasks.imagenet.sampling import RepeatedAugmentationSampler
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +84,9 @@ class ImageFolderDataModule(TaskDataModule):
         label_smoothing: folded into the mixed targets (without mixing, the module applies it).
         mixing: further timm `Mixup` arguments (prob, switch_prob, mode).
         train_transform, eval_transform: further timm `create_transform` arguments (auto_augment, color_jitter,
-            re_prob, interpolation, crop_pct...).
+            re_prob, re_mode, interpolation, crop_pct...).
+        repeated_aug: train in DeiT's repeated-augmentation order (`RepeatedAugmentationSampler`).
+        repeated_aug_repeats: copies of each image per epoch under `repeated_aug` (DeiT: 3).
     """
 
     def __init__(
@@ -102,6 +109,8 @@ class ImageFolderDataModule(TaskDataModule):
         mixing: dict[str, Any] | None = None,
         train_transform: dict[str, Any] | None = None,
         eval_transform: dict[str, Any] | None = None,
+        repeated_aug: bool = False,
+        repeated_aug_repeats: int = 3,
     ) -> None:
         super().__init__()
         checked_selection(selection)
@@ -121,6 +130,7 @@ class ImageFolderDataModule(TaskDataModule):
                             "label_smoothing": float(label_smoothing), **dict(mixing or {})} if mixes else None
         self.train_transform_options = dict(train_transform or {})
         self.eval_transform_options = dict(eval_transform or {})
+        self.repeated_aug, self.repeated_aug_repeats = bool(repeated_aug), int(repeated_aug_repeats)
         self.layout: FolderLayout | None = None
         self.splits: dict[str, ImageFolderSplit] = {}
         self.mixer: Any = None
@@ -160,6 +170,7 @@ class ImageFolderDataModule(TaskDataModule):
                 "evaluated_on": "val" if validates_on_test(self.selection)
                 else f"{self.holdout_per_class} train images per class",
                 "train_images": len(train),
+                "repeated_aug": self.repeated_aug_repeats if self.repeated_aug else 0,
                 "image_size": self.image_size,
             }
         )
@@ -184,18 +195,34 @@ class ImageFolderDataModule(TaskDataModule):
         return batch
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> Any:
-        return seeded_loader(
-            self.splits[split],
-            batch_size=batch_size,
-            seed=self.seed,
-            shuffle=shuffle,
-            drop_last=shuffle,  # Mixup pairs images within a batch; the official loader drops the short last one too
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+        return seeded_loader(self.splits[split], batch_size=batch_size, seed=self.seed, shuffle=shuffle,
+                             **self._loader_options(drop_last=shuffle))
+
+    def _loader_options(self, drop_last: bool) -> dict[str, Any]:
+        return {
+            # Mixup pairs images within a batch; the official loader drops the short last one too
+            "drop_last": drop_last,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def _repeated_aug_loader(self) -> StatefulDataLoader:
+        """The training loader in DeiT's repeated-augmentation order, this process's share under DDP."""
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = RepeatedAugmentationSampler(
+            len(self.splits["train"]), self.seed, replicas, rank, repeats=self.repeated_aug_repeats
+        )
+        # its own generator, as `seeded_loader` gives every loader: worker seeds never draw on the global RNG
+        return StatefulDataLoader(
+            self.splits["train"], batch_size=self.batch_size, sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed), **self._loader_options(drop_last=True),
         )
 
     def train_dataloader(self) -> Any:
+        if self.repeated_aug:
+            return self._repeated_aug_loader()
         return self._loader("train", self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> Any:

@@ -8,12 +8,14 @@ accept the terms, and download from the ILSVRC-2012 page:
     ILSVRC2012_devkit_t12.tar.gz   (2.5 MB, holds the validation ground truth)
 
 Put them in $DATA_DIR/imagenet/ and run `make data-imagenet` (`python -m tasks.imagenet.prepare`). It
-1. unpacks the training tar into train/<wnid>/ (torchvision's ImageNet helpers, which check the archives' MD5);
+1. unpacks the training tar into train/<wnid>/ (torchvision's ImageNet helpers, which check the archives' MD5):
+   first the 1000 per-class tars into train/, then each into its class folder, deleting the tar once it is out;
 2. unpacks the validation tar, or takes an already unpacked flat val/ folder, and sorts its images into
    val/<wnid>/ from the devkit's ground truth (data/ILSVRC2012_validation_ground_truth.txt gives each image's
    ILSVRC2012_ID in file-name order; data/meta.mat maps the IDs to WordNet ids);
 3. checks the result as training will (1000 classes, 1,281,167 / 50,000 images, every image opens).
-Steps already done are skipped, so the command can be rerun after an interruption.
+Steps already done are skipped, so the command can be rerun after an interruption: a per-class tar still in
+train/ is a class not fully unpacked, and a rerun unpacks it again.
 """
 
 from __future__ import annotations
@@ -107,16 +109,36 @@ def _has_classes(folder: Path) -> bool:
     return folder.is_dir() and any(entry.is_dir() for entry in os.scandir(folder))
 
 
+def unpack_train(root: Path) -> None:
+    """Unpack `root`/ILSVRC2012_img_train.tar into `root`/train/<wnid>/, or finish an interrupted unpacking.
+
+    torchvision writes the per-class tars into train/ first, then unpacks each into train/<wnid>/ and deletes it,
+    so a tar left in train/ beside class folders is a class whose unpacking did not finish (its folder may hold part
+    of it): it is unpacked again, over what is there. Without class folders the whole archive is unpacked.
+    """
+    from torchvision.datasets.imagenet import parse_train_archive
+    from torchvision.datasets.utils import extract_archive
+
+    train = root / "train"
+    if not _has_classes(train):
+        if not (root / TRAIN_ARCHIVE).is_file():
+            raise PrepareError(f"no class folders in {train}, no {root / TRAIN_ARCHIVE}. {_obtain_hint(root)}")
+        log.info("unpacking %s into %s", TRAIN_ARCHIVE, train)
+        parse_train_archive(str(root))
+        return
+    leftover = sorted(train.glob("*.tar"))
+    if leftover:
+        log.info("finishing an interrupted unpacking of %s: %d class tars left in %s", TRAIN_ARCHIVE, len(leftover), train)
+    for archive in leftover:
+        extract_archive(str(archive), str(archive.with_suffix("")), remove_finished=True)
+
+
 def prepare(root: Path, devkit: Path | None = None, workers: int = 8) -> None:
     """Unpack and sort what is missing under `root` (see the module docstring), then check the layout."""
-    from torchvision.datasets.imagenet import parse_train_archive, parse_val_archive
+    from torchvision.datasets.imagenet import parse_val_archive
 
     devkit = devkit or root / DEVKIT_ARCHIVE
-    if not _has_classes(root / "train"):
-        if not (root / TRAIN_ARCHIVE).is_file():
-            raise PrepareError(f"no class folders in {root / 'train'}, no {root / TRAIN_ARCHIVE}. {_obtain_hint(root)}")
-        log.info("unpacking %s into %s", TRAIN_ARCHIVE, root / "train")
-        parse_train_archive(str(root))
+    unpack_train(root)
     val_dir = root / "val"
     if _is_flat(val_dir):
         log.info("sorting the flat %s into class folders from %s", val_dir, devkit)
