@@ -148,15 +148,7 @@ def test_proj_bias_of_the_attention_node_reaches_both_projections():
     assert QkvAttention(16, 2, {"name": "flow"}).qkv.bias is not None  # no key: the constructor's choice stands
 
 
-@pytest.mark.parametrize(
-    "attention",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(
-            strict=True, reason="flowformer/attention/reformer.py builds its LSH class inside a function"))
-        if name == "reformer" else name
-        for name in REGISTERED_NAMES
-    ],
-)
+@pytest.mark.parametrize("attention", REGISTERED_NAMES)
 def test_deit_variants_pickle_and_compute_the_same_after(attention):
     import io
     import pickle

@@ -48,7 +48,16 @@ def _padded_lsh_class() -> type:
             per_round = torch.where(self.pad_slots[:, None, :], last_bucket[None, :, None], per_round)
             return per_round.reshape(batch, self.n_hashes * seqlen)
 
+    # pickle finds the class by this module's name (through __getattr__ below), so models that hold it pickle
+    _PaddedLSHAttention.__module__, _PaddedLSHAttention.__qualname__ = __name__, "_PaddedLSHAttention"
     return _PaddedLSHAttention
+
+
+def __getattr__(name: str) -> type:
+    """The padded LSH class, built on first use (reformer_pytorch is an optional extra): what pickle looks up."""
+    if name == "_PaddedLSHAttention":
+        return _padded_lsh_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @contextlib.contextmanager
