@@ -16,47 +16,44 @@ from tests.helpers import lrs_used
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def official_lr(step: int, base: float, factors: str, warmup: int, steps_per_cycle: int = 100_000) -> float:
-    """The official create_learning_rate_scheduler, written out independently (results/paper/official_code.md §2.3)."""
-    lr = 1.0
-    for name in [f.strip() for f in factors.split("*")]:
-        if name == "constant":
-            lr *= base
-        elif name == "linear_warmup":
-            lr *= min(1.0, step / warmup)
-        elif name == "rsqrt_decay":
-            lr /= math.sqrt(max(step, warmup))
-        elif name == "cosine_decay":
-            progress = max(0.0, (step - warmup) / steps_per_cycle)
-            lr *= max(0.0, 0.5 * (1 + math.cos(math.pi * (progress % 1.0))))
-    return lr
+# Points of the official create_learning_rate_scheduler (results/paper/official_code.md §2.3), each worked out by hand
+# from its definition: lr(step) = base x min(1, step / warmup) x (1 / sqrt(max(step, warmup)) for rsqrt_decay, or
+# max(0, (1 + cos(pi x frac((step - warmup) / cycle))) / 2) for cosine_decay).
+RSQRT = "constant * linear_warmup * rsqrt_decay"
+COSINE = "constant * linear_warmup * cosine_decay"
+HAND_CHECKED = [
+    # (factors, warmup, cycle, base, step, lr)
+    (RSQRT, 1000, 100_000, 0.005, 0, 0.0),                            # the first update has lr 0
+    (RSQRT, 1000, 100_000, 0.005, 1, 0.005 / 1000 / math.sqrt(1000)),  # 1.58e-7
+    (RSQRT, 1000, 100_000, 0.005, 500, 0.005 * 0.5 / math.sqrt(1000)),
+    (RSQRT, 1000, 100_000, 0.005, 1000, 1.5811388300841897e-4),        # the peak, 0.005 / sqrt(1000)
+    (RSQRT, 1000, 100_000, 0.005, 4000, 7.905694150420949e-5),         # 0.005 / sqrt(4000): half the peak
+    (COSINE, 175, 35_000, 5e-4, 0, 0.0),
+    (COSINE, 175, 35_000, 5e-4, 175, 5e-4),                           # warm-up done, cosine at its start
+    (COSINE, 175, 35_000, 5e-4, 175 + 17_500, 2.5e-4),                # half a cycle: cos(pi/2) = 0
+    (COSINE, 175, 35_000, 5e-4, 175 + 26_250, 5e-4 * (1 - math.sqrt(0.5)) / 2),  # three quarters: cos(3 pi / 4)
+    ("constant*linear_warmup*cosine_decay", 7, 20, 0.005, 17, 0.0025),  # tiny cycle: half way
+    ("constant*linear_warmup*cosine_decay", 7, 20, 0.005, 27, 0.005),   # the cycle restarts (frac), as in the code
+]
 
 
-@pytest.mark.parametrize(
-    "factors, warmup, cycle",
-    [
-        ("constant * linear_warmup * rsqrt_decay", 1000, 100_000),
-        ("constant * linear_warmup * cosine_decay", 175, 35_000),
-        ("constant*linear_warmup*cosine_decay", 7, 20),  # tiny cycle: the cosine restarts (frac), as in the code
-    ],
-)
-def test_factor_product_equals_the_official_formula(factors, warmup, cycle):
+@pytest.mark.parametrize("factors, warmup, cycle, base, step, lr", HAND_CHECKED)
+def test_factor_product_at_hand_checked_points(factors, warmup, cycle, base, step, lr):
     schedule = FactorSchedule(factors, warmup_steps=warmup, steps_per_cycle=cycle)
-    for step in (0, 1, 2, warmup // 2, warmup - 1, warmup, warmup + 1, 2 * warmup + 3, 5000, 34_999, 35_000, 70_000):
-        expected = official_lr(step, 0.005, factors, warmup, cycle)
-        assert schedule.learning_rate(0.005, step) == pytest.approx(expected, rel=1e-12, abs=1e-18), step
+    assert schedule.learning_rate(base, step) == pytest.approx(lr, rel=1e-12, abs=1e-18)
 
 
-def test_lambda_lr_reproduces_the_formula_step_by_step():
-    schedule = FactorSchedule("constant * linear_warmup * rsqrt_decay", warmup_steps=10)
+def test_lambda_lr_uses_lr_of_step_s_for_update_s():
+    """Lightning steps LambdaLR once per optimiser update: update s must use lr(s), the official loop's order."""
+    schedule = FactorSchedule(RSQRT, warmup_steps=10)
     used = lrs_used(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule), 0.05, 40)
-    assert used[0] == 0.0  # the official loop's first update uses lr(0) = 0
-    for step, lr in enumerate(used):
-        assert lr == pytest.approx(official_lr(step, 0.05, "constant * linear_warmup * rsqrt_decay", 10), rel=1e-12)
+    assert used[0] == 0.0 and used[5] == pytest.approx(0.05 * 0.5 / math.sqrt(10), rel=1e-12)
+    assert used[10] == pytest.approx(0.05 / math.sqrt(10), rel=1e-12)
+    assert used[39] == pytest.approx(0.05 / math.sqrt(39), rel=1e-12)
 
 
 def test_paper_peaks():
-    rsqrt = "constant * linear_warmup * rsqrt_decay"
+    rsqrt = RSQRT
     listops = FactorSchedule(rsqrt, warmup_steps=1000)
     assert listops.learning_rate(0.005, 1000) == pytest.approx(1.58e-4, abs=5e-7)  # the peak
     assert listops.learning_rate(0.005, 5000) == pytest.approx(7.1e-5, abs=5e-7)
