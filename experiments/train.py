@@ -7,7 +7,8 @@ README.md for the keys users rely on.
 A run directory that holds a finished run is never overwritten: starting there again refuses, unless `resume=true`
 (continue from its last checkpoint) or `overwrite=true` (move the finished run aside into `.replaced/`, then start).
 `recipe.json` in the run directory fingerprints the recipe the run started with, and a resume under another recipe
-refuses instead of mixing two.
+refuses instead of mixing two. A run stopped by the cluster's preemption signal (`PreemptionCheckpoint`) leaves
+`.preempted` beside its `last.ckpt`: the same command, started again by the requeued job, resumes from it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from results.atomic_io import write_json_atomic
 from results.portable_paths import PathPortability
 from results.recipe import diff_science, recipe_sha, register_resolvers, science_config
 from results.run_record import RunRecord, complete_record, last_checkpoint, move_aside, write_record
+from tasks.common.callbacks import PREEMPTED_MARKER
 from tasks.common.objective import Objective, select_result
 
 log = logging.getLogger("flowformer.train")
@@ -131,6 +133,12 @@ def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
     # The commit that runs is the one checked out now: the tree may change while a long run trains.
     commit = git_sha()
     run_dir = Path(run_dir).resolve()
+    preempted = run_dir / PREEMPTED_MARKER
+    if preempted.is_file() and not cfg.resume:
+        log.warning("%s: the run was stopped by the cluster (%s); resuming it from its last checkpoint", run_dir,
+                    preempted.read_text().strip())
+        with open_dict(cfg):
+            cfg.resume = True
     guard_finished_run(cfg, run_dir, started_at)
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
@@ -213,6 +221,7 @@ def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
     )
     if trainer.is_global_zero:
         write_record(run_dir, record)
+        preempted.unlink(missing_ok=True)
         # W&B runs carry the same result, so `make tables SOURCE=wandb` aggregates them like local runs
         for logger in loggers:
             if isinstance(logger, WandbLogger):

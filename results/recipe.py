@@ -42,6 +42,7 @@ NON_SCIENCE: tuple[tuple[str, str], ...] = (
     ("callbacks.lr_monitor*", "logs the learning rate"),
     ("callbacks.rng_state*", "saves the random state in checkpoints for exact resumes"),
     ("callbacks.last_checkpoint*", "how often last.ckpt is written (resumes are exact at any step)"),
+    ("callbacks.preemption*", "saves last.ckpt and requeues on the cluster's signal (resumes are exact)"),
     ("callbacks.model_checkpoint.dirpath", "where the best checkpoint goes"),
     ("callbacks.model_checkpoint.filename", "the best checkpoint's file name"),
     ("callbacks.model_checkpoint.enable_version_counter", "file naming"),

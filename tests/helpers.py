@@ -32,7 +32,7 @@ TINY_UEA = [
 
 # The test harness's callbacks (a simulated kill, poisoned weights, a slow batch) are not part of the recipe that a
 # resume checks against the run's recipe.json: a killed run resumes without the callback that killed it.
-HARNESS = "non_science=[callbacks.kill*,callbacks.poison*,callbacks.slow*]"
+HARNESS = "non_science=[callbacks.kill*,callbacks.poison*,callbacks.slow*,callbacks.streams*]"
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -82,6 +82,27 @@ class InterruptAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"simulated kill at global step {self.step} (batch {batch_idx} of epoch {trainer.current_epoch})")
+
+
+class RecordRankStreams(L.Callback):
+    """Writes `<folder>/rank<r>.json` per process: a hash of the initial weights, three draws of the global torch
+    generator when training starts, and a hash of the first batch of each epoch (what DDP seeding must keep apart)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.seen = Path(folder), {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        weights = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        self.seen = {"weights": float(weights.double().sum()), "draws": torch.rand(3).tolist(), "first_batches": {}}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            tensors = [v for v in (batch.values() if isinstance(batch, dict) else batch) if torch.is_tensor(v)]
+            self.seen["first_batches"][str(trainer.current_epoch)] = float(sum(t.double().sum() for t in tensors))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
 
 
 class SleepPerBatch(L.Callback):

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from tasks.common.module import TaskModule
@@ -48,7 +49,8 @@ class ClassificationModule(TaskModule):
         if any(not 1 <= k <= num_classes for k in self.top_k):
             raise ValueError(f"module.top_k={list(self.top_k)} must lie in [1, num_classes={num_classes}]")
         self.label_smoothing = float(label_smoothing)
-        # keyed "<stage>_<name>": a key "train" would shadow nn.Module.train
+        # keyed "<stage>_<name>": a key "train" would shadow nn.Module.train. Metrics keep sums and counts, which
+        # DDP adds over the processes: an evaluation scores each example once, whatever the number of processes.
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_{accuracy_name(k)}": MulticlassAccuracy(num_classes=num_classes, top_k=k, average="micro")
@@ -56,6 +58,7 @@ class ClassificationModule(TaskModule):
                 for k in self.top_k
             }
         )
+        self.metrics.update({f"{stage}_loss": MeanMetric() for stage in ("val", "test")})
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.model(**{key: value for key, value in batch.items() if key != "target"})
@@ -71,7 +74,11 @@ class ClassificationModule(TaskModule):
         labels = target.argmax(dim=-1) if soft else target
         on_step = stage == "train"
         batch_size = target.shape[0]
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, batch_size=batch_size, prog_bar=on_step)
+        if on_step:
+            self.log(f"{stage}/loss", loss, on_step=True, on_epoch=True, batch_size=batch_size, prog_bar=True)
+        else:  # the mean over the examples of all processes (Lightning's own mean would average their means)
+            self.metrics[f"{stage}_loss"].update(loss.detach(), weight=batch_size)
+            self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"], on_step=False, on_epoch=True, batch_size=batch_size)
         for k in self.top_k:
             metric = self.metrics[f"{stage}_{accuracy_name(k)}"]
             metric.update(logits.detach(), labels)

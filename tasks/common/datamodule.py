@@ -10,8 +10,9 @@ A domain's datamodule subclasses `TaskDataModule` and provides:
   evaluation environment...), {} by default;
 - `data_info`, filled by `setup()`: the provenance written to `metrics.json` under `data` (paths, sizes, splits,
   checksums, versions), small enough to read;
-- the usual Lightning loaders, built with `tasks.common.sampling.seeded_loader` so that the order depends only on
-  the seed and a run resumes mid-epoch on the same batches.
+- the usual Lightning loaders: the training loader built with `tasks.common.sampling.seeded_loader` (the order
+  depends only on the seed, and a run resumes mid-epoch on the same batches), the validation and test loaders with
+  `evaluation_loader` below (under DDP every sample is evaluated exactly once).
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from tasks.common import sampling
 
 
 @dataclass(frozen=True)
@@ -45,3 +50,11 @@ class TaskDataModule(L.LightningDataModule):
 
     def module_dims(self) -> dict[str, Any]:
         return {}
+
+    def evaluation_loader(self, dataset: Dataset, *, batch_size: int, seed: int, **kwargs: Any) -> StatefulDataLoader:
+        """A validation or test loader in dataset order that, under DDP, gives this process its share of the split
+        with no sample repeated (`tasks.common.sampling.evaluation_loader`)."""
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return sampling.evaluation_loader(dataset, batch_size=batch_size, seed=seed, world_size=world_size, rank=rank,
+                                          **kwargs)

@@ -1,7 +1,12 @@
-"""Data order shared by every domain: an epoch-seeded sampler and the loader factory that uses it.
+"""Data order shared by every domain: an epoch-seeded sampler and the loader factories that use it.
 
 Loaders are torchdata's `StatefulDataLoader`: Lightning saves its position in every checkpoint and restores it on
 resume, so a run resumed from a checkpoint written mid-epoch continues with the batches it had not seen yet.
+
+Under DDP, Lightning shards the training order (every process takes its share of the same epoch permutation, padded
+with repeats to equal length, which training tolerates). Evaluation must not repeat a sample: `evaluation_loader`
+gives each process every world_size-th sample of the split, so a metric summed over the processes counts each sample
+exactly once and its denominator is the split's size.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -97,3 +103,15 @@ def seeded_loader(
     return StatefulDataLoader(
         dataset, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kwargs
     )
+
+
+def evaluation_loader(dataset: Dataset, *, batch_size: int, seed: int, world_size: int = 1, rank: int = 0,
+                      **kwargs: Any) -> StatefulDataLoader:
+    """An evaluation loader in dataset order; with `world_size` > 1 this process's share: samples rank, rank +
+    world_size, ..., none repeated (Lightning's default distributed sampler pads the shares with repeats, which a
+    metric would count twice). Pass the trainer's `world_size` and `global_rank`."""
+    if world_size == 1:
+        return seeded_loader(dataset, batch_size=batch_size, seed=seed, shuffle=False, **kwargs)
+    sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                              generator=torch.Generator().manual_seed(seed), **kwargs)

@@ -39,6 +39,16 @@ POLICY_KEY = "d4rl_policy"
 MODEL_INPUTS = ("states", "actions", "returns_to_go", "timesteps", "padding_mask")
 
 
+def gather_episodes(episodes: list[Episode], seeds: list[int], world_size: int) -> list[Episode]:
+    """Every process's episodes, in the order of `seeds` (this process's own when there is one process)."""
+    if world_size == 1:
+        return episodes
+    shares: list[list[Episode]] = [[] for _ in range(world_size)]
+    torch.distributed.all_gather_object(shares, episodes)
+    by_seed = {episode.seed: episode for share in shares for episode in share}
+    return [by_seed[seed] for seed in seeds]
+
+
 def masked_action_error(predicted: Tensor, actions: Tensor, padding_mask: Tensor) -> Tensor:
     """Mean squared error of predicted (B, K, A) against actions (B, K, A) over the steps where padding_mask (B, K)
     is False."""
@@ -96,21 +106,28 @@ class DecisionTransformerModule(TaskModule):
         return 0 < self.trainer.max_steps <= self.global_step
 
     def evaluate(self, target: float, stage: str) -> Tensor:
-        """Play the episodes of one target and log their mean return and score; returns the score."""
+        """Play the episodes of one target and log their mean return and score; returns the score.
+
+        Under DDP the episodes are shared out: process r plays seeds r, r + world_size, ... and every process then
+        holds all of them (gathered in seed order), so the mean is over exactly the protocol's episodes and every
+        process logs the same value."""
         protocol = self.evaluation
         seeds = protocol.seeds(stage, final=stage == "val" and self.final_evaluation())
+        world_size, rank = self.trainer.world_size, self.trainer.global_rank
+        mine = list(seeds)[rank::world_size]
         started = time.perf_counter()
         with full_precision(self.device, self.fp32_eval):
             episodes = run_episodes(
                 TransformerPolicy(self.model),
                 protocol.env_id,
                 target,
-                seeds,
+                mine,
                 self.conditioning,
                 num_envs=protocol.num_envs,
                 max_episode_steps=protocol.max_episode_steps,
                 vectorization=protocol.vectorization,
-            )
+            ) if mine else []
+        episodes = gather_episodes(episodes, list(seeds), world_size)
         mean_return = float(np.mean([episode.episode_return for episode in episodes]))
         score = protocol.reference.score(mean_return)
         values = {f"return_{target_name(target)}": mean_return, f"score_{target_name(target)}": score}

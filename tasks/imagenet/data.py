@@ -21,6 +21,7 @@ the weights after the last epoch (`final`).
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +196,9 @@ class ImageFolderDataModule(TaskDataModule):
         return batch
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> Any:
-        return seeded_loader(self.splits[split], batch_size=batch_size, seed=self.seed, shuffle=shuffle,
-                             **self._loader_options(drop_last=shuffle))
+        # evaluation loaders take each image once, also under DDP
+        make = partial(seeded_loader, shuffle=True) if shuffle else self.evaluation_loader
+        return make(self.splits[split], batch_size=batch_size, seed=self.seed, **self._loader_options(drop_last=shuffle))
 
     def _loader_options(self, drop_last: bool) -> dict[str, Any]:
         return {

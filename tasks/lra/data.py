@@ -22,6 +22,7 @@ D devices with `trainer.accumulate_grad_batches=A` matches them when batch_size 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -282,17 +283,11 @@ class LRADataModule(TaskDataModule):
         return Collate(("tokens",), self.max_len, self.pad_to, masked=self.dataset in ("listops", "text"))
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, **kwargs: Any) -> DataLoader:
-        return seeded_loader(
-            dataset,
-            batch_size=batch_size,
-            seed=self.seed,
-            shuffle=shuffle,
-            collate_fn=self._collate(),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
+        # evaluation loaders take each example once, also under DDP
+        make = partial(seeded_loader, shuffle=True) if shuffle else self.evaluation_loader
+        return make(dataset, batch_size=batch_size, seed=self.seed, collate_fn=self._collate(),
+                    num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                    **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         train = self.splits["train"]

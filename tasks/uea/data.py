@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -538,15 +539,10 @@ class UEADataModule(TaskDataModule):
         return self._splits[name]
 
     def _loader(self, dataset: UEACaseDataset, shuffle: bool = False) -> DataLoader:
-        return seeded_loader(
-            dataset,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            shuffle=shuffle,
-            drop_last=False,  # as in the official code
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        # drop_last=False as in the official code; evaluation loaders take each series once, also under DDP
+        make = partial(seeded_loader, shuffle=True) if shuffle else self.evaluation_loader
+        return make(dataset, batch_size=self.batch_size, seed=self.seed, drop_last=False,
+                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._split("train"), shuffle=True)

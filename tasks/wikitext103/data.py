@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -172,15 +171,9 @@ class WikiTextDataModule(TaskDataModule):
                 "persistent_workers": self.num_workers > 0}
 
     def _eval_loader(self, dataset: Dataset) -> StatefulDataLoader:
-        """In order; under DDP each process takes every world_size-th window and no window is repeated (Lightning's
-        default sampler would pad with repeats, and the repeated tokens would be scored twice)."""
-        trainer = self.trainer
-        if trainer is None or trainer.world_size == 1:
-            return seeded_loader(dataset, batch_size=self.eval_batch_size, seed=self.seed, shuffle=False,
-                                 **self._loader_options())
-        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                               shuffle=False)
-        return StatefulDataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_options())
+        """In order; under DDP each process takes its share of the windows and none is scored twice."""
+        return self.evaluation_loader(dataset, batch_size=self.eval_batch_size, seed=self.seed,
+                                      **self._loader_options())
 
 
 __all__ = ["EVAL_SPLITS", "WikiTextDataModule", "model_dims_of"]
