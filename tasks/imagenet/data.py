@@ -128,8 +128,11 @@ class ImageFolderSplit(Dataset):
                 self._skip(path, error)
                 continue
             return {"x": self.transform(rgb), "target": target}
-        raise UnreadableImageError(f"none of the {len(self.samples)} images of this split decodes (the first: "
-                                   f"{self.samples[0][0] if self.samples else None})")
+        first = self.samples[0][0] if self.samples else None
+        raise UnreadableImageError(
+            f"none of the {len(self.samples)} images of this split decodes (the first is {first}; each is logged "
+            "above): the folder is damaged. Re-extract it (`make data-imagenet` for ImageNet)"
+        )
 
     def _skip(self, path: str, error: UnreadableImageError) -> None:
         if path in self.skipped:

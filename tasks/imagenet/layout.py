@@ -294,6 +294,9 @@ def checked_images(
     entries = _cached_entries(candidates, keys, level)
     if len(entries) < len(keys):
         entries = _check_once(root, listings, level, workers, candidates, entries)
+    for split, (entry, source, path) in entries.items():
+        where = f"read from {path}" if source == "cache" else f"checked, cached in {path}" if path else "checked"
+        log.info("image check of %s (%s): %s; %d unreadable", root / split, level, where, len(entry["failures"]))
     failures = [(str(root / relative), reason) for split in listings for relative, reason in entries[split][0]["failures"]]
     provenance = {
         "level": level,
