@@ -326,7 +326,7 @@ def test_a_decode_error_in_a_loader_worker_names_the_path(folder, tmp_path, corr
         assert sum(len(batch["target"]) for batch in dm.val_dataloader()) == 6
         dm.teardown("fit")  # what the worker skipped reaches metrics.json through the run directory's skip log
         assert dm.data_info["skipped_while_loading"] == [str(image)]
-        assert list((tmp_path / "run" / "skipped_images").glob("*.tsv"))
+        assert list((tmp_path / "run" / "skipped_while_loading").glob("*.tsv"))
 
 
 def test_the_decode_check_finds_truncated_images_and_serves_later_header_checks(folder, opened):

@@ -8,8 +8,9 @@ every image again.
 
 An image that fails to decode while loading (a truncated JPEG passes the header check) raises an error naming it
 and the fix, or under `data.corrupt_images=skip` is replaced by the next image of its split: batches keep their size
-and the seeded order is kept. Each skipped path is logged, appended to `<run dir>/skipped_images/<host>-<pid>.tsv`
-(loader workers and DDP ranks write there too), and listed in metrics.json under `data.skipped_while_loading`.
+and the seeded order is kept. Each skipped path is logged, appended to
+`<run dir>/skipped_while_loading/<host>-<pid>.tsv` (loader workers and DDP ranks write there too), and listed in
+metrics.json under `data.skipped_while_loading`.
 
 Augmentation is timm's: `create_transform` builds the per-image transforms (training: RandomResizedCrop, flip,
 RandAugment; evaluation: resize by `crop_pct`, centre crop), and timm's `Mixup` mixes each training batch on the
@@ -57,7 +58,7 @@ from tasks.imagenet.sampling import RepeatedAugmentationSampler
 log = logging.getLogger(__name__)
 
 # below the run directory (the Trainer's default_root_dir): what loader processes skipped, one file per process
-SKIP_LOG = "skipped_images"
+SKIP_LOG = "skipped_while_loading"
 
 
 class UnreadableImageError(OSError):

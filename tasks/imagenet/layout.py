@@ -297,7 +297,8 @@ def checked_images(
     for split, (entry, source, path) in entries.items():
         where = f"read from {path}" if source == "cache" else f"checked, cached in {path}" if path else "checked"
         log.info("image check of %s (%s): %s; %d unreadable", root / split, level, where, len(entry["failures"]))
-    failures = [(str(root / relative), reason) for split in listings for relative, reason in entries[split][0]["failures"]]
+    failures = [(str(root / relative), reason)
+                for split in listings for relative, reason in entries[split][0]["failures"]]
     provenance = {
         "level": level,
         "splits": {split: {"key": keys[split], "source": source, "level": entry["level"],
@@ -384,7 +385,9 @@ def _read_cache(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         log.warning("ignoring the image check's cache %s, which cannot be read (%s)", path, error)
         return {}
-    if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT or not isinstance(payload.get("splits"), dict):
+    if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
+        return {}
+    if not isinstance(payload.get("splits"), dict):
         return {}
     return payload["splits"]
 
