@@ -294,17 +294,14 @@ def checked_images(
     entries = _cached_entries(candidates, keys, level)
     if len(entries) < len(keys):
         entries = _check_once(root, listings, level, workers, candidates, entries)
-    for split, (entry, source, path) in entries.items():
+    failures, provenance = [], {"level": level, "splits": {}}
+    for split in listings:
+        entry, source, path = entries[split]
         where = f"read from {path}" if source == "cache" else f"checked, cached in {path}" if path else "checked"
         log.info("image check of %s (%s): %s; %d unreadable", root / split, level, where, len(entry["failures"]))
-    failures = [(str(root / relative), reason)
-                for split in listings for relative, reason in entries[split][0]["failures"]]
-    provenance = {
-        "level": level,
-        "splits": {split: {"key": keys[split], "source": source, "level": entry["level"],
-                           "cache": _shown(path) if path is not None else None}
-                   for split, (entry, source, path) in entries.items()},
-    }
+        failures += [(str(root / relative), reason) for relative, reason in entry["failures"]]
+        provenance["splits"][split] = {"key": keys[split], "source": source, "level": entry["level"],
+                                       "cache": _shown(path) if path is not None else None}
     return failures, provenance
 
 
