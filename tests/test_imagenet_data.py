@@ -1,10 +1,15 @@
-"""ImageFolder data on fixtures written as real image files: the layout checks, the datamodule's batches, timm's
-transforms and Mixup as the task config builds them, the hold-out protocol, and the digits converter."""
+"""ImageFolder data on fixtures written as real image files: the layout checks, the image check and its cache, images
+that fail to decode while loading (truncated JPEGs), the datamodule's batches, timm's transforms and Mixup as the task
+config builds them, the hold-out protocol, and the digits converter."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import shutil
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,13 +17,21 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from PIL import Image
+from PIL import Image, ImageFile
 
-from tasks.imagenet.data import ImageFolderDataModule, UnreadableImageError
+from tasks.imagenet import layout as layout_module
+from tasks.imagenet.data import ImageFolderDataModule, UnreadableImageError, decode_rgb
 from tasks.imagenet.digits import DigitsExistError, write_digits
 from tasks.imagenet.digits import main as digits_main
-from tasks.imagenet.layout import ImageFolderError, load_layout
-from tests.fixtures.imagenet import FIXTURE_CLASSES, write_image_folder
+from tasks.imagenet.layout import CACHE_NAME, ImageFolderError, TruncatedLoadingError, load_layout, open_error
+from tests.fixtures.imagenet import (
+    FIXTURE_CLASSES,
+    FIXTURE_DATASET,
+    truncate_image,
+    write_fixture,
+    write_image,
+    write_image_folder,
+)
 from tests.helpers import compose_config
 
 CLASSES = FIXTURE_CLASSES[:3]
@@ -138,13 +151,240 @@ def test_a_corrupt_image_is_fatal_or_skipped_and_listed(folder):
     assert dm.data_info["skipped_images"] == [str(broken)] and dm.data_info["sizes"]["train"] == 12
 
 
-def test_an_image_that_fails_to_decode_names_its_path(folder):
-    image = folder / "val" / CLASSES[0] / f"{CLASSES[0]}_0.JPEG"
-    image.write_bytes(image.read_bytes()[:400])  # cut off; the check, which would catch it, is off
+@pytest.fixture
+def opened(monkeypatch) -> list[str]:
+    """Every path PIL opens from now on, in this process."""
+    paths, real_open = [], Image.open
+
+    def counting_open(path, *args, **kwargs):
+        paths.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    return paths
+
+
+def sources(dm: ImageFolderDataModule) -> dict[str, str]:
+    return {split: entry["source"] for split, entry in dm.data_info["image_check"]["splits"].items()}
+
+
+def test_a_second_setup_reads_the_check_from_the_cache_and_opens_no_image(folder, opened):
+    first = datamodule(folder.parent)
+    first.setup("fit")
+    assert len(opened) == 18 and sources(first) == {"train": "checked", "val": "checked"}
+    check = first.data_info["image_check"]
+    assert check["level"] == "header" and check["splits"]["train"]["cache"] == str(folder / CACHE_NAME)
+    opened.clear()
+    second = datamodule(folder.parent)  # a later run, or another DDP rank
+    second.setup("fit")
+    assert opened == [] and sources(second) == {"train": "cache", "val": "cache"}
+    assert {s: e["key"] for s, e in second.data_info["image_check"]["splits"].items()} == \
+        {s: e["key"] for s, e in check["splits"].items()}
+    assert second.data_info["sizes"] == first.data_info["sizes"]
+
+
+def _add(folder: Path) -> Path:
+    return write_image(folder / "train" / CLASSES[0] / "added.JPEG", np.random.default_rng(1))
+
+
+def _remove(folder: Path) -> Path:
+    (folder / "val" / CLASSES[1] / f"{CLASSES[1]}_0.JPEG").unlink()
+    return folder / "val"
+
+
+def _resize(folder: Path) -> Path:  # rewritten with another size, its modification time put back
+    image = folder / "train" / CLASSES[2] / f"{CLASSES[2]}_1.JPEG"
+    stat = image.stat()
+    write_image(image, np.random.default_rng(2), size=24)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return image
+
+
+def _touch(folder: Path) -> Path:  # the same bytes, a later modification time
+    image = folder / "val" / CLASSES[0] / f"{CLASSES[0]}_1.JPEG"
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    return image
+
+
+@pytest.mark.parametrize(("change", "split"), [(_add, "train"), (_remove, "val"), (_resize, "train"), (_touch, "val")])
+def test_a_changed_split_is_checked_again_and_the_other_read_from_the_cache(folder, opened, change, split):
+    datamodule(folder.parent).setup()
+    change(folder)
+    opened.clear()
+    dm = datamodule(folder.parent)
+    dm.setup()
+    other = "val" if split == "train" else "train"
+    assert sources(dm) == {split: "checked", other: "cache"}
+    assert len(opened) == dm.data_info["sizes"][split] and all(f"/{split}/" in path for path in opened)
+    opened.clear()
+    datamodule(folder.parent).setup()
+    assert opened == []  # the new listing is cached in turn
+
+
+def test_a_cached_failure_is_reported_again_without_opening_any_image(folder, opened):
+    broken = folder / "train" / CLASSES[0] / "broken.JPEG"
+    broken.write_bytes(b"\xff\xd8 this is not a JPEG")
+    with pytest.raises(ImageFolderError, match="broken.JPEG"):
+        datamodule(folder.parent).setup()
+    opened.clear()
+    with pytest.raises(ImageFolderError, match="broken.JPEG"):
+        datamodule(folder.parent).setup()
+    dm = datamodule(folder.parent, corrupt_images="skip")
+    dm.setup()
+    assert opened == [] and sources(dm) == {"train": "cache", "val": "cache"}
+    assert dm.data_info["skipped_images"] == [str(broken)] and dm.data_info["sizes"]["train"] == 12
+    cached = json.loads((folder / CACHE_NAME).read_text())["splits"]["train"]["failures"]
+    assert [path for path, _ in cached] == [f"train/{CLASSES[0]}/broken.JPEG"]
+
+
+def test_concurrent_first_checks_check_each_image_once(folder, monkeypatch):
+    checked, started = [], threading.Event()
+    real_open_error = layout_module.open_error
+
+    def slow_open_error(path, level="header"):
+        checked.append(path)
+        started.set()
+        time.sleep(0.02)  # long enough that the second process arrives while the first holds the lock
+        return real_open_error(path, level)
+
+    monkeypatch.setattr(layout_module, "open_error", slow_open_error)
+    results = {}
+
+    def check(name):
+        results[name] = load_layout(folder).image_check
+
+    first = threading.Thread(target=check, args=("first",))
+    first.start()
+    assert started.wait(10)
+    check("second")  # waits for the lock, then reads what the first wrote
+    first.join()
+    assert sorted(checked) == sorted(set(checked)) and len(checked) == 18
+    assert {e["source"] for e in results["first"]["splits"].values()} == {"checked"}
+    assert {e["source"] for e in results["second"]["splits"].values()} == {"cache"}
+
+
+def test_a_data_folder_that_cannot_be_written_keeps_the_cache_in_the_users_cache(folder, opened, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))
+    real_lock = layout_module.FileLock
+
+    def read_only_data(lock_path):
+        if Path(lock_path).parent == folder:
+            raise PermissionError(13, "Permission denied", lock_path)
+        return real_lock(lock_path)
+
+    monkeypatch.setattr(layout_module, "FileLock", read_only_data)
+    datamodule(folder.parent).setup()
+    assert not (folder / CACHE_NAME).exists()
+    opened.clear()
+    dm = datamodule(folder.parent)
+    dm.setup()
+    assert opened == [] and sources(dm) == {"train": "cache", "val": "cache"}
+    cache = Path(dm.data_info["image_check"]["splits"]["train"]["cache"])
+    assert cache.parent == tmp_path / "user_cache" / "flowformer" / "image_check" and cache.name.startswith("folder-")
+
+
+def test_a_truncated_jpeg_passes_the_header_check_and_fails_to_load_naming_its_path(folder):
+    image = truncate_image(folder / "val" / CLASSES[0] / f"{CLASSES[0]}_0.JPEG")
+    assert open_error(str(image)) is None  # the header is whole: PIL's verify cannot tell
+    dm = datamodule(folder.parent)
+    dm.setup()
+    assert dm.data_info["skipped_images"] == []
+    with pytest.raises(UnreadableImageError, match="truncated") as error:
+        dm.splits["val"][0]
+    assert str(image) in str(error.value)
+    assert "data.corrupt_images=skip" in str(error.value) and "re-extract" in str(error.value)
+
+
+def test_a_truncated_jpeg_is_replaced_by_the_next_image_under_skip_and_listed(folder, tmp_path):
+    image = truncate_image(folder / "val" / CLASSES[1] / f"{CLASSES[1]}_0.JPEG")
+    dm = datamodule(folder.parent, corrupt_images="skip")
+    dm.setup()
+    dm.trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"))
+    val = dm.splits["val"]
+    index = [path for path, _ in val.samples].index(str(image))
+    replaced, following = val[index], val[index + 1]
+    assert torch.equal(replaced["x"], following["x"]) and replaced["target"] == following["target"] == 1
+    batches = list(dm.val_dataloader())
+    assert [batch["x"].shape[0] for batch in batches] == [4, 2]  # every batch keeps its size
+    dm.teardown("fit")
+    assert dm.data_info["skipped_while_loading"] == [str(image)]
+
+
+@pytest.mark.parametrize("corrupt_images", ["error", "skip"])
+def test_a_decode_error_in_a_loader_worker_names_the_path(folder, tmp_path, corrupt_images):
+    image = truncate_image(folder / "val" / CLASSES[2] / f"{CLASSES[2]}_1.JPEG")
+    dm = datamodule(folder.parent, num_workers=1, corrupt_images=corrupt_images)
+    dm.setup()
+    dm.trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"))
+    if corrupt_images == "error":
+        # the worker's exception is re-raised in this process with the worker's traceback as its message
+        with pytest.raises(UnreadableImageError, match="DataLoader worker") as error:
+            list(dm.val_dataloader())
+        assert str(image) in str(error.value) and "data.corrupt_images=skip" in str(error.value)
+    else:
+        assert sum(len(batch["target"]) for batch in dm.val_dataloader()) == 6
+        dm.teardown("fit")  # what the worker skipped reaches metrics.json through the run directory's skip log
+        assert dm.data_info["skipped_while_loading"] == [str(image)]
+        assert list((tmp_path / "run" / "skipped_while_loading").glob("*.tsv"))
+
+
+def test_the_decode_check_finds_truncated_images_and_serves_later_header_checks(folder, opened):
+    image = truncate_image(folder / "train" / CLASSES[0] / f"{CLASSES[0]}_1.JPEG")
+    with pytest.raises(ImageFolderError, match=f"cannot be decoded:\n  {image}: OSError: image file is truncated"):
+        datamodule(folder.parent, check_images="decode").setup()
+    opened.clear()
+    dm = datamodule(folder.parent, corrupt_images="skip")  # a header check: the decode check's cache serves it
+    dm.setup()
+    assert opened == [] and dm.data_info["skipped_images"] == [str(image)]
+    assert {e["level"] for e in dm.data_info["image_check"]["splits"].values()} == {"decode"}
+    shutil.copy(folder / "train" / CLASSES[1] / f"{CLASSES[1]}_0.JPEG", image)  # repaired: a new listing
+    dm = datamodule(folder.parent, check_images="decode")
+    dm.setup()
+    assert sources(dm) == {"train": "checked", "val": "cache"} and dm.data_info["skipped_images"] == []
+
+
+def test_a_header_check_does_not_serve_a_decode_check_and_off_opens_nothing(folder, opened):
+    datamodule(folder.parent).setup()
+    opened.clear()
+    dm = datamodule(folder.parent, check_images="decode")
+    dm.setup()
+    assert len(opened) == 18 and sources(dm) == {"train": "checked", "val": "checked"}
+    opened.clear()
     dm = datamodule(folder.parent, check_images=False)
     dm.setup()
-    with pytest.raises(UnreadableImageError, match=image.name):
-        dm.splits["val"][0]
+    assert opened == [] and dm.data_info["image_check"] == {"level": "off"}
+    with pytest.raises(ValueError, match="data.check_images must be one of"):
+        datamodule(folder.parent, check_images="full")
+
+
+def test_a_run_lists_the_images_it_skipped_while_loading_in_metrics_json(tmp_path):
+    from experiments.train import train
+
+    data_dir = tmp_path / "data"
+    extra = write_fixture(data_dir)
+    name = f"{FIXTURE_CLASSES[0]}_0.JPEG"
+    truncate_image(data_dir / FIXTURE_DATASET / "val" / FIXTURE_CLASSES[0] / name)  # the first image val loads
+    cfg = compose_config(
+        ["experiment=imagenet/hierarchical", f"paths.data_dir={data_dir}", f"paths.runs_dir={tmp_path / 'runs'}",
+         "debug=fast_dev_run", "logger=csv", "trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null",
+         "data.corrupt_images=skip", "model.patch_size=2", "model.dims=[16,32,32]", "model.depths=[1,1,1]",
+         "model.heads=[2,2,2]"] + [f"{key}={value}" for key, value in extra.items()]
+    )
+    train(cfg, tmp_path / "run")
+    data = json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]
+    assert data["skipped_while_loading"] == [f"$DATA_DIR/{FIXTURE_DATASET}/val/{FIXTURE_CLASSES[0]}/{name}"]
+    assert data["skipped_images"] == [] and data["image_check"]["level"] == "header"
+    assert data["image_check"]["splits"]["val"]["cache"] == f"$DATA_DIR/{FIXTURE_DATASET}/{CACHE_NAME}"
+
+
+def test_truncated_images_are_never_padded_silently(folder, monkeypatch):
+    image = truncate_image(folder / "val" / CLASSES[0] / f"{CLASSES[0]}_0.JPEG")
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some imported code might set it
+    with pytest.raises(TruncatedLoadingError, match="LOAD_TRUNCATED_IMAGES"):
+        datamodule(folder.parent).setup()
+    with pytest.raises(TruncatedLoadingError, match="data.corrupt_images=skip"):
+        decode_rgb(str(image))
 
 
 def test_a_folder_named_imagenet_must_hold_imagenet(tmp_path):

@@ -1,5 +1,6 @@
 """`make data-imagenet` on fixtures in the real formats: a flat val folder sorted into class folders from the
-devkit's meta.mat and ground-truth file (unpacked or as the tar.gz), and the messages when files are missing."""
+devkit's meta.mat and ground-truth file (unpacked or as the tar.gz), the messages when files are missing, and the
+final image check, which decodes every image and fills the cache that training runs read."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import tarfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from tasks.imagenet.layout import ImageFolderError, unreadable_images
+from tasks.imagenet.data import ImageFolderDataModule
+from tasks.imagenet.layout import CACHE_NAME, ImageFolderError, unreadable_images
 from tasks.imagenet.prepare import PrepareError, main, prepare, read_devkit, sort_val_folder
-from tests.fixtures.imagenet import write_devkit, write_image, write_image_folder
+from tests.fixtures.imagenet import truncate_image, write_devkit, write_image, write_image_folder
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 LABELS = [2, 1, 3, 1, 3]  # ILSVRC2012_ID of val images 1..5
@@ -59,12 +62,39 @@ def test_a_prepared_subset_fails_the_imagenet_counts(tmp_path):
 
 
 def test_the_image_check_runs_in_worker_processes(tmp_path):
-    good = flat_val(tmp_path, 2)
+    good = flat_val(tmp_path, 3)
     broken = tmp_path / "broken.JPEG"
     broken.write_bytes(b"not an image")
-    paths = [str(path) for path in good] * 200 + [str(broken)]
+    truncated = truncate_image(good.pop())
+    paths = [str(path) for path in good] * 200 + [str(broken), str(truncated)]
     failures = unreadable_images(paths, workers=2)
     assert [path for path, _ in failures] == [str(broken)] and failures == unreadable_images(paths, workers=0)
+    decoded = unreadable_images(paths, workers=2, level="decode")
+    assert [path for path, _ in decoded] == [str(broken), str(truncated)]
+    assert decoded == unreadable_images(paths, workers=0, level="decode")
+
+
+def test_prepare_decodes_every_image_and_fills_the_cache_that_training_reads(tmp_path, monkeypatch, capsys):
+    root = write_image_folder(tmp_path / "subset", WNIDS, {"train": 2})
+    flat_val(root / "val", len(LABELS))
+    write_devkit(tmp_path / "ILSVRC2012_devkit_t12", WNIDS, LABELS)
+    truncated = truncate_image(root / "train" / WNIDS[1] / f"{WNIDS[1]}_0.JPEG")
+    devkit = ["--devkit", str(tmp_path / "ILSVRC2012_devkit_t12"), "--workers", "0"]
+    assert main(["--root", str(root), *devkit]) == 1
+    assert f"{truncated}: OSError: image file is truncated" in capsys.readouterr().err
+    write_image(truncated, np.random.default_rng(3))  # re-extracted
+    assert main(["--root", str(root), *devkit]) == 0
+    assert "every image decodes" in capsys.readouterr().out and (root / CACHE_NAME).is_file()
+    opened, real_open = [], Image.open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    dm = ImageFolderDataModule(dataset=root.name, data_dir=root.parent, num_workers=0, batch_size=4)
+    dm.setup("fit")  # the first training run: its header check reads the decode check's result
+    assert opened == [] and {e["source"] for e in dm.data_info["image_check"]["splits"].values()} == {"cache"}
 
 
 def test_an_interrupted_train_unpacking_is_finished_on_rerun(tmp_path):

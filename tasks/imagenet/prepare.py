@@ -13,7 +13,11 @@ Put them in $DATA_DIR/imagenet/ and run `make data-imagenet` (`python -m tasks.i
 2. unpacks the validation tar, or takes an already unpacked flat val/ folder, and sorts its images into
    val/<wnid>/ from the devkit's ground truth (data/ILSVRC2012_validation_ground_truth.txt gives each image's
    ILSVRC2012_ID in file-name order; data/meta.mat maps the IDs to WordNet ids);
-3. checks the result as training will (1000 classes, 1,281,167 / 50,000 images, every image opens).
+3. checks the result as training does (1000 classes, 1,281,167 / 50,000 images), and decodes every image
+   (`--check decode`, the default: a file cut short by an interrupted extraction fails here, not days into
+   training; `--check header` only parses the headers). The result goes into the image check's cache
+   (<root>/.image_check.json, see tasks/imagenet/layout.py), keyed by the folder's listing, so training runs on
+   this folder read it instead of opening every image again.
 Steps already done are skipped, so the command can be rerun after an interruption: a per-class tar still in
 train/ is a class not fully unpacked, and a rerun unpacks it again.
 """
@@ -29,7 +33,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from tasks.imagenet.layout import ImageFolderError, load_layout
+from tasks.imagenet.layout import ImageFolderError, TruncatedLoadingError, load_layout
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +137,9 @@ def unpack_train(root: Path) -> None:
         extract_archive(str(archive), str(archive.with_suffix("")), remove_finished=True)
 
 
-def prepare(root: Path, devkit: Path | None = None, workers: int = 8) -> None:
-    """Unpack and sort what is missing under `root` (see the module docstring), then check the layout."""
+def prepare(root: Path, devkit: Path | None = None, workers: int = 8, check: str = "decode") -> None:
+    """Unpack and sort what is missing under `root` (see the module docstring), then check the layout and every
+    image at level `check` (decode or header), caching the result for training runs."""
     from torchvision.datasets.imagenet import parse_val_archive
 
     devkit = devkit or root / DEVKIT_ARCHIVE
@@ -148,9 +153,10 @@ def prepare(root: Path, devkit: Path | None = None, workers: int = 8) -> None:
             raise PrepareError(f"no images in {val_dir} and no {root / VAL_ARCHIVE}. {_obtain_hint(root)}")
         log.info("unpacking %s into %s and sorting it from %s", VAL_ARCHIVE, val_dir, devkit)
         parse_val_archive(str(root), wnids=read_devkit(devkit))
-    layout = load_layout(root, check_images=True, corrupt_images="error", workers=workers)
+    layout = load_layout(root, check_images=check, corrupt_images="error", workers=workers)
+    verb = "decodes" if check == "decode" else "opens"
     print(f"{root}: {len(layout.classes)} classes, {len(layout.train):,} train and {len(layout.val):,} val images, "
-          "every image opens")
+          f"every image {verb}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devkit", type=Path, default=None,
                         help=f"{DEVKIT_ARCHIVE} or its unpacked folder (default: <root>/{DEVKIT_ARCHIVE})")
     parser.add_argument("--workers", type=int, default=8, help="processes that check the images")
+    parser.add_argument("--check", choices=("decode", "header"), default="decode",
+                        help="decode every image (finds truncated files) or only parse the headers (default: decode)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        prepare(args.root, args.devkit, args.workers)
-    except (PrepareError, ImageFolderError) as error:
+        prepare(args.root, args.devkit, args.workers, args.check)
+    except (PrepareError, ImageFolderError, TruncatedLoadingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
