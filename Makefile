@@ -16,7 +16,7 @@ ARGS ?=
 .DEFAULT_GOAL := help
 TABLES := uea lra imagenet wikitext103 d4rl
 REPRODUCE := $(addprefix reproduce-,$(TABLES))
-.PHONY: help install lock test test-all demo tables bench bench-gpu clean data-uea data-lra data-wikitext103 data-d4rl data-imagenet listops $(REPRODUCE)
+.PHONY: help install lock test test-all test-distributed demo tables bench bench-gpu clean data-uea data-lra data-wikitext103 data-d4rl data-imagenet listops $(REPRODUCE)
 
 help: ## list the targets
 	@grep -hE '^[^#[:space:]].*:.*## ' $(MAKEFILE_LIST) | sed 's/^$$(REPRODUCE): reproduce-%:/reproduce-<table>:/' \
@@ -35,8 +35,11 @@ test: ## lint (ruff), then the fast CPU test suite (slow, gpu and data tests are
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2
 
-test-all: ## every test, including the slow ones (gpu/data tests still skip when their needs are absent)
-	$(PY) -m pytest -n 2 --runslow
+test-distributed: ## the tests that start real processes: every domain under DDP (2 CPU processes, gloo), a SIGKILLed and a preempted run resuming (CI runs it after make test)
+	$(PY) -m pytest -n 2 --distributed -m distributed
+
+test-all: ## every test, including the slow and distributed ones (gpu/data tests still skip when their needs are absent)
+	$(PY) -m pytest -n 2 --runslow --distributed
 
 demo: ## Flowformer on the bundled UEA JapaneseVowels (paper recipe, seed 0), printed beside the paper's 98.9; its table goes to $(RUNS_DIR)/tables
 	$(PY) -m experiments.train experiment=uea/JapaneseVowels seed=0 $(ARGS)

@@ -300,7 +300,7 @@ def test_a_truncated_jpeg_is_replaced_by_the_next_image_under_skip_and_listed(fo
     image = truncate_image(folder / "val" / CLASSES[1] / f"{CLASSES[1]}_0.JPEG")
     dm = datamodule(folder.parent, corrupt_images="skip")
     dm.setup()
-    dm.trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"))
+    dm.trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"), world_size=1, global_rank=0)
     val = dm.splits["val"]
     index = [path for path, _ in val.samples].index(str(image))
     replaced, following = val[index], val[index + 1]
@@ -316,7 +316,7 @@ def test_a_decode_error_in_a_loader_worker_names_the_path(folder, tmp_path, corr
     image = truncate_image(folder / "val" / CLASSES[2] / f"{CLASSES[2]}_1.JPEG")
     dm = datamodule(folder.parent, num_workers=1, corrupt_images=corrupt_images)
     dm.setup()
-    dm.trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"))
+    dm.trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"), world_size=1, global_rank=0)
     if corrupt_images == "error":
         # the worker's exception is re-raised in this process with the worker's traceback as its message
         with pytest.raises(UnreadableImageError, match="DataLoader worker") as error:

@@ -107,6 +107,7 @@ def test_a_short_run_records_top5_parameters_and_macs(tmp_path):
     overrides = [f"{key}={value}" for key, value in write_fixture(data_dir).items()]
     cfg = compose_config(
         ["experiment=imagenet/hierarchical", f"paths.data_dir={data_dir}", "trainer.max_epochs=3",
+         "trainer.accumulate_grad_batches=1",
          "module.warmup_epochs=1", "module.lr=0.128", "module.ema_decay=0.9", "trainer.log_every_n_steps=1", *TINY_MODEL,
          *QUIET, *overrides]
     )

@@ -115,7 +115,7 @@ def test_the_datamodule_trains_on_its_replicas_share(tmp_path):
     assert not isinstance(off.train_dataloader().sampler, RepeatedAugmentationSampler)
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_ddp_ranks_train_on_their_repeated_shares(tmp_path):
     # Two CPU processes of the real entry point: Lightning must keep the sampler (not wrap it), give each rank its
     # share, and reshuffle per epoch.

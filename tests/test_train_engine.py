@@ -178,35 +178,24 @@ def test_wandb_is_finished_even_when_the_run_fails(tmp_path, monkeypatch):
     assert finished == [1]
 
 
-@pytest.mark.slow
-def test_ddp_runs_two_cpu_processes(tmp_path):
-    import subprocess
-
+def process_command(tmp_path: Path) -> list[str]:
+    """A UEA run in a fresh process: 6 batches per epoch and last.ckpt every 4 steps, so most checkpoints, and so
+    most interruptions, fall mid-epoch."""
     write_tiny_uea(tmp_path / "data")
-    command = [
-        sys.executable, "-m", "experiments.train", "experiment=uea/base", "data.dataset=Tiny", "trainer=ddp",
-        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'ddp'}", *TINY_UEA, "trainer.accelerator=cpu",
-        "trainer.max_epochs=2",
+    return [
+        sys.executable, "-m", "experiments.train", "experiment=uea/base", "data.dataset=Tiny", "data.batch_size=4",
+        f"paths.data_dir={tmp_path / 'data'}", *TINY_UEA, "trainer.max_epochs=6", "trainer.check_val_every_n_epoch=1",
+        "callbacks.last_checkpoint.every_n_train_steps=4", "callbacks.last_checkpoint.every_n_epochs=null", HARNESS,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    written = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    assert written["config"]["trainer"]["devices"] == 2 and written["config"]["trainer"]["strategy"] == "ddp"
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_sigkilled_process_resumes_to_the_uninterrupted_result(tmp_path):
     import signal
     import subprocess
     import time
 
-    write_tiny_uea(tmp_path / "data")
-    # 6 batches per epoch and last.ckpt every 4 steps: most checkpoints, and so most kills, fall mid-epoch
-    command = [
-        sys.executable, "-m", "experiments.train", "experiment=uea/base", "data.dataset=Tiny", "data.batch_size=4",
-        f"paths.data_dir={tmp_path / 'data'}", *TINY_UEA, "trainer.max_epochs=6", "trainer.check_val_every_n_epoch=1",
-        "callbacks.last_checkpoint.every_n_train_steps=4", "callbacks.last_checkpoint.every_n_epochs=null",
-    ]
+    command = process_command(tmp_path)
     subprocess.run([*command, f"hydra.run.dir={tmp_path / 'full'}"], check=True, capture_output=True, timeout=600)
     killed = tmp_path / "killed"
     slow = ["+callbacks.slow._target_=tests.helpers.SleepPerBatch", "+callbacks.slow.seconds=0.25"]
@@ -225,6 +214,38 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_result(tmp_path):
     resumed = json.loads((killed / "metrics.json").read_text())
     assert resumed["timing"]["resumed_from"] and resumed["history"] == full["history"]
     assert resumed["metrics"] == full["metrics"]
+
+
+@pytest.mark.distributed
+def test_a_run_preempted_by_the_cluster_signal_resumes_to_the_uninterrupted_result(tmp_path):
+    """SLURM's warning signal (USR1): last.ckpt is saved at the next step and the run stops; the requeued job runs
+    the same command, which resumes from it (no resume=true needed) and ends with the uninterrupted result."""
+    import signal
+    import subprocess
+    import time
+
+    command = [*process_command(tmp_path), "+callbacks.slow._target_=tests.helpers.SleepPerBatch",
+               "+callbacks.slow.seconds=0.25"]
+    subprocess.run([*command, f"hydra.run.dir={tmp_path / 'full'}"], check=True, capture_output=True, timeout=600)
+    run_dir = tmp_path / "preempted"
+    requeued = [*command, f"hydra.run.dir={run_dir}"]
+    process = subprocess.Popen(requeued, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.3)  # a few batches past the first checkpoint: the signal falls between checkpoints
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0 and "RunPreempted" in stderr, stderr[-2000:]
+    marker = (run_dir / ".preempted").read_text()
+    step = int(marker.split("at step ")[1])
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step
+    assert marker.startswith("SIGUSR1") and not (run_dir / "metrics.json").exists()
+    subprocess.run(requeued, check=True, capture_output=True, timeout=600)  # the requeued job: the same command
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    assert resumed["timing"]["resumed_from"] and not (run_dir / ".preempted").exists()
+    assert resumed["history"] == full["history"] and resumed["metrics"] == full["metrics"]
 
 
 @pytest.mark.parametrize("launcher, key, value", [("local_parallel", "n_jobs", 2), ("slurm", "gpus_per_node", 1)])
