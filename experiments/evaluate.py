@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from results.recipe import register_resolvers
 from results.run_record import CHECKPOINT_DIR, METRICS_FILE
 
 log = logging.getLogger("flowformer.evaluate")
+# Lightning warns that a checkpoint's callbacks are not there to restore: an evaluation restores weights only
+warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
 register_resolvers()
 USAGE = ("usage: python -m experiments.evaluate run=<run dir> [ckpt=best|last|<path>] [split=test|val] "
          "[out=<file.json>] [key=value ...]")

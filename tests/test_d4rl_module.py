@@ -187,3 +187,14 @@ def test_the_loss_ignores_padded_steps():
 def test_the_rl_clamp_reaches_flow_attention():
     cfg = compose_config(["experiment=d4rl/hopper-medium"])
     assert cfg.model.attention.clamp == 10.0 and cfg.flow_clamp == 10.0
+
+
+@pytest.mark.parametrize("episodes, world_size", [(3, 2), (100, 8), (1, 4), (10, 1)])
+def test_ddp_processes_share_out_the_episodes_each_once(episodes, world_size):
+    """Under DDP an evaluation's episodes are shared out (tests/test_ddp.py checks the gathered score)."""
+    from tasks.d4rl.module import episode_share
+
+    seeds = list(range(20_000, 20_000 + episodes))
+    shares = [episode_share(seeds, world_size, rank) for rank in range(world_size)]
+    assert sorted(seed for share in shares for seed in share) == seeds
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1

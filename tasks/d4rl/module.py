@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,12 @@ from tasks.d4rl.windows import Conditioning
 EPISODES_FILE = "evaluations.jsonl"
 POLICY_KEY = "d4rl_policy"
 MODEL_INPUTS = ("states", "actions", "returns_to_go", "timesteps", "padding_mask")
+
+
+def episode_share(seeds: Sequence[int], world_size: int, rank: int) -> list[int]:
+    """The episodes (by seed) process `rank` of `world_size` plays: every world_size-th, from its rank on; the
+    shares of all processes hold each seed exactly once."""
+    return list(seeds)[rank::world_size]
 
 
 def gather_episodes(episodes: list[Episode], seeds: list[int], world_size: int) -> list[Episode]:
@@ -114,7 +120,7 @@ class DecisionTransformerModule(TaskModule):
         protocol = self.evaluation
         seeds = protocol.seeds(stage, final=stage == "val" and self.final_evaluation())
         world_size, rank = self.trainer.world_size, self.trainer.global_rank
-        mine = list(seeds)[rank::world_size]
+        mine = episode_share(seeds, world_size, rank)
         started = time.perf_counter()
         with full_precision(self.device, self.fp32_eval):
             episodes = run_episodes(
