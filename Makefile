@@ -14,7 +14,8 @@ WANDB_PROJECT ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-TABLES := uea lra imagenet wikitext103 d4rl
+# every table with a manifest (experiments/manifests/<table>.yaml) has a reproduce-<table> target
+TABLES := $(basename $(notdir $(wildcard experiments/manifests/*.yaml)))
 REPRODUCE := $(addprefix reproduce-,$(TABLES))
 .PHONY: help install lock test test-all test-distributed demo tables bench bench-gpu clean data-uea data-lra data-wikitext103 data-d4rl data-imagenet listops $(REPRODUCE)
 
@@ -45,7 +46,7 @@ demo: ## Flowformer on the bundled UEA JapaneseVowels (paper recipe, seed 0), pr
 	$(PY) -m experiments.train experiment=uea/JapaneseVowels seed=0 $(ARGS)
 	$(PY) -m results.aggregate --runs $(RUNS_DIR) --out $(RUNS_DIR)/tables --no-figures --tables uea --show JapaneseVowels
 
-$(REPRODUCE): reproduce-%: ## run a table's manifest (uea, lra, imagenet, wikitext103, d4rl); resumable. DRY=1 plans only; LAUNCHER=basic|joblib|submitit; SEEDS='0 1'; EXTRA='trainer=gpu'; VARIANT=<a manifest variant>
+$(REPRODUCE): reproduce-%: ## run a table's manifest (one target per experiments/manifests/*.yaml); resumable. DRY=1 plans only; LAUNCHER=basic|joblib|submitit; SEEDS='0 1'; EXTRA='trainer=gpu'; VARIANT=<a manifest variant>
 	$(PY) -m experiments.reproduce $* --launcher $(LAUNCHER) --runs-dir $(RUNS_DIR) $(if $(filter 1 yes true,$(DRY)),--dry-run,) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(EXTRA),--extra $(EXTRA),) $(if $(VARIANT),--variant $(VARIANT),) $(ARGS)
 
 tables: ## rebuild every paper table (Markdown, LaTeX, CSV), figures and results/README.md from the committed records (results/runs) plus local runs; SOURCE=wandb WANDB_PROJECT=... pulls W&B runs

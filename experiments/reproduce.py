@@ -45,7 +45,6 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from results.manifest import MANIFEST_DIR, ExperimentEntry, Manifest, ManifestError, VariantSpec, load_manifest
-from results.naming import TABLES
 from results.recipe import CellRecipe, cell_recipe, diff_science, recipe_overrides, register_resolvers, variant_label
 from results.records import read_metrics_file
 from results.run_record import METRICS_FILE, last_checkpoint, run_dir_of
@@ -343,7 +342,7 @@ def format_plan(plan: Plan, commands: Sequence[Sequence[str]], launcher: str) ->
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__.split("\n\n")[0])
-    p.add_argument("table", choices=sorted(TABLES))
+    p.add_argument("table", help="a table with a manifest: experiments/manifests/<table>.yaml")
     p.add_argument("--launcher", default="basic",
                    help="basic (default), joblib, submitit (SLURM), or the name of a conf/hydra/launcher/*.yaml")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")

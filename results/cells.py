@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from results.manifest import ExperimentEntry, Manifest
-from results.naming import TABLES, attention_column, table_of
+from results.naming import domain_of
 from results.recipe import CONF_DIR, DEBUG_KEYS, CellRecipe, KeyDiff, RecipeCheck, cell_recipe
 from results.records import Problem, Record, metric_value
 
@@ -95,17 +95,18 @@ class RecipeBook:
 
 def _entry_of(record: Record, manifests: dict[str, Manifest]) -> tuple[Manifest, ExperimentEntry] | Problem:
     """The manifest and entry that list the record's experiment, or the problem that says why there is none."""
-    table = table_of(record.experiment)
-    if table is None:
-        return Problem(record.path, "unknown", f"experiment {record.experiment!r} belongs to no paper table "
-                       f"(known domains: {', '.join(sorted(TABLES))})")
-    manifest = manifests.get(table)
-    entry = manifest.entry(record.experiment) if manifest else None
-    if manifest is None or entry is None:
-        return Problem(record.path, "unknown", f"{record.experiment!r} is no cell of the {table} table, so it stays "
-                       f"out of it (a run on stand-in data, say); to make it one, list it in "
-                       f"experiments/manifests/{table}.yaml")
-    return manifest, entry
+    for manifest in manifests.values():
+        entry = manifest.entry(record.experiment)
+        if entry is not None:
+            return manifest, entry
+    domain = domain_of(record.experiment)
+    near = [m for m in manifests.values() if any(domain_of(e.experiment) == domain for e in m.entries)]
+    if not near:
+        return Problem(record.path, "unknown", f"experiment {record.experiment!r} belongs to no table (manifests: "
+                       f"{', '.join(manifests) or 'none'}); a table lists its experiments in "
+                       "experiments/manifests/<table>.yaml")
+    return Problem(record.path, "unknown", f"{record.experiment!r} is no cell of the {near[0].table} table, so it "
+                   f"stays out of it (a run on stand-in data, say); to make it one, list it in {near[0].path}")
 
 
 IDENTITY_KEYS = {"experiment": "experiment_name", "attention": "model.attention.name", "seed": "seed",
@@ -161,7 +162,7 @@ def place_records(records: Iterable[Record], manifests: dict[str, Manifest], *,
                                               "fill a table"))
             continue
         variant = result.name or RECIPE
-        model = attention_column(manifest.table, record.attention, entry.columns)
+        model = manifest.column(record.attention, entry)
         for spec in entry.rows:
             value = metric_value(record.data, spec.metric)
             if value is None:

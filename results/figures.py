@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from results.atomic_io import atomic_path
-from results.naming import table_of
+from results.cells import Observation
 from results.records import Record
 from results.tables import Line, TableResult
 
@@ -34,15 +34,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
 
 
-def draw_figures(results: Iterable[TableResult], records: Iterable[Record], out_dir: str | Path,
-                 variants: Mapping[str, str] | None = None) -> list[Path]:
-    """Every figure of `results` (ours against the paper) and the learning curves of `records` that belong to them
-    (`variants`: each record's variant by path, "" for the recipe); stale figures of those tables are removed.
-    Returns the written paths."""
+def draw_figures(results: Iterable[TableResult], records: Iterable[Record], observations: Iterable[Observation],
+                 out_dir: str | Path) -> list[Path]:
+    """Every figure of `results` (ours against the paper) and the learning curves of the `records` behind their
+    `observations`; stale figures of those tables are removed. Returns the written paths."""
     results, out_dir = list(results), Path(out_dir)
     names = {r.name for r in results}
+    used = {o.path: o for o in observations if o.table in names}
+    variants = {path: o.variant for path, o in used.items()}
     written = [path for result in results for path in plot_table_vs_paper(result, out_dir)]
-    written += plot_learning_curves([r for r in records if table_of(r.experiment) in names], out_dir, variants)
+    written += plot_learning_curves([r for r in records if r.path in used], out_dir, variants)
     owned = [p for name in names for p in (*out_dir.glob(f"{name}_*_vs_paper.png"),
                                            *(out_dir / "curves").glob(f"{name}_*.png"))]
     for stale in set(owned) - set(written):

@@ -1,10 +1,22 @@
-"""Table manifests (``experiments/manifests/<table>.yaml``): the cells of one paper table.
+"""Table manifests (``experiments/manifests/<table>.yaml``): one paper table, declared as data.
 
-A manifest lists experiments; each experiment is run for every attention x seed, under one selection
-protocol, and fills one or more rows of the table with one metric. Schema (top level; every per-experiment
-key may be overridden inside an ``experiments`` entry)::
+A manifest says how its table looks (title, metric, direction, row keys, average row) and lists experiments; each
+experiment is run for every attention x seed, under one selection protocol, and fills one or more rows of the
+table with one metric. With the paper's numbers in ``results/paper/<table>.csv`` that is all a new table needs:
+``make reproduce-<table>`` and ``make tables`` find every manifest. Schema (top level; every per-experiment key may
+be overridden inside an ``experiments`` entry)::
 
-    table: uea                      # one of results.naming.TABLES
+    table: uea                      # the table's name: results/paper/<table>.csv, results/tables/<table>.*
+    title: UEA multivariate time-series classification
+    metric_label: accuracy (%)
+    lower_is_better: false          # true for perplexity
+    key_columns: [dataset]          # the paper CSV's columns that name a row (joined by "/")
+    row_header: Dataset             # the first column's header in the rendered table
+    average_row: Average Accuracy   # the paper's average row (null: none)
+    descriptive_rows: []            # rows that describe the models (size), shown but never compared
+    order: 2                        # the table's place in results/README.md
+    columns: {softmax: DT}          # attention -> our model column in this table (default: results.naming)
+    paper_columns: {}               # our model column -> the paper column it is compared with, when named otherwise
     description: free text
     selection: best_test            # the paper's protocol (results.run_record.SELECTIONS): passed as `selection=`;
                                     # the experiment's config defaults to the same value (a test holds them equal)
@@ -22,7 +34,7 @@ key may be overridden inside an ``experiments`` entry)::
         note: the Decision Transformer authors' own recipe
     experiments:
       - experiment: uea/JapaneseVowels
-        row: JapaneseVowels         # default: results.naming.experiment_row
+        row: JapaneseVowels         # default: the experiment's name after its domain
         rows:                       # instead of row/metric: one experiment filling several rows
           - {row: top1_acc, metric: primary_value}
         columns: {flow: DeiT+Flowformer}   # attention -> paper column, for this experiment only
@@ -38,13 +50,15 @@ from typing import Any
 
 import yaml
 
-from results.naming import TABLES, attention_column, experiment_row
+from results.naming import ATTENTION_COLUMNS
 from results.run_record import SELECTIONS
 
 MANIFEST_DIR = Path(__file__).resolve().parents[1] / "experiments" / "manifests"
 
+_SPEC_KEYS = {"title", "metric_label", "lower_is_better", "key_columns", "row_header", "average_row",
+              "descriptive_rows"}
 _TOP_KEYS = {"table", "description", "selection", "protocol_reason", "seeds", "attentions", "metric", "scale",
-             "overrides", "notes", "variants", "experiments"}
+             "overrides", "notes", "variants", "experiments", "order", "columns", "paper_columns", *_SPEC_KEYS}
 _ENTRY_KEYS = {"experiment", "row", "rows", "selection", "protocol_reason", "seeds", "attentions", "metric", "scale",
                "overrides", "columns", "note"}
 _VARIANT_KEYS = {"overrides", "attentions", "note"}
@@ -52,6 +66,27 @@ _VARIANT_KEYS = {"overrides", "attentions", "note"}
 
 class ManifestError(ValueError):
     """A manifest file does not follow the schema in results/manifest.py; the message names file and key."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """How one paper table looks.
+
+    ``key_columns`` are the paper CSV's columns that name a row; a row's label is their values joined by ``/``
+    (D4RL: ``medium-expert/HalfCheetah``). ``average_row`` is the label of the paper's printed average row (or None
+    when the table has none). ``lower_is_better`` flips the meaning of "better" (perplexity). ``descriptive_rows``
+    describe the models rather than score them (ImageNet's parameters and MACs): shown beside the paper's value,
+    never counted as within, better or worse.
+    """
+
+    name: str
+    title: str
+    metric_label: str
+    key_columns: tuple[str, ...] = ("row",)
+    average_row: str | None = None
+    lower_is_better: bool = False
+    row_header: str = "Row"
+    descriptive_rows: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,11 +129,30 @@ class Manifest:
 
     table: str
     path: Path
+    spec: TableSpec
     selection: str
     entries: list[ExperimentEntry]
     description: str = ""
     notes: tuple[str, ...] = ()
     variants: dict[str, VariantSpec] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)
+    paper_columns: dict[str, str] = field(default_factory=dict)
+    order: int = 100
+
+    def column(self, attention: str, entry: ExperimentEntry | None = None) -> str:
+        """Our model column for `attention`: the entry's `columns`, then the table's, then the paper's usual name
+        (`results.naming.ATTENTION_COLUMNS`), else the registered name itself (visible rather than dropped)."""
+        for mapping in (entry.columns if entry else {}, self.columns, ATTENTION_COLUMNS):
+            if attention in mapping:
+                return mapping[attention]
+        return attention
+
+    def paper_column(self, model: str, paper_models: list[str] | tuple[str, ...]) -> str | None:
+        """The paper column whose numbers our column `model` is compared with, or None when the paper has none."""
+        if model in paper_models:
+            return model
+        reference = self.paper_columns.get(model)
+        return reference if reference in paper_models else None
 
     def entry(self, experiment: str) -> ExperimentEntry | None:
         for e in self.entries:
@@ -129,7 +183,7 @@ class Manifest:
         out: list[str] = []
         for e in self.entries:
             for a in e.attentions:
-                m = attention_column(self.table, a, e.columns)
+                m = self.column(a, e)
                 if m not in out:
                     out.append(m)
         return out
@@ -140,7 +194,7 @@ class Manifest:
         for e in self.entries:
             for r in e.rows:
                 for a in e.attentions:
-                    cell = (e.selection, r.row, attention_column(self.table, a, e.columns))
+                    cell = (e.selection, r.row, self.column(a, e))
                     if cell not in out:
                         out.append(cell)
         return out
@@ -173,8 +227,9 @@ def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
     if unknown:
         raise _fail(path, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
     table = data.get("table")
-    if table not in TABLES:
-        raise _fail(path, f"`table` must be one of {sorted(TABLES)}, got {table!r}")
+    if not isinstance(table, str) or not table.replace("_", "").isalnum():
+        raise _fail(path, f"`table` must be a name of letters, digits and _ (its files' name), got {table!r}")
+    spec = _table_spec(path, table, data)
     selection = data.get("selection", "best_test")
     if selection not in SELECTIONS:
         raise _fail(path, f"`selection` must be one of {SELECTIONS}, got {selection!r}")
@@ -213,9 +268,9 @@ def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
                     raise _fail(path, f"{where} ({exp}): each `rows` item needs `row: <label>`")
                 rows.append(RowSpec(r["row"], r.get("metric", e_metric), float(r.get("scale", e_scale))))
         else:
-            row = raw.get("row") or experiment_row(exp)
-            if row is None:
-                raise _fail(path, f"{where}: no paper row is known for {exp!r}; add `row: <paper row label>`")
+            row = raw.get("row") or exp.partition("/")[2]
+            if not row:
+                raise _fail(path, f"{where}: no row for {exp!r}; add `row: <paper row label>`")
             rows = [RowSpec(row, e_metric, e_scale)]
         e_sel = raw.get("selection", selection)
         if e_sel not in SELECTIONS:
@@ -245,12 +300,41 @@ def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
     return Manifest(
         table=table,
         path=path,
+        spec=spec,
         selection=selection,
         entries=entries,
         description=str(data.get("description", "")),
         notes=_str_list(path, "notes", data.get("notes")),
         variants=_variants(path, data.get("variants")),
+        columns=_str_map(path, "columns", data.get("columns")),
+        paper_columns=_str_map(path, "paper_columns", data.get("paper_columns")),
+        order=int(data.get("order", 100)),
     )
+
+
+def _table_spec(path: Path, table: str, data: dict[str, Any]) -> TableSpec:
+    for key in ("title", "metric_label"):
+        if not isinstance(data.get(key), str):
+            raise _fail(path, f"`{key}` must name the table's {key.replace('_', ' ')} (text)")
+    average = data.get("average_row")
+    return TableSpec(
+        name=table,
+        title=data["title"],
+        metric_label=data["metric_label"],
+        key_columns=_str_list(path, "key_columns", data.get("key_columns")) or ("row",),
+        average_row=str(average) if average is not None else None,
+        lower_is_better=bool(data.get("lower_is_better", False)),
+        row_header=str(data.get("row_header", "Row")),
+        descriptive_rows=_str_list(path, "descriptive_rows", data.get("descriptive_rows")),
+    )
+
+
+def _str_map(path: Path, key: str, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(path, f"`{key}` must map names to names, got {value!r}")
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def _variants(path: Path, raw: Any) -> dict[str, VariantSpec]:
@@ -283,14 +367,21 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 def load_manifests(directory: str | Path = MANIFEST_DIR) -> dict[str, Manifest]:
-    """Load every ``*.yaml`` in ``directory``, keyed by table. A missing directory gives {}."""
+    """Load every ``*.yaml`` in ``directory``, keyed by table, in their `order`. A missing directory gives {}.
+
+    An experiment may fill cells of one table only (a record must know its table)."""
     out: dict[str, Manifest] = {}
     directory = Path(directory)
     if not directory.is_dir():
         return out
+    owners: dict[str, Path] = {}
     for path in sorted(directory.glob("*.yaml")):
         m = load_manifest(path)
         if m.table in out:
             raise _fail(path, f"table {m.table!r} is already described by {out[m.table].path}")
+        for entry in m.entries:
+            if entry.experiment in owners:
+                raise _fail(path, f"experiment {entry.experiment!r} is already a cell of {owners[entry.experiment]}")
+            owners[entry.experiment] = path
         out[m.table] = m
-    return out
+    return dict(sorted(out.items(), key=lambda item: (item[1].order, item[0])))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
 
-from results.naming import TABLES, TableSpec
+from results.manifest import TableSpec
 
 PAPER_DIR = Path(__file__).resolve().parent / "paper"
 STD_SUFFIX = " std"
@@ -112,12 +112,12 @@ class PaperTable:
         )
 
 
-def load_paper_table(name: str, paper_dir: str | Path = PAPER_DIR) -> PaperTable:
-    """Read ``<paper_dir>/<name>.csv`` into a :class:`PaperTable`.
+def load_paper_table(spec: TableSpec, paper_dir: str | Path = PAPER_DIR) -> PaperTable:
+    """Read ``<paper_dir>/<table>.csv`` into a :class:`PaperTable` laid out as the manifest's `spec` says.
 
     Raises FileNotFoundError / ValueError naming the file and the expected layout.
     """
-    spec = TABLES[name]
+    name = spec.name
     path = Path(paper_dir) / f"{name}.csv"
     if not path.is_file():
         raise FileNotFoundError(

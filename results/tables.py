@@ -25,7 +25,6 @@ import pandas as pd
 
 from results.cells import RECIPE, Observation
 from results.manifest import Manifest
-from results.naming import paper_column
 from results.paper_tables import AverageCheck, PaperTable
 from results.run_record import SELECTIONS
 
@@ -156,7 +155,7 @@ class TableResult:
 
     name: str
     paper: PaperTable
-    manifest: Manifest | None
+    manifest: Manifest
     sections: list[Section]
     models: list[str]
     cells: dict[tuple[str, Line, str], Cell]
@@ -194,7 +193,7 @@ class TableResult:
         if self.spec.average_row is None:
             return out
         for model in self.models:
-            col = paper_column(self.name, model, self.paper.models)
+            col = self.manifest.paper_column(model, self.paper.models)
             check = self.paper.average_check(col) if col else None
             if check is None:
                 continue
@@ -251,18 +250,17 @@ def _sections(rows: list[str], paper_selection: dict[str, str], observations: li
     return sections
 
 
-def build_table(name: str, paper: PaperTable, manifest: Manifest | None,
-                observations: Iterable[Observation]) -> TableResult:
-    """Group the observations of table ``name`` into sections, cells and averages.
+def build_table(manifest: Manifest, paper: PaperTable, observations: Iterable[Observation]) -> TableResult:
+    """Group the observations of the manifest's table into sections, cells and averages.
 
-    Rows: the manifest's rows (else the paper's numeric rows). Models: the manifest's model columns, then any other
-    found in runs.
+    Rows: the manifest's rows. Models: the manifest's model columns, then any other found in runs.
     """
+    name = manifest.table
     obs = [o for o in observations if o.table == name]
-    rows = manifest.rows if manifest else paper.numeric_rows
-    paper_selection = {r: (manifest.paper_selection(r) if manifest else None) or "best_test" for r in rows}
-    models = _ordered_union(manifest.models if manifest else [], (o.model for o in obs))
-    expected = {(row, model) for _, row, model in manifest.expected_cells()} if manifest else set()
+    rows = manifest.rows
+    paper_selection = {r: manifest.paper_selection(r) or "best_test" for r in rows}
+    models = _ordered_union(manifest.models, (o.model for o in obs))
+    expected = {(row, model) for _, row, model in manifest.expected_cells()}
     statistics = cell_statistics(obs)
     sections = _sections(rows, paper_selection, obs)
 
@@ -272,7 +270,7 @@ def build_table(name: str, paper: PaperTable, manifest: Manifest | None,
             sel = section.selection_of[line.row]
             for model in models:
                 n, mean, std = statistics.get((sel, line.row, line.variant, model), (0, None, None))
-                col = paper_column(name, model, paper.models)
+                col = manifest.paper_column(model, paper.models)
                 cells[(section.key, line, model)] = Cell(
                     row=line.row, model=model, selection=sel, n=n, mean=mean, std=std,
                     paper=paper.value(line.row, col), paper_std=paper.std(line.row, col),
@@ -289,7 +287,7 @@ def build_table(name: str, paper: PaperTable, manifest: Manifest | None,
             if not set(needed) <= set(section.rows):
                 continue  # another protocol that is not every row's alternative: no average to compare
             for model in models:
-                col = paper_column(name, model, paper.models)
+                col = manifest.paper_column(model, paper.models)
                 done = [cells[(section.key, Line(r), model)] for r in needed
                         if (section.key, Line(r), model) in cells and cells[(section.key, Line(r), model)].n]
                 complete = len(done) == len(needed)
@@ -381,9 +379,7 @@ def protocol_line(result: TableResult, section: Section) -> str:
     return "**Protocol:** " + "; ".join(parts) + "."
 
 
-def _reason(manifest: Manifest | None, row: str) -> str:
-    if manifest is None:
-        return ""
+def _reason(manifest: Manifest, row: str) -> str:
     entry = next((e for e in manifest.entries if any(r.row == row for r in e.rows)), None)
     return entry.protocol_reason.rstrip(".") if entry else ""
 
@@ -424,15 +420,12 @@ def render_markdown(result: TableResult, heading_level: int = 2) -> str:
     h = "#" * heading_level
     arrow = "↓ lower is better" if spec.lower_is_better else "↑ higher is better"
     lines = [f"{h} {spec.title}: {spec.metric_label} ({arrow})", ""]
-    if not result.models:
-        lines += [f"No manifest (experiments/manifests/{result.name}.yaml) and no runs for this table.", ""]
-        return "\n".join(lines)
     notes = result.footnotes()
     marks: dict[str, list[int]] = {}
     for i, (model, _) in enumerate(notes, 1):
         marks.setdefault(model, []).append(i)
 
-    if result.manifest is not None and result.manifest.notes:
+    if result.manifest.notes:
         lines += [" ".join(result.manifest.notes), ""]
     for section in result.sections:
         lines += [f"{h}# {section.title}", "", protocol_line(result, section), "", _status_line(result, section), ""]
@@ -447,10 +440,10 @@ def render_markdown(result: TableResult, heading_level: int = 2) -> str:
     if spec.average_row is not None:
         legend.append(f"Averages are computed only for columns with every paper row present; "
                       f"\"{MISSING} (k/N rows)\" marks an incomplete column.")
-        if spec.name == "d4rl":
+        if any(row == spec.average_row and text for (row, _), text in result.paper.std_texts.items()):
             legend.append("The average's ± is the mean of the per-row stds, as in the paper.")
     for m in result.models:
-        col = paper_column(result.name, m, result.paper.models)
+        col = result.manifest.paper_column(m, result.paper.models)
         if col and col != m:
             legend.append(f"\"{m} (paper)\" shows the paper's {col} column, which that code produced.")
     if any(line.variant for section in result.sections for line in section.lines):

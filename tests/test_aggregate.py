@@ -12,7 +12,6 @@ import pytest
 
 from results import aggregate
 from results.manifest import load_manifests
-from results.naming import experiment_row, paper_column
 from results.paper_tables import load_paper_table
 from results.tables import classify, summarize
 from tests.helpers import (
@@ -126,10 +125,21 @@ def test_lower_is_better_table_status(tmp_path):
     assert "1 of 8 cells within" in md and "1 better (lower)" in md and "0 worse" in md
 
 
+MANIFESTS = load_manifests(REPO_MANIFESTS)
+# the UEA table's shape, for test manifests of their own
+UEA_SPEC = ("table: uea\ntitle: UEA\nmetric_label: accuracy (%)\nkey_columns: [dataset]\n"
+            "average_row: Average Accuracy\n")
+
+
+def paper_table(name: str):
+    """The paper's numbers of one repository table, laid out as its manifest says."""
+    return load_paper_table(MANIFESTS[name].spec)
+
+
 # --------------------------------------------------------------------------------------------- averages
 
 def test_average_only_over_complete_columns(tmp_path):
-    paper = load_paper_table("uea")
+    paper = paper_table("uea")
     expected = []
     for row in paper.rows:  # Flowformer: every dataset, two seeds, paper + 0.5 and paper + 1.5
         base = paper.value(row, "Flowformer")
@@ -154,7 +164,7 @@ def test_average_only_over_complete_columns(tmp_path):
 def test_paper_average_slips_are_detected_exactly():
     slips = {}
     for name in ("lra", "uea", "d4rl"):
-        t = load_paper_table(name)
+        t = paper_table(name)
         for m in t.models:
             c = t.average_check(m)
             if not c.agrees:
@@ -246,7 +256,7 @@ def test_the_manifest_pins_and_named_variants_are_part_of_the_recipe(tmp_path):
     mdir = tmp_path / "manifests"
     mdir.mkdir()
     (mdir / "uea.yaml").write_text(
-        "table: uea\nseeds: [0, 1]\nattentions: [flow]\noverrides: [trainer.max_epochs=50]\n"
+        f"{UEA_SPEC}seeds: [0, 1]\nattentions: [flow]\noverrides: [trainer.max_epochs=50]\n"
         "variants:\n  quick: {overrides: [trainer.max_epochs=5], note: a short schedule}\n"
         "experiments:\n  - experiment: uea/JapaneseVowels\n")
     runs = tmp_path / "runs"
@@ -291,7 +301,8 @@ def test_manifest_metric_and_scale_fill_several_rows(tmp_path):
     mdir = tmp_path / "manifests"
     mdir.mkdir()
     (mdir / "imagenet.yaml").write_text(
-        "table: imagenet\nattentions: [flow]\nexperiments:\n  - experiment: imagenet/hierarchical\n    rows:\n"
+        "table: imagenet\ntitle: ImageNet\nmetric_label: accuracy (%)\nkey_columns: [metric]\nattentions: [flow]\n"
+        "experiments:\n  - experiment: imagenet/hierarchical\n    rows:\n"
         "      - {row: top1_acc, metric: primary_value}\n"
         "      - {row: top5_acc, metric: metrics.test/acc5, scale: 100}\n")
     write_run(tmp_path / "runs", "imagenet/hierarchical", "flow", 0, 80.0, metrics={"test/acc5": 0.95})
@@ -443,17 +454,30 @@ def test_curves_read_the_evaluation_history_and_leave_out_non_finite_values(tmp_
 
 
 def test_repo_manifests_name_real_paper_rows_and_columns():
-    manifests = load_manifests(REPO_MANIFESTS)
-    assert sorted(manifests) == ["d4rl", "imagenet", "lra", "uea", "wikitext103"]
-    for name, m in manifests.items():
-        paper = load_paper_table(name)
+    assert list(MANIFESTS) == ["lra", "uea", "imagenet", "wikitext103", "d4rl"]  # their `order`
+    for name, m in MANIFESTS.items():
+        paper = paper_table(name)
         assert set(m.rows) <= set(paper.rows), (name, set(m.rows) - set(paper.rows))
         for model in m.models:
-            assert paper_column(name, model, paper.models), (name, model)
+            assert m.paper_column(model, paper.models), (name, model)
         assert all(len(e.seeds) == 3 for e in m.entries)
-    assert paper_column("lra", "Flowformer (official LRA code)", load_paper_table("lra").models) == "Flowformer"
-    assert experiment_row("lra/listops") == "ListOps" and experiment_row("uea/JapaneseVowels") == "JapaneseVowels"
-    assert experiment_row("d4rl/walker2d-medium-replay") == "medium-replay/Walker"
+    lra = MANIFESTS["lra"]
+    assert lra.paper_column("Flowformer (official LRA code)", paper_table("lra").models) == "Flowformer"
+    assert lra.entry("lra/listops").rows[0].row == "ListOps"
+    assert MANIFESTS["uea"].entry("uea/JapaneseVowels").rows[0].row == "JapaneseVowels"  # the default row
+    assert MANIFESTS["d4rl"].entry("d4rl/walker2d-medium-replay").rows[0].row == "medium-replay/Walker"
+    assert MANIFESTS["d4rl"].column("softmax") == "DT" and MANIFESTS["uea"].column("softmax") == "Transformer"
+
+
+def test_every_experiment_defaults_to_the_protocol_its_manifest_names():
+    """`experiment=<x>` alone runs the paper's protocol: the experiment's config and the manifest agree."""
+    from results.recipe import expected_config
+
+    for manifest in MANIFESTS.values():
+        for entry in manifest.entries:
+            composed = expected_config([f"experiment={entry.experiment}"])
+            assert composed["selection"] == entry.selection, entry.experiment
+            assert entry.protocol_reason, entry.experiment
 
 
 def test_writes_only_under_the_outputs_it_is_given(tmp_path, monkeypatch, capsys):

@@ -8,7 +8,6 @@ from pathlib import Path
 from experiments.reproduce import make_plan
 from results import aggregate
 from results.manifest import load_manifests
-from results.naming import experiment_row
 from results.paper_tables import load_paper_table
 from results.run_record import RunRecord, run_dir_of, write_record
 from tests.fixtures.d4rl import write_d4rl_dataset
@@ -19,7 +18,7 @@ MANIFEST = load_manifests(REPO / "experiments" / "manifests")["d4rl"]
 
 
 def test_the_manifest_covers_the_papers_table():
-    paper = load_paper_table("d4rl")
+    paper = load_paper_table(MANIFEST.spec)
     assert sorted(MANIFEST.rows) == sorted(paper.rows)
     assert MANIFEST.models == ["Flowformer", "DT", "Linear Trans.", "Performer", "Reformer", "cosFormer"]
     assert all(entry.seeds == (0, 1, 2) for entry in MANIFEST.entries)
@@ -28,10 +27,10 @@ def test_the_manifest_covers_the_papers_table():
 
 
 def test_only_the_papers_datasets_have_rows():
-    assert experiment_row("d4rl/hopper-medium-replay") == "medium-replay/Hopper"
-    assert experiment_row("d4rl/walker2d-medium-expert-v2") == "medium-expert/Walker"
-    assert experiment_row("d4rl/hopper-random-collected") is None
-    assert experiment_row("d4rl/mujoco/hopper/medium-v0") is None  # Minari: kept apart
+    assert MANIFEST.entry("d4rl/hopper-medium-replay").rows[0].row == "medium-replay/Hopper"
+    assert MANIFEST.entry("d4rl/walker2d-medium-expert").rows[0].row == "medium-expert/Walker"
+    assert MANIFEST.entry("d4rl/hopper-random-collected") is None
+    assert MANIFEST.entry("d4rl/mujoco/hopper/medium-v0") is None  # Minari: kept apart
 
 
 def write_d4rl_run(root: Path, attention: str, seed: int, score: float, **config) -> None:

@@ -17,6 +17,9 @@ from tests.helpers import CONF_DIR, recipe_config
 
 MANIFEST = """
 table: uea
+title: UEA
+metric_label: accuracy (%)
+key_columns: [dataset]
 selection: best_test
 seeds: [0, 1]
 attentions: [flow, softmax]
@@ -167,7 +170,8 @@ def test_selection_override_changes_where_runs_are_looked_for(tree, capsys):
 def test_bad_arguments_are_explained(tree, capsys):
     assert reproduce.main(argv(tree, "--extra", "seed=3"), runner=Recorder()) == 2
     assert "--seeds" in capsys.readouterr().err
-    (tree / "manifests" / "uea.yaml").write_text("table: uea\nexperiments:\n  - experiment: uea/X\n    colour: red\n")
+    (tree / "manifests" / "uea.yaml").write_text("table: uea\ntitle: UEA\nmetric_label: accuracy\nexperiments:\n"
+                                                  "  - experiment: uea/X\n    colour: red\n")
     assert reproduce.main(argv(tree, "--dry-run"), runner=Recorder()) == 2
     err = capsys.readouterr().err
     assert "uea.yaml" in err and "colour" in err
