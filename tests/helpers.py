@@ -166,14 +166,15 @@ def deep_update(base: dict, changes: dict) -> dict:
     return out
 
 
-def recipe_config(experiment: str, attention: str, seed: int, selection: str, changes: dict | None = None) -> dict:
-    """The resolved config a run of the cell's recipe records (composed from the repository's conf/, as the
-    aggregator and the planner compose it), with `changes` merged in; a minimal config for an experiment that has
-    no config file."""
+def recipe_config(experiment: str, attention: str, seed: int, selection: str, changes: dict | None = None, *,
+                  conf_dir: Path = CONF_DIR) -> dict:
+    """The resolved config a run of the cell's recipe records (composed from `conf_dir`, the repository's conf/ by
+    default, as the aggregator and the planner compose it), with `changes` merged in; a minimal config for an
+    experiment that has no config file."""
     from results.recipe import expected_config, recipe_overrides
 
-    if (CONF_DIR / "experiment" / f"{experiment}.yaml").is_file():
-        cfg = expected_config(recipe_overrides(experiment, attention, seed, selection))
+    if (conf_dir / "experiment" / f"{experiment}.yaml").is_file():
+        cfg = expected_config(recipe_overrides(experiment, attention, seed, selection), conf_dir=conf_dir)
     else:
         cfg = {"experiment_name": experiment, "task_name": experiment.split("/")[0], "seed": seed,
                "selection": selection, "model": {"attention": {"name": attention}}, "trainer": {"max_epochs": 100}}
@@ -183,10 +184,12 @@ def recipe_config(experiment: str, attention: str, seed: int, selection: str, ch
 def write_run(root: Path, experiment: str, attention: str, seed: int, value: float, *, selection: str = "best_test",
               status: str = "complete", config: dict | None = None, metrics: dict | None = None,
               finished_at: str = "2025-01-01T01:00:00", run_dir: Path | None = None,
-              drop: tuple[str, ...] = (), history: list[dict] | None = None, variant: str | None = None) -> Path:
-    """Write one metrics.json following the run contract, its config the cell's recipe with `config` merged in;
-    return its path."""
-    cfg = recipe_config(experiment, attention, seed, selection, {**(config or {}), "variant": variant})
+              drop: tuple[str, ...] = (), history: list[dict] | None = None, variant: str | None = None,
+              conf_dir: Path = CONF_DIR) -> Path:
+    """Write one metrics.json following the run contract, its config the cell's recipe (from `conf_dir`) with
+    `config` merged in; return its path."""
+    cfg = recipe_config(experiment, attention, seed, selection, {**(config or {}), "variant": variant},
+                        conf_dir=conf_dir)
     data = {
         "experiment": experiment, "task": experiment.split("/")[0], "dataset": experiment.split("/")[-1],
         "attention": attention, "seed": seed, "selection": selection, "primary_metric": "test/acc",

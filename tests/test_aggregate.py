@@ -524,3 +524,58 @@ def test_committed_tables_rebuild_byte_for_byte_from_the_committed_records(tmp_p
     for table in sorted((COMMITTED / "tables").glob("*.*")):
         if table.suffix in (".md", ".csv", ".tex"):
             assert (out / table.name).read_text() == table.read_text(), table.name
+
+
+# ------------------------------------------------------------------------------------------- a sixth table
+
+SIXTH_MANIFEST = """\
+# A table of our own: UEA's BasicMotions (bundled with aeon), Flowformer against the Transformer.
+table: motions
+title: Motion classification
+metric_label: accuracy (%)
+key_columns: [dataset]
+row_header: Dataset
+selection: best_test
+protocol_reason: the UEA recipe's protocol (the best test accuracy over the evaluations)
+seeds: [0, 1]
+attentions: [flow, softmax]
+experiments:
+  - experiment: uea/BasicMotions
+"""
+
+
+def test_a_sixth_table_needs_a_manifest_a_paper_csv_and_an_experiment_config_only(tmp_path, capsys):
+    """The README's "Adding a domain" worked example: no file under results/ (or experiments/) changes."""
+    import shutil
+
+    from experiments import reproduce
+    from tests.helpers import CONF_DIR
+
+    repo = Path(__file__).resolve().parents[1]
+    before = {p: p.stat().st_mtime_ns for folder in ("results", "experiments") for p in (repo / folder).rglob("*")
+              if p.is_file() and "__pycache__" not in p.parts}
+    conf, manifests, paper = tmp_path / "conf", tmp_path / "manifests", tmp_path / "paper"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "experiment" / "uea" / "BasicMotions.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - uea/base\n\ndata:\n  dataset: BasicMotions\n")
+    shutil.copytree(REPO_MANIFESTS, manifests)
+    (manifests / "motions.yaml").write_text(SIXTH_MANIFEST)
+    shutil.copytree(repo / "results" / "paper", paper)
+    (paper / "motions.csv").write_text("dataset,Flowformer,Transformer\nBasicMotions,97.5,95.0\n")
+    for seed, value in enumerate([98.0, 97.0]):
+        write_run(tmp_path / "runs", "uea/BasicMotions", "flow", seed, value, conf_dir=conf)
+    write_run(tmp_path / "runs", "uea/BasicMotions", "softmax", 0, 90.0, conf_dir=conf)
+
+    rc, out = run_cli(tmp_path, "--paper", str(paper), "--conf", str(conf), manifests=manifests)
+    assert rc == 0
+    md = (out / "motions.md").read_text()
+    assert md.startswith("## Motion classification: accuracy (%) (↑ higher is better)")
+    assert md_line(md, "BasicMotions")[1:5] == ["97.50 ± 0.71 (2)", "97.5", "90.00 (1)", "95.0"]
+    assert "1 of 2 cells within" in md and "1 worse" in md
+    assert "## Motion classification" in (tmp_path / "README.md").read_text()
+    assert reproduce.main(["motions", "--manifests", str(manifests), "--conf-dir", str(conf), "--dry-run",
+                           "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert "uea/BasicMotions  ready: bundled with aeon" in capsys.readouterr().out
+    after = {p: p.stat().st_mtime_ns for folder in ("results", "experiments") for p in (repo / folder).rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts}
+    assert after == before
