@@ -28,9 +28,12 @@ install: ## create .venv and install the suite (editable) with dev extras, at th
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --constraint constraints.txt --editable ".[dev]"
 
-lock: ## re-resolve the newest allowed versions and rewrite constraints.txt (then commit it)
-	$(PY) -m pip install --upgrade --editable ".[dev]"
-	$(PY) -m pip freeze --exclude-editable | grep -v '^-e ' > constraints.txt
+lock: ## re-resolve the newest allowed versions in a fresh environment and rewrite constraints.txt (then commit it): only what the suite needs is pinned
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet --editable ".[dev]"
+	.lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^-e ' > constraints.txt
+	rm -rf .lock-venv
 
 test: ## lint (ruff), then the fast CPU test suite (slow, gpu and data tests are skipped with their reason)
 	$(VENV)/bin/ruff check .

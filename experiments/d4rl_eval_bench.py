@@ -39,6 +39,7 @@ from hydra.utils import instantiate
 from tabulate import tabulate
 
 from experiments.provenance import git_sha, package_versions, utc_now
+from results.atomic_io import write_text_atomic
 from results.recipe import register_resolvers
 from tasks.d4rl.environments import GYMNASIUM_NAMES, gymnasium_id, make_env
 from tasks.d4rl.rollout import TransformerPolicy, run_episodes, run_episodes_sequentially
@@ -208,8 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     command = "python -m experiments.d4rl_eval_bench " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "d4rl_eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "d4rl_eval.md").write_text(markdown(result, command.strip()))
+    write_text_atomic(args.out / "d4rl_eval.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(args.out / "d4rl_eval.md", markdown(result, command.strip()))
     print(markdown(result, command.strip()))
     return 0
 

@@ -29,6 +29,7 @@ from tabulate import tabulate
 
 from experiments.provenance import git_sha, package_versions, utc_now
 from flowformer.models.transformer_lm import TransformerLM
+from results.atomic_io import write_text_atomic
 from tasks.wikitext103.generation import next_tokens
 
 PAPER_VOCAB = 267_744
@@ -151,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report)
     if not args.quick:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "generation.json").write_text(json.dumps(result, indent=1) + "\n")
-        (args.out / "generation.md").write_text(report)
+        write_text_atomic(args.out / "generation.json", json.dumps(result, indent=1) + "\n")
+        write_text_atomic(args.out / "generation.md", report)
     return 0
 
 

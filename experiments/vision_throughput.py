@@ -34,6 +34,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from results.atomic_io import write_text_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "imagenet/hierarchical"
 IMAGENET_CLASSES = 1000
@@ -292,9 +294,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "records": records,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{args.tag}.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_text_atomic(args.out_dir / f"{args.tag}.json", json.dumps(report, indent=1) + "\n")
     markdown = render_markdown(report)
-    (args.out_dir / f"{args.tag}.md").write_text(markdown)
+    write_text_atomic(args.out_dir / f"{args.tag}.md", markdown)
     print(markdown)
 
 

@@ -214,3 +214,22 @@ def test_unsupported_names_the_op(name):
     with pytest.raises(NotImplementedError) as info:
         op(q, k, v, causal=True)
     assert_names_op(info.value, name, op)
+
+
+@pytest.mark.parametrize("experiment", ["uea/JapaneseVowels", "lra/listops", "wikitext103/transformer_lm"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_attention_config_agrees_with_its_registered_variant(experiment, name):
+    """conf/model/attention/<name>.yaml restates the options that define the variant (a run records its config):
+    the op is built from the composed node, and a contradiction would raise instead of silently winning."""
+    from tests.helpers import compose_config
+
+    cfg = compose_config([f"experiment={experiment}", f"model/attention={name}"])
+    op_name, options, _ = _registry.split_attention_config(dict(cfg.model.attention))
+    assert op_name == name
+    _registry.build_attention(op_name, head_dim=8, n_heads=2, **options)
+
+
+def test_an_option_that_contradicts_the_variant_is_an_error():
+    with pytest.raises(ValueError, match=r"'flow_no_allocation' is defined by allocation=False, but its options "
+                                         r"set allocation=True"):
+        _registry.build_attention("flow_no_allocation", head_dim=8, n_heads=2, allocation=True)

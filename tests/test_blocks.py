@@ -71,3 +71,32 @@ def test_time_series_classifier_ignores_padded_steps():
     torch.testing.assert_close(model(x, mask), model(noisy, mask))
     with pytest.raises(ValueError, match="max_len=10"):
         model(torch.randn(1, 9, 3))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2, 1.0])
+def test_drop_path_is_torchvisions_row_stochastic_depth(rate):
+    """flowformer stays pure PyTorch; its DropPath draws and scales exactly as torchvision's StochasticDepth."""
+    from torchvision.ops import StochasticDepth
+
+    from flowformer.nn.blocks import DropPath
+
+    x = torch.randn(8, 5, 3)
+    torch.manual_seed(0)
+    expected = StochasticDepth(rate, mode="row").train()(x)
+    torch.manual_seed(0)
+    assert torch.equal(DropPath(rate).train()(x), expected)
+    assert torch.equal(DropPath(rate).eval()(x), x)
+
+
+def test_the_library_imports_nothing_but_torch_and_numpy():
+    """The layering rule: flowformer (models included) never pulls in Lightning, Hydra, tasks, results or the other
+    libraries the suite uses (timm is loaded only when a DeiT model is built)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flowformer, flowformer.models, flowformer.nn, flowformer.attention\n"
+            "banned = ('lightning', 'pytorch_lightning', 'hydra', 'omegaconf', 'tasks', 'results', 'experiments', "
+            "'torchvision', 'timm', 'einops')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & set(banned)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,7 +1,10 @@
 """Config name -> attention op. Every op is an `nn.Module` with the call shape of `FlowAttention`.
 
-`model/attention=<name>` in Hydra selects an entry; the node's other keys are passed as options and override the
-entry's defaults. Entries name their class by import path so that heavy baselines load only when used.
+`model/attention=<name>` in Hydra selects an entry; the node's other keys are passed as options. An entry's
+`defaults` define its variant (`flow_no_allocation` is flow with `allocation=False`): they are fixed, and an option
+that contradicts one is an error rather than a silent override (the config file of a variant restates them, since
+a run records its config; a test holds each file to its entry). Entries name their class by import path so that
+heavy baselines load only when used.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class AttentionEntry:
-    """A registered attention: the class that implements it and the options that define this variant."""
+    """A registered attention: the class that implements it and the options that define this variant (fixed)."""
 
     target: str
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -65,8 +68,16 @@ def get_entry(name: str) -> AttentionEntry:
 
 
 def build_attention(name: str, head_dim: int, n_heads: int, **options: Any) -> nn.Module:
-    """Instantiate the op registered as `name`; `options` override the entry's defaults."""
+    """Instantiate the op registered as `name` with `options`; an option that contradicts the options defining the
+    variant raises ValueError."""
     entry = get_entry(name)
+    conflicts = {key: value for key, value in options.items() if key in entry.defaults and entry.defaults[key] != value}
+    if conflicts:
+        defining = ", ".join(f"{key}={value!r}" for key, value in entry.defaults.items())
+        raise ValueError(f"attention {name!r} is defined by {defining}, but its options set "
+                         + ", ".join(f"{key}={value!r}" for key, value in conflicts.items())
+                         + f"; drop those keys, or select the attention those options describe (registered: "
+                         f"{', '.join(REGISTERED_NAMES)})")
     return entry.load()(head_dim, n_heads, **{**entry.defaults, **options})
 
 

@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import StochasticDepth
 
 from flowformer.models.qkv_attention import QkvAttention
-from flowformer.nn.blocks import FeedForward
+from flowformer.nn.blocks import DropPath, FeedForward
 
 
 def _per_stage(value: int | Sequence[int], stages: int, key: str) -> list[int]:
@@ -49,7 +48,7 @@ class HierarchicalBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
         self.mlp = FeedForward(dim, int(dim * mlp_ratio), dropout=0.0, activation="gelu")
         self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale)))
-        self.drop_path = StochasticDepth(drop_path, mode="row")
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))

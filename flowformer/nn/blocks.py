@@ -21,6 +21,25 @@ def make_activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, each sample's residual branch is dropped with probability `rate` and kept ones
+    are scaled by 1 / (1 - rate); the identity in evaluation. x: (B, ...) -> (B, ...)."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = float(rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep) if keep > 0.0 else x * mask
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
 class FeedForward(nn.Sequential):
     """Linear -> activation -> dropout -> Linear -> dropout (position-wise; equals the official Conv1d k=1).
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 
+from results.atomic_io import write_text_atomic
 from tasks.wikitext103.corpus import FETCH_COMMAND, SPLITS, CorpusSource
 from tasks.wikitext103.dictionary import EOS, Dictionary
 
@@ -177,7 +178,7 @@ def build(source: CorpusSource, cache_dir: Path) -> None:
         "dictionary_sha256": dictionary.sha256,
         "splits": splits,
     }
-    _write_atomic(cache_dir / "meta.json", json.dumps(meta, indent=1).encode())
+    write_text_atomic(cache_dir / "meta.json", json.dumps(meta, indent=1))
 
 
 def encode_split(source: CorpusSource, split: str, dictionary: Dictionary) -> tuple[np.ndarray, int]:
@@ -203,10 +204,6 @@ def _stage(path: Path, data: bytes) -> Path:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_bytes(data)
     return temporary
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    os.replace(_stage(path, data), path)
 
 
 def check_known_sizes(source: CorpusSource, corpus: TokenizedCorpus) -> None:
