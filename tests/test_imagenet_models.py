@@ -23,7 +23,7 @@ def test_hierarchical_structure_follows_the_official_code():
     assert [len(stage) for stage in model.stages] == [3, 3, 10, 3]
     assert [block.attn.num_heads for block in blocks] == [12] * 19
     assert [block.attn.head_dim for block in blocks[:1]] + [model.stages[3][0].attn.head_dim] == [8, 64]
-    rates = [block.drop_path.p for block in blocks]
+    rates = [block.drop_path.rate for block in blocks]
     assert rates[0] == 0 and rates[-1] == pytest.approx(0.2) and rates == sorted(rates)
     assert all(torch.all(block.gamma == 1e-5) and block.gamma.shape == block.norm2.weight.shape for block in blocks)
     assert model.pos_embed.shape == (1, 56 * 56, 96)
