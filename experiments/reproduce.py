@@ -47,10 +47,9 @@ from hydra.utils import instantiate
 from results.manifest import MANIFEST_DIR, ExperimentEntry, Manifest, ManifestError, VariantSpec, load_manifest
 from results.recipe import CellRecipe, cell_recipe, diff_science, recipe_overrides, register_resolvers, variant_label
 from results.records import read_metrics_file
-from results.run_record import METRICS_FILE, last_checkpoint, run_dir_of
+from results.run_record import METRICS_FILE, RECIPE_FILE, last_checkpoint, run_dir_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPE_FILE = "recipe.json"  # experiments.train writes it when a run starts
 register_resolvers()
 
 # Launcher names accepted by --launcher; any other name is passed through as hydra/launcher=<name>

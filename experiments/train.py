@@ -4,18 +4,13 @@ It composes the Hydra config, builds the datamodule, model, LightningModule and 
 the selection protocol names, and writes `metrics.json` atomically into the run directory. Sweeps use `-m`. See
 README.md for the keys users rely on.
 
-A run directory that holds a finished run is never overwritten: starting there again refuses, unless `resume=true`
-(continue from its last checkpoint) or `overwrite=true` (move the finished run aside into `.replaced/`, then start).
-`recipe.json` in the run directory fingerprints the recipe the run started with, and a resume under another recipe
-refuses instead of mixing two. A run stopped by the cluster's preemption signal (`PreemptionCheckpoint`) leaves
-`.preempted` beside its `last.ckpt`: the same command, started again by the requeued job, resumes from it.
+What may start in a run directory (a finished run is never overwritten, a resume must keep its recipe, a run the
+cluster stopped resumes) is `experiments/run_guard.py`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,11 +25,10 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments.provenance import git_sha, package_versions, utc_now
-from results.atomic_io import write_json_atomic
+from experiments.run_guard import check_recipe_file, guard_finished_run, resume_if_preempted
 from results.portable_paths import PathPortability
-from results.recipe import diff_science, recipe_sha, register_resolvers, science_config
-from results.run_record import RunRecord, complete_record, last_checkpoint, move_aside, write_record
-from tasks.common.callbacks import PREEMPTED_MARKER
+from results.recipe import recipe_sha, register_resolvers, science_config
+from results.run_record import PREEMPTED_MARKER, RunRecord, last_checkpoint, write_record
 from tasks.common.objective import Objective, select_result
 
 log = logging.getLogger("flowformer.train")
@@ -56,59 +50,6 @@ def best_checkpoint_path(trainer: L.Trainer, objective: Objective) -> str | None
         if callback.monitor == objective.monitor and callback.best_model_path:
             return callback.best_model_path
     return None
-
-
-class FinishedRunError(RuntimeError):
-    """The run directory already holds a finished run, and neither resume=true nor overwrite=true was given."""
-
-
-class RecipeChangedError(RuntimeError):
-    """resume=true in a run directory whose run started with another recipe."""
-
-
-RECIPE_FILE = "recipe.json"
-
-
-def _is_global_zero() -> bool:
-    """Rank 0 of a (possibly) distributed launch; a plain run is rank 0."""
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
-
-
-def guard_finished_run(cfg: DictConfig, run_dir: Path, started_at: str) -> None:
-    """Refuse to start over a finished run, or move it aside under overwrite=true (see the module docstring)."""
-    finished = complete_record(run_dir)
-    if finished is None or cfg.resume:
-        return
-    if not cfg.get("overwrite"):
-        raise FinishedRunError(
-            f"{run_dir} holds a finished run ({finished['primary_metric']} = {finished['primary_value']:.4g}, "
-            f"finished {finished['finished_at']}); nothing was changed. Rerun with resume=true to continue it from "
-            f"its last checkpoint (it ends where it ended and is scored again), with overwrite=true to move it aside "
-            f"into {run_dir}/.replaced/ and start over, or give this run another directory (hydra.run.dir=...)."
-        )
-    if _is_global_zero():
-        # Hydra already wrote this launch's .hydra/ and log file into the folder: those stay with the new run
-        moved = move_aside(run_dir, started_at, keep=(".hydra", f"{HydraConfig.get().job.name}.log")
-                           if HydraConfig.initialized() else ())
-        log.warning("overwrite=true: the finished run in %s was moved to %s", run_dir, moved)
-
-
-def check_recipe_file(run_dir: Path, science: dict[str, Any], resume: bool) -> None:
-    """Write recipe.json for a new run; on resume, refuse when the run started with another recipe."""
-    path = run_dir / RECIPE_FILE
-    if resume and path.is_file():
-        started = json.loads(path.read_text(encoding="utf-8"))["science"]
-        diffs = diff_science(science, started)
-        if diffs:
-            raise RecipeChangedError(
-                f"resume=true, but the run in {run_dir} started with another recipe ({RECIPE_FILE}): "
-                + "; ".join(f"{d.key} is now {d.found!r}, the run started with {d.expected!r}" for d in diffs)
-                + ". Resume with the run's own overrides, or start over with overwrite=true (the old run is moved "
-                "aside) or in another directory."
-            )
-        return
-    if _is_global_zero():
-        write_json_atomic(path, {"recipe_sha": recipe_sha(science), "science": science})
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -133,12 +74,7 @@ def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
     # The commit that runs is the one checked out now: the tree may change while a long run trains.
     commit = git_sha()
     run_dir = Path(run_dir).resolve()
-    preempted = run_dir / PREEMPTED_MARKER
-    if preempted.is_file() and not cfg.resume:
-        log.warning("%s: the run was stopped by the cluster (%s); resuming it from its last checkpoint", run_dir,
-                    preempted.read_text().strip())
-        with open_dict(cfg):
-            cfg.resume = True
+    resume_if_preempted(cfg, run_dir)
     guard_finished_run(cfg, run_dir, started_at)
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
@@ -221,7 +157,7 @@ def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
     )
     if trainer.is_global_zero:
         write_record(run_dir, record)
-        preempted.unlink(missing_ok=True)
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         # W&B runs carry the same result, so `make tables SOURCE=wandb` aggregates them like local runs
         for logger in loggers:
             if isinstance(logger, WandbLogger):

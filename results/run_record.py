@@ -41,6 +41,10 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 # Runs that `overwrite=true` moved aside: <run_dir>/.replaced/<UTC time>/ (hidden: the aggregator does not read it)
 REPLACED_DIR = ".replaced"
+# The science part of the config a run started with (experiments/run_guard.py): a resume must match it
+RECIPE_FILE = "recipe.json"
+# Left by a run the cluster stopped (tasks/common/callbacks.py PreemptionCheckpoint): the next start resumes it
+PREEMPTED_MARKER = ".preempted"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from experiments import train as train_entry
+from experiments.run_guard import FinishedRunError, RecipeChangedError
 from results.portable_paths import absolute_paths
 from results.run_record import validate_record
 from tasks.common.module import NonFiniteLossError
@@ -88,7 +89,7 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
     first = run(tmp_path, "done")
     record = tmp_path / "done" / "metrics.json"
     before = record.read_bytes()
-    with pytest.raises(train_entry.FinishedRunError, match=r"holds a finished run .*resume=true.*overwrite=true"):
+    with pytest.raises(FinishedRunError, match=r"holds a finished run .*resume=true.*overwrite=true"):
         run(tmp_path, "done", "trainer.max_epochs=2")
     assert record.read_bytes() == before
     again = run(tmp_path, "done", "resume=true")  # continues the finished run: the same result, scored again
@@ -103,7 +104,7 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
 def test_resume_under_another_recipe_refuses(tmp_path):
     with pytest.raises(RuntimeError, match="simulated kill"):
         run(tmp_path, "r", "+callbacks.kill._target_=tests.helpers.InterruptAtEpoch", "+callbacks.kill.epoch=2")
-    with pytest.raises(train_entry.RecipeChangedError, match=r"model.d_model is now 32, the run started with 16"):
+    with pytest.raises(RecipeChangedError, match=r"model.d_model is now 32, the run started with 16"):
         run(tmp_path, "r", "resume=true", "model.d_model=32")
     assert run(tmp_path, "r", "resume=true")["timing"]["resumed_from"].endswith("last.ckpt")
 

@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from results.run_record import PREEMPTED_MARKER
+
 log = logging.getLogger(__name__)
 
 
@@ -128,9 +130,6 @@ class LastCheckpoint(ModelCheckpoint):
         if self._resave_at_epoch_end:
             self._resave_at_epoch_end = False
             self._save(trainer)
-
-
-PREEMPTED_MARKER = ".preempted"
 
 
 class RunPreempted(RuntimeError):
