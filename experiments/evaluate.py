@@ -23,11 +23,11 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from experiments.build import build_task
 from results.atomic_io import write_json_atomic
 from results.portable_paths import local_paths
 from results.recipe import register_resolvers
@@ -80,12 +80,7 @@ def evaluate(run_dir: str | Path, *, ckpt: str = "best", split: str = "test", ov
             cfg.merge_with(OmegaConf.from_dotlist(list(overrides)))
             if "run_dir" in cfg.data:  # what a datamodule writes for its run (the LM's dictionary) goes here
                 cfg.data.run_dir = root
-        L.seed_everything(cfg.seed, workers=True)
-        datamodule = instantiate(cfg.data)
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        model = instantiate(cfg.model, **datamodule.model_dims(), _convert_="all")
-        module = instantiate(cfg.module, model=model, **datamodule.module_dims())
+        datamodule, module = build_task(cfg)
         trainer = instantiate(cfg.trainer, logger=False, callbacks=[], default_root_dir=root,
                               enable_checkpointing=False)
         stage = trainer.test if split == "test" else trainer.validate

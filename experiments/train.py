@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from experiments.build import build_task
 from experiments.provenance import git_sha, package_versions, utc_now
 from experiments.run_guard import check_recipe_file, guard_finished_run, resume_if_preempted
 from results.portable_paths import PathPortability
@@ -78,13 +79,7 @@ def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
     guard_finished_run(cfg, run_dir, started_at)
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
-    L.seed_everything(cfg.seed, workers=True)
-
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    model = instantiate(cfg.model, **datamodule.model_dims(), _convert_="all")
-    module = instantiate(cfg.module, model=model, **datamodule.module_dims())
+    datamodule, module = build_task(cfg)
     objective = module.objective
 
     loggers = _instantiate_group(cfg.get("logger"))

@@ -34,15 +34,16 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_samples, generator=generator).tolist()
 
 
-class _EpochOrder(Iterator[int]):
-    """One epoch's order and the position in it; its state (epoch, position) is what a checkpoint keeps.
+class EpochOrder(Iterator[int]):
+    """One epoch's order of a sampler (its `order(epoch)`) and the position in it; its state (epoch, position) is
+    what a checkpoint keeps.
 
     torchdata saves this state with the loader's and, on resume, loads it into a fresh iterator, which then
     continues the saved epoch at the saved position. Without a loaded state, the epoch is read from the sampler at
     the first draw, not at creation: Lightning creates the first iterator of a run before it sets the epoch.
     """
 
-    def __init__(self, sampler: EpochSeededSampler) -> None:
+    def __init__(self, sampler: Any) -> None:
         self.sampler = sampler
         self.epoch: int | None = None
         self.position = 0
@@ -51,7 +52,7 @@ class _EpochOrder(Iterator[int]):
     def __next__(self) -> int:
         if self.order is None:
             self.epoch = self.sampler.epoch if self.epoch is None else self.epoch
-            self.order = epoch_permutation(self.sampler.num_samples, self.sampler.seed, self.epoch)
+            self.order = self.sampler.order(self.epoch)
         if self.position >= len(self.order):
             raise StopIteration
         self.position += 1
@@ -83,8 +84,12 @@ class EpochSeededSampler(Sampler[int]):
         """Select the permutation for `epoch` (0-based)."""
         self.epoch = int(epoch)
 
+    def order(self, epoch: int) -> list[int]:
+        """The indices of epoch `epoch`."""
+        return epoch_permutation(self.num_samples, self.seed, epoch)
+
     def __iter__(self) -> Iterator[int]:
-        return _EpochOrder(self)
+        return EpochOrder(self)
 
     def __len__(self) -> int:
         return self.num_samples

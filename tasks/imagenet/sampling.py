@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from torch.utils.data import DistributedSampler
 
-from tasks.common.sampling import epoch_permutation
+from tasks.common.sampling import EpochOrder, epoch_permutation
 
 # DeiT rounds the images of an epoch down to a multiple of this before sharing them out among the replicas
 EPOCH_ROUND = 256
@@ -43,35 +43,6 @@ def repeated_epoch_length(num_samples: int, num_replicas: int) -> int:
     if num_samples >= EPOCH_ROUND:
         return num_samples // EPOCH_ROUND * EPOCH_ROUND // num_replicas
     return math.ceil(num_samples / num_replicas)
-
-
-class _RepeatedOrder(Iterator[int]):
-    """One epoch's indices for one replica and the position in them; (epoch, position) is what a checkpoint keeps.
-
-    As in `tasks.common.sampling`, the epoch is read from the sampler at the first draw (Lightning creates the
-    first iterator of a run before it sets the epoch), unless a loaded state fixed it.
-    """
-
-    def __init__(self, sampler: RepeatedAugmentationSampler) -> None:
-        self.sampler = sampler
-        self.epoch: int | None = None
-        self.position = 0
-        self.order: list[int] | None = None
-
-    def __next__(self) -> int:
-        if self.order is None:
-            self.epoch = self.sampler.epoch if self.epoch is None else self.epoch
-            self.order = self.sampler.order(self.epoch)
-        if self.position >= len(self.order):
-            raise StopIteration
-        self.position += 1
-        return self.order[self.position - 1]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch if self.epoch is None else self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self.order = int(state["epoch"]), int(state["position"]), None
 
 
 class RepeatedAugmentationSampler(DistributedSampler):
@@ -101,7 +72,7 @@ class RepeatedAugmentationSampler(DistributedSampler):
         )
 
     def __iter__(self) -> Iterator[int]:
-        return _RepeatedOrder(self)
+        return EpochOrder(self)  # resumable mid-epoch, as every loader of the suite
 
     def __len__(self) -> int:
         return self.num_samples
