@@ -1,0 +1,196 @@
+"""Downloads (tasks/common/download.py and the four `make data-<domain>` downloaders) against a file server on the
+loopback address: a good file, a truncated one and a corrupted one, an interrupted download that resumes, and the
+hash recorded at the first download checked on later use. Nothing here reaches the network."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tasks.common.download import (
+    ChecksumError,
+    DownloadError,
+    Source,
+    fetch,
+    read_record,
+    record_path,
+    verify_record,
+)
+
+
+class FileServer:
+    """Files served over HTTP on 127.0.0.1 as a dataset's host serves them: with Range requests (unless `ranges` is
+    off), and with a connection that can be cut once after a number of bytes (`cut[path] = n`)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.cut: dict[str, int] = {}
+        self.ranges = True
+        self.requests: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+                server.answer(self)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def serve(self, path: str, body: bytes) -> str:
+        """Serve `body` at `/path`; returns its URL."""
+        self.files["/" + path] = body
+        return self.url(path)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_port}/{path}"
+
+    def answer(self, handler: BaseHTTPRequestHandler) -> None:
+        byte_range = handler.headers.get("Range")
+        self.requests.append((handler.path, byte_range))
+        body = self.files.get(handler.path)
+        if body is None:
+            handler.send_error(404)
+            return
+        start = 0
+        if byte_range and self.ranges:
+            start = int(byte_range.removeprefix("bytes=").split("-")[0])
+            if start >= len(body):
+                handler.send_response(416)
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+                return
+            handler.send_response(206)
+            handler.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            handler.send_response(200)
+        payload = body[start:]
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        cut = self.cut.pop(handler.path, None)
+        handler.wfile.write(payload if cut is None else payload[:cut])
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    files = FileServer()
+    files.thread.start()
+    yield files
+    files.httpd.shutdown()
+    files.httpd.server_close()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def served(good: bytes, variant: str) -> bytes:
+    """What the server sends instead of `good`: all of it, its first half, or the same size with one byte changed."""
+    if variant == "truncated":
+        return good[: len(good) // 2]
+    if variant == "corrupted":
+        middle = len(good) // 2
+        return good[:middle] + bytes([good[middle] ^ 0xFF]) + good[middle + 1 :]
+    return good
+
+
+def assert_mismatch_message(message: str, path: Path, variant: str, good: bytes, command: str) -> None:
+    """The error names the file, the expected and found values, and what to do."""
+    bad = served(good, variant)
+    assert str(path) in message and f"`{command}`" in message
+    if variant == "truncated":
+        assert f"size is {len(bad):,} bytes, expected {len(good):,} bytes" in message
+    else:
+        assert f"SHA-256 is {sha256(bad)}, expected {sha256(good)}" in message
+
+
+GOOD = bytes(range(256)) * 257  # 65,792 bytes: more than one read block of the client, less than a megabyte
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tasks/common/download.py
+
+
+def test_a_good_download_is_checked_and_its_hash_recorded_beside_it(server, tmp_path):
+    source = Source("data.bin", (server.serve("data.bin", GOOD),), size=len(GOOD), sha256=sha256(GOOD))
+    path = fetch(source, tmp_path, "make data-x")
+    assert path == tmp_path / "data.bin" and path.read_bytes() == GOOD
+    assert record_path(path).read_text() == f"{sha256(GOOD)}  data.bin\n"  # sha256sum's format
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin", "data.bin.sha256"]  # no part left
+    assert fetch(source, tmp_path, "make data-x") == path and len(server.requests) == 1  # not downloaded again
+
+
+@pytest.mark.parametrize("variant", ["truncated", "corrupted"])
+def test_a_bad_download_is_deleted_and_the_error_names_the_file_the_values_and_the_fix(server, tmp_path, variant):
+    url = server.serve("data.bin", served(GOOD, variant))
+    source = Source("data.bin", (url,), size=len(GOOD), sha256=sha256(GOOD), origin="as its publisher gives it")
+    with pytest.raises(ChecksumError) as error:
+        fetch(source, tmp_path, "make data-x")
+    assert_mismatch_message(str(error.value), tmp_path / "data.bin", variant, GOOD, "make data-x")
+    assert "as its publisher gives it" in str(error.value) and url in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_published_md5_is_checked(server, tmp_path):
+    md5 = hashlib.md5(GOOD).hexdigest()
+    source = Source("data.bin", (server.serve("data.bin", served(GOOD, "corrupted")),), md5=md5)
+    with pytest.raises(ChecksumError, match=f"MD5 is [0-9a-f]{{32}}, expected {md5}"):
+        fetch(source, tmp_path, "make data-x")
+
+
+def test_an_interrupted_download_resumes_with_a_range_request(server, tmp_path):
+    good = GOOD * 4
+    source = Source("data.bin", (server.serve("data.bin", good),), size=len(good), sha256=sha256(good))
+    server.cut["/data.bin"] = 150_000
+    with pytest.raises(DownloadError, match="the next run resumes from there"):
+        fetch(source, tmp_path, "make data-x")
+    part = tmp_path / "data.bin.part"
+    kept = part.stat().st_size  # what arrived, less the block being read when the connection broke
+    assert 0 < kept <= 150_000 and part.read_bytes() == good[:kept] and not (tmp_path / "data.bin").exists()
+    assert fetch(source, tmp_path, "make data-x").read_bytes() == good
+    assert server.requests[-1] == ("/data.bin", f"bytes={kept}-") and not part.exists()
+
+
+def test_a_server_that_ignores_the_range_sends_the_whole_file_again(server, tmp_path):
+    source = Source("data.bin", (server.serve("data.bin", GOOD),), sha256=sha256(GOOD))
+    (tmp_path / "data.bin.part").write_bytes(b"not the start of the file")
+    server.ranges = False
+    assert fetch(source, tmp_path, "make data-x").read_bytes() == GOOD
+
+
+def test_the_next_mirror_is_tried_when_one_fails(server, tmp_path):
+    source = Source("data.bin", (server.url("missing.bin"), server.serve("data.bin", GOOD)), sha256=sha256(GOOD))
+    assert fetch(source, tmp_path, "make data-x").read_bytes() == GOOD
+    with pytest.raises(DownloadError, match="404"):
+        fetch(Source("other.bin", (server.url("missing.bin"),)), tmp_path, "make data-x")
+
+
+def test_without_a_published_hash_the_first_download_is_recorded_and_checked_on_later_use(server, tmp_path):
+    source = Source("data.bin", (server.serve("data.bin", GOOD),))
+    path = fetch(source, tmp_path, "make data-x")
+    assert read_record(path) == sha256(GOOD)
+    verify_record(path, "make data-x")
+    path.write_bytes(served(GOOD, "corrupted"))  # changed on disk after the download
+    for check in (lambda: fetch(source, tmp_path, "make data-x"), lambda: verify_record(path, "make data-x")):
+        with pytest.raises(ChecksumError) as error:
+            check()
+        message = str(error.value)
+        assert_mismatch_message(message, path, "corrupted", GOOD, "make data-x")
+        assert f"recorded in {record_path(path)}" in message and f"Delete {path}" in message
+
+
+def test_a_new_download_must_match_the_recorded_hash(server, tmp_path):
+    source = Source("data.bin", (server.serve("data.bin", GOOD),))
+    fetch(source, tmp_path, "make data-x").unlink()  # e.g. an archive deleted once unpacked; its record stays
+    server.serve("data.bin", served(GOOD, "corrupted"))
+    with pytest.raises(ChecksumError) as error:
+        fetch(source, tmp_path, "make data-x")
+    assert f"has changed since the first download: delete {record_path(tmp_path / 'data.bin')}" in str(error.value)
+    assert not (tmp_path / "data.bin").exists()
