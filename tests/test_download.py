@@ -4,7 +4,10 @@ hash recorded at the first download checked on later use. Nothing here reaches t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
+import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -194,3 +197,59 @@ def test_a_new_download_must_match_the_recorded_hash(server, tmp_path):
         fetch(source, tmp_path, "make data-x")
     assert f"has changed since the first download: delete {record_path(tmp_path / 'data.bin')}" in str(error.value)
     assert not (tmp_path / "data.bin").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# make data-lra
+
+
+def tar_gz(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def serve_lra_archive(server, monkeypatch, name: str, good: bytes, body: bytes) -> None:
+    """Point the LRA archive `name` at the server (which sends `body`), expecting the size and hash of `good`."""
+    from tasks.lra import download
+
+    def moved(spec):
+        if spec.name != name:
+            return spec
+        url = server.serve(spec.source.file, body)
+        source = dataclasses.replace(spec.source, urls=(url,), size=len(good), sha256=sha256(good), md5=None)
+        return dataclasses.replace(spec, source=source)
+
+    monkeypatch.setattr(download, "ARCHIVES", tuple(moved(spec) for spec in download.ARCHIVES))
+
+
+@pytest.mark.parametrize("variant", ["good", "truncated", "corrupted"])
+def test_lra_download(server, tmp_path, monkeypatch, capsys, variant):
+    from tasks.lra import download
+
+    names = ("test_batch", *download.lra.CIFAR_TRAIN_BATCHES)
+    good = tar_gz({f"cifar-10-batches-py/{name}": b"batch" for name in names})
+    serve_lra_archive(server, monkeypatch, "cifar10", good, served(good, variant))
+    root = tmp_path / "lra"
+    report = download.prepare(root, ("image",))
+    archive = root / "downloads" / "cifar-10-python.tar.gz"
+    if variant == "good":
+        assert report == {"image": []}
+        assert not archive.exists() and read_record(archive) == sha256(good)  # deleted once unpacked; record kept
+    else:
+        assert report["image"] and not archive.exists()
+        assert_mismatch_message(capsys.readouterr().err, archive, variant, good, "make data-lra")
+
+
+def test_lra_unpack_refuses_a_member_that_would_land_outside_the_data_folder(server, tmp_path, monkeypatch, capsys):
+    from tasks.lra import download
+
+    good = tar_gz({"cifar-10-batches-py/test_batch": b"batch", "cifar-10-batches-py/../../escaped": b"x"})
+    serve_lra_archive(server, monkeypatch, "cifar10", good, good)
+    report = download.prepare(tmp_path / "data" / "lra", ("image",))
+    assert report["image"] and "outside the destination" in capsys.readouterr().err
+    assert not (tmp_path / "escaped").exists()
