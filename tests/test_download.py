@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import tarfile
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -253,3 +255,71 @@ def test_lra_unpack_refuses_a_member_that_would_land_outside_the_data_folder(ser
     report = download.prepare(tmp_path / "data" / "lra", ("image",))
     assert report["image"] and "outside the destination" in capsys.readouterr().err
     assert not (tmp_path / "escaped").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# make data-uea
+
+
+def uea_files(tmp_path: Path, name: str) -> dict[str, bytes]:
+    from tests.fixtures.uea import write_uea_dataset
+
+    paths = write_uea_dataset(tmp_path / "made", name, n_dims=2, n_classes=2, n_train=4, n_test=3, length=5)
+    return {path.name: path.read_bytes() for path in paths.values()}
+
+
+@pytest.mark.parametrize("variant", ["good", "truncated", "corrupted"])
+def test_uea_download_from_zenodo(server, tmp_path, monkeypatch, variant):
+    """Zenodo publishes each file's size and MD5 in its record; the record ids are aeon's."""
+    from tasks.uea import download
+
+    files = uea_files(tmp_path, "Toy")
+    entries = [
+        {
+            "key": key,
+            "size": len(data),
+            "checksum": f"md5:{hashlib.md5(data).hexdigest()}",
+            "links": {"self": server.serve(f"records/7/files/{key}", served(data, variant))},
+        }
+        for key, data in files.items()
+    ]
+    server.serve("api/records/7", json.dumps({"files": entries}).encode())
+    monkeypatch.setattr(download, "ZENODO_RECORD", server.url("api/records/{record}"))
+    monkeypatch.setattr(download, "zenodo_record_id", lambda name: 7)
+    uea_dir = tmp_path / "uea"
+    ok, status = download.prepare("Toy", uea_dir, fetchers={"Zenodo": download.fetch_zenodo})
+    train = uea_dir / "Toy" / "Toy_TRAIN.ts"
+    if variant == "good":
+        assert ok and status == "ok (downloaded via Zenodo)"
+        assert read_record(train) == sha256(files["Toy_TRAIN.ts"])
+    else:
+        truncated = f"size is {len(served(files['Toy_TRAIN.ts'], variant)):,} bytes"
+        expected = truncated if variant == "truncated" else "MD5 is"
+        assert not ok and status.startswith("INVALID (download): ") and str(train) in status and expected in status
+        assert "make data-uea" in status and not train.exists()
+
+
+def test_uea_zip_download_records_each_file_and_a_changed_file_is_invalid(server, tmp_path, monkeypatch):
+    """timeseriesclassification.com publishes no hash: the zip's hash and the files' hashes are recorded."""
+    from tasks.uea import download
+
+    files = uea_files(tmp_path, "Toy")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        for key, data in files.items():
+            bundle.writestr(f"Toy/{key}", data)
+    server.serve("aeon-toolkit/Toy.zip", buffer.getvalue())
+    monkeypatch.setattr(download, "TSC_SITE_ZIP", server.url("aeon-toolkit/{name}.zip"))
+    uea_dir = tmp_path / "uea"
+    ok, status = download.prepare("Toy", uea_dir, fetchers={"site": download.fetch_tsc_site_zip})
+    assert ok, status
+    train = uea_dir / "Toy" / "Toy_TRAIN.ts"
+    assert read_record(train) == sha256(files["Toy_TRAIN.ts"])
+    assert read_record(uea_dir / "downloads" / "Toy.zip") == sha256(buffer.getvalue())
+    assert not (uea_dir / "downloads" / "Toy.zip").exists()
+    assert sorted(p.name for p in uea_dir.iterdir()) == ["Toy", "downloads"]  # no staging folder left
+    assert download.prepare("Toy", uea_dir, offline=True) == (True, "ok (already present)")
+    train.write_bytes(train.read_bytes().replace(b"@problemName Toy", b"@problemName Toy "))
+    ok, status = download.prepare("Toy", uea_dir, offline=True)
+    assert not ok and status.startswith(f"INVALID (already present): {train}: SHA-256 is ")
+    assert f"expected {sha256(files['Toy_TRAIN.ts'])}" in status and "make data-uea" in status
