@@ -13,6 +13,7 @@ import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -323,3 +324,61 @@ def test_uea_zip_download_records_each_file_and_a_changed_file_is_invalid(server
     ok, status = download.prepare("Toy", uea_dir, offline=True)
     assert not ok and status.startswith(f"INVALID (already present): {train}: SHA-256 is ")
     assert f"expected {sha256(files['Toy_TRAIN.ts'])}" in status and "make data-uea" in status
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# make data-wikitext103
+
+
+def wikitext_zip(tmp_path: Path) -> bytes:
+    from tests.fixtures.wikitext103 import write_corpus
+
+    folder = write_corpus(tmp_path / "made", "wikitext-2")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        for path in sorted(folder.iterdir()):
+            bundle.writestr(f"wikitext-2/{path.name}", path.read_bytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("variant", ["good", "truncated", "corrupted"])
+def test_wikitext_zip_download(server, tmp_path, monkeypatch, variant):
+    from tasks.wikitext103 import download
+
+    good = wikitext_zip(tmp_path)
+    server.serve("mirror/wikitext-2-v1.zip", served(good, variant))
+    monkeypatch.setattr(download, "ZIP_MIRRORS", (server.url("down/{name}"), server.url("mirror/{name}")))
+    monkeypatch.setitem(download.ZIP_CHECKSUMS, "wikitext-2", (len(good), sha256(good)))
+    monkeypatch.setattr(download, "fetch_hf", lambda dataset: pytest.fail("a bad zip must not fall back"))
+    data_dir = tmp_path / "data"
+    archive = data_dir / "wikitext-2" / "downloads" / "wikitext-2-v1.zip"
+    if variant == "good":
+        assert download.prepare("wikitext-2", data_dir).startswith("wikitext-2 (files: ")
+        assert (data_dir / "wikitext-2" / "wiki.test.tokens").is_file() and not archive.exists()
+    else:
+        with pytest.raises(ChecksumError) as error:
+            download.prepare("wikitext-2", data_dir)
+        assert_mismatch_message(str(error.value), archive, variant, good, "make data-wikitext103")
+        assert not (data_dir / "wikitext-2" / "wiki.test.tokens").exists()
+
+
+def test_wikitext_hf_files_are_checked_against_the_hubs_hashes(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from tasks.wikitext103 import download
+
+    snapshot = tmp_path / "hub" / "datasets--Salesforce--wikitext" / "snapshots" / ("0" * 40)
+    path = "wikitext-2-v1/test-00000-of-00001.parquet"
+    mismatch = {"path": path, "expected": "a" * 64, "actual": "b" * 64, "algorithm": "sha256"}
+    other = dict(mismatch, path="wikitext-103-v1/test-00000-of-00001.parquet")  # another config: not ours
+    result = SimpleNamespace(mismatches=[mismatch, other], verified_path=snapshot)  # verify_repo_checksums' answer
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: str(snapshot))
+    monkeypatch.setattr(huggingface_hub, "verify_repo_checksums", lambda *args, **kwargs: result)
+    with pytest.raises(ChecksumError) as error:
+        download.fetch_hf("wikitext-2")
+    message = str(error.value)
+    assert f"{snapshot / mismatch['path']}: sha256 is {'b' * 64}, expected {'a' * 64}" in message
+    assert "wikitext-103-v1" not in message and f"Delete {snapshot.parent.parent}" in message
+    assert "make data-wikitext103" in message
+    result.mismatches.clear()
+    download.fetch_hf("wikitext-2")
