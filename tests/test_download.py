@@ -382,3 +382,47 @@ def test_wikitext_hf_files_are_checked_against_the_hubs_hashes(tmp_path, monkeyp
     assert "make data-wikitext103" in message
     result.mismatches.clear()
     download.fetch_hf("wikitext-2")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# make data-d4rl
+
+
+def serve_d4rl_file(server, monkeypatch, tmp_path: Path, name: str, variant: str) -> bytes:
+    from tasks.d4rl import download
+    from tests.fixtures.d4rl import write_d4rl_dataset
+
+    good = write_d4rl_dataset(tmp_path / "made", name, lengths=[30, 30]).read_bytes()
+    monkeypatch.setattr(download, "BASE_URL", server.url("gym_mujoco_v2"))
+    server.serve(download.dataset_url(name).split("/", 3)[3], served(good, variant))
+    monkeypatch.setitem(download.CHECKSUMS, name, (len(good), sha256(good)))
+    return good
+
+
+@pytest.mark.parametrize("variant", ["good", "truncated", "corrupted"])
+def test_d4rl_download(server, tmp_path, monkeypatch, variant):
+    from tasks.d4rl import download
+
+    good = serve_d4rl_file(server, monkeypatch, tmp_path, "hopper-medium-v2", variant)
+    root = tmp_path / "d4rl"
+    report = download.prepare(root, ("hopper-medium-v2",))
+    path = root / "hopper-medium-v2.hdf5"
+    if variant == "good":
+        assert report == {"hopper-medium-v2": []} and read_record(path) == sha256(good)
+        assert server.requests == [("/gym_mujoco_v2/hopper_medium-v2.hdf5", None)]
+    else:
+        (problem,) = report["hopper-medium-v2"]
+        assert_mismatch_message(problem, path, variant, good, "make data-d4rl")
+        assert not path.exists()
+
+
+def test_d4rl_check_reports_a_file_changed_since_its_download(server, tmp_path, monkeypatch, capsys):
+    from tasks.d4rl import download
+
+    good = serve_d4rl_file(server, monkeypatch, tmp_path, "hopper-medium-v2", "good")
+    path = download.fetch("hopper-medium-v2", tmp_path / "d4rl")
+    path.write_bytes(served(good, "corrupted"))
+    code = download.main(["--data-dir", str(tmp_path), "--check", "--datasets", "hopper-medium-v2"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"[missing] hopper-medium-v2: {path}: SHA-256 is {sha256(served(good, 'corrupted'))}" in err
+    assert f"expected {sha256(good)} (recorded in {record_path(path)}" in err and f"Delete {path}" in err
