@@ -324,18 +324,23 @@ def test_download_check_reports_each_missing_file(tmp_path, capsys):
 
 
 def test_download_failure_without_network_explains_the_manual_route(tmp_path, monkeypatch, capsys):
-    import urllib.error
+    import dataclasses
+    import socket
 
     from tasks.lra import download
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("network unreachable")
-
-    monkeypatch.setattr(download.urllib.request, "urlopen", offline)
+    with socket.socket() as probe:  # a loopback port that nothing listens on once closed: the connection is refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    offline = [
+        dataclasses.replace(spec, source=dataclasses.replace(spec.source, urls=(f"http://127.0.0.1:{port}/x",)))
+        for spec in download.ARCHIVES
+    ]
+    monkeypatch.setattr(download, "ARCHIVES", tuple(offline))
     report = download.prepare(tmp_path / "lra", ("image",))
     assert report["image"]
     err = capsys.readouterr().err
-    assert "cifar-10-python.tar.gz" in err and "network unreachable" in err and "by hand" in err
+    assert "cifar-10-python.tar.gz" in err and "Connection refused" in err and "by hand" in err
 
 
 def test_unpack_keeps_only_the_needed_release_members_and_drops_the_top_folder(tmp_path):

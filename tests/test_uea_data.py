@@ -361,7 +361,7 @@ def test_write_fixture_picks_a_dataset_when_missing_and_supports_holdout(tmp_pat
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Download CLI (no network: bundled copies, fake fetchers, --offline)
+# Download CLI (no network: bundled copies, fake fetchers, --offline; tests/test_download.py serves real downloads)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -379,18 +379,19 @@ def test_download_validation_flags_wrong_sizes(tmp_path):
     assert not ok and "INVALID" in status and "train cases: found 8, expected 120" in status
 
 
-def test_download_falls_back_to_the_next_source_and_installs_atomically(tmp_path):
-    def broken(name, staging):
-        (staging / "partial.ts").write_text("half a file")
+def test_download_falls_back_to_the_next_source(tmp_path):
+    def broken(name, uea_dir):
         raise OSError("network unreachable")
 
-    def working(name, staging):
-        write_uea_dataset(staging / "nested", name, n_dims=1, n_classes=2, n_train=2, n_test=2, length=3)
+    def working(name, uea_dir):
+        write_uea_dataset(uea_dir.parent, name, n_dims=1, n_classes=2, n_train=2, n_test=2, length=3)
+
+    def silent(name, uea_dir):
+        pass
 
     uea_dir = tmp_path / "uea"
     source = download.download("Toy", uea_dir, {"first": broken, "second": working})
     assert source == "second"
     assert download.has_files(uea_dir, "Toy")
-    assert sorted(p.name for p in uea_dir.iterdir()) == ["Toy"]  # no staging folders left behind
-    with pytest.raises(RuntimeError, match="first: OSError: network unreachable"):
-        download.download("Other", uea_dir, {"first": broken})
+    with pytest.raises(RuntimeError, match="first: OSError: network unreachable; second: FileNotFoundError: no "):
+        download.download("Other", uea_dir, {"first": broken, "second": silent})

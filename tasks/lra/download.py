@@ -9,65 +9,78 @@ Sources (results/paper/official_code.md §2.1, §2.5):
 Usage:
     python -m tasks.lra.download [--data-dir DATA_DIR] [--tasks listops text ...] [--check] [--keep-archives]
 
-A source whose layout is already valid is not downloaded again. Without network each missing file is reported with
-its URL and where to put it by hand; `--check` only validates. The exit status is non-zero when a requested task's
-layout is still incomplete. ListOps can also be generated locally with `python -m tasks.lra.listops`.
+A source whose layout is already valid is not downloaded again. Archives are fetched by `tasks.common.download`
+(progress bar, resume of an interrupted download, size and hash checks): the IMDB and CIFAR archives against the
+size and SHA-256 that Hugging Face's `datasets` records for them (and CIFAR's MD5 from its page, as torchvision
+checks it); the release, for which nothing is published, against the SHA-256 recorded beside it at its first
+download (`downloads/lra_release.gz.sha256`, kept when the archive is deleted, so a later download must match it).
+Unpacking goes through `tarfile`'s `data` filter, which refuses members that would land outside DATA_DIR/lra.
+Without network each missing file is reported with its URL and where to put it by hand; `--check` only validates.
+The exit status is non-zero when a requested task's layout is still incomplete. ListOps can also be generated
+locally with `python -m tasks.lra.listops`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import shutil
 import sys
 import tarfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.common.download import ChecksumError, DownloadError, Source, fetch
 from tasks.lra import datasets as lra
+
+COMMAND = "make data-lra"
+HF_RECORD = "as Hugging Face's `datasets` records it"
 
 
 @dataclass(frozen=True)
-class Source:
+class Archive:
     """One downloadable archive, the tasks it provides and the members to unpack (prefixes after its top folder)."""
 
     name: str
-    url: str
-    archive: str
+    source: Source
     tasks: tuple[str, ...]
     members: tuple[str, ...]
     strip_top: bool  # drop the archive's top folder (lra_release/) when unpacking
-    md5: str | None = None
 
 
-SOURCES = (
-    Source(
+ARCHIVES = (
+    Archive(
         "lra_release",
-        "https://storage.googleapis.com/long-range-arena/lra_release.gz",
-        "lra_release.gz",
+        Source("lra_release.gz", ("https://storage.googleapis.com/long-range-arena/lra_release.gz",)),
         ("listops", "retrieval", "pathfinder"),
         (f"{lra.LISTOPS_DIR}/", f"{lra.AAN_DIR}/", f"{lra.PATHFINDER_DIR}/"),
         strip_top=True,
     ),
-    Source(
+    Archive(
         "imdb",
-        "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
-        "aclImdb_v1.tar.gz",
+        Source(
+            "aclImdb_v1.tar.gz",
+            ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",),
+            size=84_125_825,
+            sha256="c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe",
+            origin=HF_RECORD,
+        ),
         ("text",),
         ("aclImdb/train/pos/", "aclImdb/train/neg/", "aclImdb/test/pos/", "aclImdb/test/neg/"),
         strip_top=False,
     ),
-    Source(
+    Archive(
         "cifar10",
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        "cifar-10-python.tar.gz",
+        Source(
+            "cifar-10-python.tar.gz",
+            ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",),
+            size=170_498_071,
+            sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+            md5="c58f30108f718f92721af3b95e74349a",
+            origin="MD5 from the CIFAR page, as torchvision checks it; size and SHA-256 " + HF_RECORD,
+        ),
         ("image",),
         (f"{lra.CIFAR_DIR}/",),
         strip_top=False,
-        md5="c58f30108f718f92721af3b95e74349a",
     ),
 )
 
@@ -145,57 +158,33 @@ def validate(root: Path, tasks: tuple[str, ...] = lra.TASKS) -> dict[str, list[s
 # Download and unpack
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def unpack(archive: Path, root: Path, spec: Archive) -> None:
+    """Extract the members of `spec` from `archive` into `root`, dropping the top folder when asked.
 
+    Only plain files and folders under the wanted prefixes are kept; `tarfile`'s `data` filter refuses any of them
+    that would land outside `root`."""
+    if not hasattr(tarfile, "data_filter"):
+        raise RuntimeError(f"unpacking {archive} safely needs Python 3.10.12, 3.11.4 or newer (tarfile's data filter)")
 
-def download(url: str, target: Path) -> None:
-    """Stream `url` to `target` (via a .part file, renamed when complete)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as handle:
-        total = int(response.headers.get("Content-Length") or 0)
-        done = 0
-        for block in iter(lambda: response.read(1 << 22), b""):
-            handle.write(block)
-            done += len(block)
-            if total:
-                print(f"\r  {target.name}: {done / 1e6:,.0f} / {total / 1e6:,.0f} MB", end="", file=sys.stderr)
-    print(file=sys.stderr)
-    part.replace(target)
+    def wanted(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo | None:
+        name = member.name.removeprefix("./")
+        if spec.strip_top:
+            name = name.partition("/")[2]
+        if not name or not (member.isfile() or member.isdir()):
+            return None
+        if not any(name.startswith(prefix) or name + "/" == prefix for prefix in spec.members):
+            return None
+        return tarfile.data_filter(member.replace(name=name, deep=False), destination)
 
-
-def unpack(archive: Path, root: Path, source: Source) -> None:
-    """Extract the members of `source` from `archive` into `root`, dropping the top folder when asked."""
     with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            name = member.name.removeprefix("./")
-            if source.strip_top:
-                parts = name.split("/", 1)
-                if len(parts) < 2:
-                    continue
-                name = parts[1]
-            if not any(name.startswith(prefix) or name + "/" == prefix for prefix in source.members):
-                continue
-            if not (member.isfile() or member.isdir()) or ".." in Path(name).parts:
-                continue  # only plain files and folders, never outside root
-            destination = root / name
-            if member.isdir():
-                destination.mkdir(parents=True, exist_ok=True)
-                continue
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with tar.extractfile(member) as src, open(destination, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+        tar.extractall(root, filter=wanted)
 
 
-def manual_instructions(source: Source, root: Path, reason: str) -> str:
+def manual_instructions(spec: Archive, root: Path, reason: str) -> str:
     return (
-        f"could not download {source.url} ({reason}). Download it by hand to {root / 'downloads' / source.archive} "
-        f"and rerun `make data-lra`, or unpack it so that {', '.join(str(root / m) for m in source.members)} exist."
+        f"could not download {spec.source.urls[0]} ({reason}). Download it by hand to "
+        f"{root / 'downloads' / spec.source.file} and rerun `{COMMAND}`, or unpack it so that "
+        f"{', '.join(str(root / m) for m in spec.members)} exist."
     )
 
 
@@ -204,28 +193,21 @@ def prepare(
 ) -> dict[str, list[str]]:
     """Download and unpack what the requested tasks lack, then validate. Returns {task: problems}."""
     root = Path(root)
-    for source in SOURCES:
-        wanted = [task for task in source.tasks if task in tasks]
+    for spec in ARCHIVES:
+        wanted = [task for task in spec.tasks if task in tasks]
         if check_only or not wanted or not any(validate(root, tuple(wanted)).values()):
             continue
-        archive = root / "downloads" / source.archive
+        archive = root / "downloads" / spec.source.file
         try:
-            if not archive.is_file():
-                print(f"downloading {source.url}", file=sys.stderr)
-                download(source.url, archive)
-            if source.md5 and _md5(archive) != source.md5:
-                raise ValueError(f"{archive} has the wrong MD5 checksum (expected {source.md5}); delete it and retry")
+            fetch(spec.source, archive.parent, COMMAND)
             print(f"unpacking {archive} into {root}", file=sys.stderr)
-            unpack(archive, root, source)
+            unpack(archive, root, spec)
             if not keep_archives:
-                archive.unlink()
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            print(
-                f"LRA {source.name}: " + manual_instructions(source, root, str(getattr(exc, "reason", exc))),
-                file=sys.stderr,
-            )
-        except (tarfile.TarError, ValueError) as exc:
-            print(f"LRA {source.name}: {archive}: {exc}", file=sys.stderr)
+                archive.unlink()  # its .sha256 record stays: a later download must match it
+        except DownloadError as exc:
+            print(f"LRA {spec.name}: " + manual_instructions(spec, root, str(exc)), file=sys.stderr)
+        except (OSError, tarfile.TarError, ChecksumError, RuntimeError) as exc:
+            print(f"LRA {spec.name}: {archive}: {exc}", file=sys.stderr)
     return validate(root, tasks)
 
 
@@ -251,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[ok] {task}")
     if failed:
         print(
-            f"Some LRA data under {root} is incomplete. Run `make data-lra` where the network allows, place the archives "
+            f"Some LRA data under {root} is incomplete. Run `{COMMAND}` where the network allows, place the archives "
             f"by hand under {root / 'downloads'}, or generate ListOps with "
             f"`python -m tasks.lra.listops --seed 0 --out {root / lra.LISTOPS_DIR}`. See data/README.md.",
             file=sys.stderr,

@@ -1,10 +1,16 @@
 """Fetch and check the paper's UEA datasets: `python -m tasks.uea.download [--names ...] [--data-dir DIR]`.
 
 For each dataset, in order: keep the files already under `<DATA_DIR>/uea/<Name>/`; else copy aeon's bundled
-copy; else download it, first with aeon's own loader (Zenodo, the archive's current home), then from the
-per-dataset zip on timeseriesclassification.com. Every dataset is then loaded with the same reader training
+copy; else download it, first from its Zenodo record (the archive's current home; the record ids are aeon's), then
+from the per-dataset zip on timeseriesclassification.com. Every dataset is then loaded with the same reader training
 uses and checked against `tasks/uea/datasets.py`. The exit status is non-zero when any dataset is missing or
 fails the check; a summary says which.
+
+Downloads go through `tasks.common.download` (progress bar, resume of an interrupted download). Zenodo's two `.ts`
+files are checked against the size and MD5 Zenodo publishes for each; the zip, for which nothing is published,
+against the SHA-256 recorded at its first download (`uea/downloads/<Name>.zip.sha256`). The SHA-256 of every
+downloaded `.ts` file is recorded beside it (`<Name>_TRAIN.ts.sha256`), and every later run checks the file
+against it.
 """
 
 from __future__ import annotations
@@ -15,15 +21,17 @@ import os
 import shutil
 import sys
 import tempfile
-import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tasks.common.download import HEADERS, TIMEOUT_S, ChecksumError, Source, fetch, record_hash, verify_record
 from tasks.uea.datasets import KNOWN_DATASETS, PAPER_DATASETS, aeon_bundled_data_dir, split_file
 
 log = logging.getLogger("tasks.uea.download")
 
+COMMAND = "make data-uea"
+ZENODO_RECORD = "https://zenodo.org/api/records/{record}"
 TSC_SITE_ZIP = "https://www.timeseriesclassification.com/aeon-toolkit/{name}.zip"
 SPLITS = ("TRAIN", "TEST")
 
@@ -41,11 +49,12 @@ def has_files(root: Path, name: str) -> bool:
 def _install(found_dir: Path, name: str, uea_dir: Path) -> None:
     """Move `<name>_{TRAIN,TEST}.ts` found anywhere under `found_dir` into `uea_dir/<name>/`."""
     target = uea_dir / name
-    target.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        matches = sorted(found_dir.rglob(f"{name}_{split}.ts"))
+    found = {split: sorted(found_dir.rglob(f"{name}_{split}.ts")) for split in SPLITS}
+    for split, matches in found.items():
         if not matches:
             raise FileNotFoundError(f"the download holds no {name}_{split}.ts")
+    target.mkdir(parents=True, exist_ok=True)
+    for split, matches in found.items():
         # Same filesystem (the staging folder lives inside uea_dir), so this is an atomic rename.
         os.replace(matches[0], target / f"{name}_{split}.ts")
 
@@ -60,51 +69,86 @@ def copy_bundled(name: str, uea_dir: Path) -> None:
         shutil.copy2(split_file(root, name, split), split_file(uea_dir, name, split))
 
 
-def fetch_with_aeon(name: str, staging: Path) -> None:
-    """Download `name` with aeon's `load_classification` (Zenodo record) into `staging/<name>/`."""
-    from aeon.datasets import load_classification
+def zenodo_record_id(name: str) -> int:
+    """The Zenodo record of `name`, from aeon's table of the archive's records."""
+    from aeon.datasets.tsc_datasets import tsc_zenodo
 
-    # aeon downloads every file of the record and then loads the data; we only keep the two base files.
-    load_classification(name, extract_path=str(staging), load_equal_length=False, load_no_missing=False)
+    if name not in tsc_zenodo:
+        raise FileNotFoundError(f"aeon knows no Zenodo record of {name}")
+    return tsc_zenodo[name]
 
 
-def fetch_tsc_site_zip(name: str, staging: Path) -> None:
-    """Download and unpack the per-dataset zip from timeseriesclassification.com into `staging`."""
-    url = TSC_SITE_ZIP.format(name=name)
-    archive = staging / f"{name}.zip"
-    request = urllib.request.Request(url, headers={"User-Agent": "flowformer-repro (tasks.uea.download)"})
-    with urllib.request.urlopen(request, timeout=60) as response, open(archive, "wb") as out:
-        shutil.copyfileobj(response, out)
+def zenodo_sources(name: str) -> list[Source]:
+    """The two `.ts` files of `name` in its Zenodo record, with the size and MD5 Zenodo publishes for each."""
+    import requests
+
+    url = ZENODO_RECORD.format(record=zenodo_record_id(name))
+    with requests.get(url, headers=dict(HEADERS, Accept="application/json"), timeout=TIMEOUT_S) as response:
+        response.raise_for_status()
+        files = {entry.get("key"): entry for entry in response.json().get("files", [])}
+    sources = []
+    for split in SPLITS:
+        entry = files.get(f"{name}_{split}.ts")
+        if entry is None:
+            raise FileNotFoundError(f"the Zenodo record {url} holds no {name}_{split}.ts")
+        algorithm, _, checksum = str(entry.get("checksum", "")).partition(":")
+        md5 = checksum if algorithm == "md5" else None
+        link = entry["links"]["self"]
+        sources.append(Source(entry["key"], (link,), size=entry.get("size"), md5=md5, origin=f"as {url} gives it"))
+    return sources
+
+
+def fetch_zenodo(name: str, uea_dir: Path) -> None:
+    """Download the two `.ts` files of `name` from its Zenodo record into `uea_dir/<name>/`."""
+    for source in zenodo_sources(name):
+        fetch(source, uea_dir / name, COMMAND)
+
+
+def fetch_tsc_site_zip(name: str, uea_dir: Path) -> None:
+    """Download the per-dataset zip from timeseriesclassification.com and install its two `.ts` files into
+    `uea_dir/<name>/`. The zip is deleted once unpacked; its SHA-256 record stays in `uea_dir/downloads/`."""
+    archive = fetch(Source(f"{name}.zip", (TSC_SITE_ZIP.format(name=name),)), uea_dir / "downloads", COMMAND)
+    # A staging folder inside uea_dir: an interrupted unpacking never leaves half a file in <Name>/.
+    staging = Path(tempfile.mkdtemp(prefix=f".unpack-{name}-", dir=uea_dir))
     try:
-        with zipfile.ZipFile(archive) as zipped:
-            zipped.extractall(staging / "unzipped")
-    except zipfile.BadZipFile as exc:
-        raise ValueError(f"{url} did not return a zip archive") from exc
+        try:
+            with zipfile.ZipFile(archive) as zipped:
+                zipped.extractall(staging)
+        except zipfile.BadZipFile as exc:
+            raise ValueError(f"{archive} is not a zip archive; delete it and run `{COMMAND}` again") from exc
+        _install(staging, name, uea_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    archive.unlink()
+    for split in SPLITS:
+        record_hash(split_file(uea_dir, name, split))
 
 
 FETCHERS: dict[str, Callable[[str, Path], None]] = {
-    "aeon (Zenodo)": fetch_with_aeon,
+    "Zenodo": fetch_zenodo,
     "timeseriesclassification.com": fetch_tsc_site_zip,
 }
 
 
 def download(name: str, uea_dir: Path, fetchers: dict[str, Callable[[str, Path], None]] | None = None) -> str:
-    """Try each fetcher in turn; return the name of the one that worked. Raises RuntimeError if none did."""
+    """Try each fetcher in turn until `uea_dir/<name>/` holds both files; return the name of the one that worked.
+
+    Raises RuntimeError if none did, and ChecksumError (without trying the next source) when a download differs
+    from what its source publishes."""
     errors = []
     uea_dir.mkdir(parents=True, exist_ok=True)
-    for source, fetch in (fetchers or FETCHERS).items():
-        # A staging folder inside uea_dir: an interrupted download never leaves half a file in <Name>/.
-        staging = Path(tempfile.mkdtemp(prefix=f".download-{name}-", dir=uea_dir))
+    for source, fetch_from in (fetchers or FETCHERS).items():
         try:
             log.info("%s: downloading via %s", name, source)
-            fetch(name, staging)
-            _install(staging, name, uea_dir)
+            fetch_from(name, uea_dir)
+            if not has_files(uea_dir, name):
+                raise FileNotFoundError(f"no {name}_TRAIN.ts and {name}_TEST.ts in {uea_dir / name}")
             return source
+        except ChecksumError:
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure is reported per source below
             errors.append(f"{source}: {type(exc).__name__}: {exc}")
             log.warning("%s: %s failed: %s", name, source, exc)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     raise RuntimeError("; ".join(errors))
 
 
@@ -137,9 +181,16 @@ def validate(name: str, uea_dir: Path) -> list[str]:
 
 
 def prepare(name: str, uea_dir: Path, offline: bool = False, fetchers=None) -> tuple[bool, str]:
-    """Make `name` present and valid under `uea_dir`; return (ok, one-line status)."""
+    """Make `name` present and valid under `uea_dir`; return (ok, one-line status).
+
+    Files downloaded before are first checked against the SHA-256 recorded beside them."""
     if has_files(uea_dir, name):
         origin = "already present"
+        try:
+            for split in SPLITS:
+                verify_record(split_file(uea_dir, name, split), COMMAND)
+        except ChecksumError as exc:
+            return False, f"INVALID ({origin}): {exc}"
     else:
         bundled_root = aeon_bundled_data_dir()
         if bundled_root is not None and has_files(bundled_root, name):
@@ -152,6 +203,8 @@ def prepare(name: str, uea_dir: Path, offline: bool = False, fetchers=None) -> t
                 origin = f"downloaded via {download(name, uea_dir, fetchers)}"
             except RuntimeError as exc:
                 return False, f"MISSING (download failed: {exc})"
+            except ChecksumError as exc:
+                return False, f"INVALID (download): {exc}"
     problems = validate(name, uea_dir)
     if problems:
         return False, (
