@@ -47,6 +47,7 @@ from hydra.utils import instantiate
 from results.manifest import MANIFEST_DIR, ExperimentEntry, Manifest, ManifestError, VariantSpec, load_manifest
 from results.recipe import CellRecipe, cell_recipe, diff_science, recipe_overrides, register_resolvers, variant_label
 from results.records import read_metrics_file
+from results.roots import data_root, runs_root
 from results.run_record import METRICS_FILE, RECIPE_FILE, last_checkpoint, run_dir_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -353,8 +354,8 @@ def _parser() -> argparse.ArgumentParser:
                         "change the recipe make a variant, run in its own folder")
     p.add_argument("--variant", help="run a variant the manifest declares (`variants:`)")
     p.add_argument("--manifests", default=str(MANIFEST_DIR))
-    p.add_argument("--runs-dir", default=os.environ.get("RUNS_DIR") or "experiments/runs")
-    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR") or "data")
+    p.add_argument("--runs-dir", default=str(runs_root()))
+    p.add_argument("--data-dir", default=str(data_root()))
     p.add_argument("--conf-dir", default=str(REPO_ROOT / "conf"))
     return p
 

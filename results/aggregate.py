@@ -32,9 +32,8 @@ from results.manifest import MANIFEST_DIR, Manifest, ManifestError, load_manifes
 from results.paper_tables import PAPER_DIR, load_paper_table
 from results.recipe import CONF_DIR
 from results.records import Problem, Record, read_run_tree
+from results.roots import runs_root
 from results.tables import TableResult, build_table, render_csv, render_markdown, render_tex
-
-DEFAULT_RUNS = Path("experiments") / "runs"
 
 
 def aggregate(records: Sequence[Record], manifests: dict[str, Manifest], *, paper_dir: str | Path = PAPER_DIR,
@@ -122,7 +121,7 @@ def render_readme(results: dict[str, TableResult], *, command: str, source: str,
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m results.aggregate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", nargs="+", default=[os.environ.get("RUNS_DIR") or str(DEFAULT_RUNS)],
+    p.add_argument("--runs", nargs="+", default=[str(runs_root())],
                    help="folders searched for metrics.json (default: $RUNS_DIR or experiments/runs)")
     p.add_argument("--out", required=True, help="where <table>.csv/.md/.tex go")
     p.add_argument("--figures", help="where figures go (default: <out>/figures)")

@@ -13,12 +13,13 @@ by an absolute `data.data_dir` elsewhere).
 """
 from __future__ import annotations
 
-import os
 import site
 import sysconfig
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from results import roots
 
 
 def _package_roots() -> list[Path]:
@@ -75,16 +76,13 @@ def absolute_paths(value: Any, where: str = "record") -> list[str]:
     return []
 
 
-# The roots' defaults where the environment does not set them (as conf/paths/default.yaml reads them).
-ROOT_DEFAULTS = {"$RUNS_DIR": ("RUNS_DIR", "experiments/runs"), "$DATA_DIR": ("DATA_DIR", "data")}
-
-
 def local_path(text: str) -> str:
     """A portable path as a path on this machine: the roots from the environment (RUNS_DIR, DATA_DIR, or their
     defaults), a package's file from where the package is installed here. Other strings are returned as they are."""
-    for name, (variable, default) in ROOT_DEFAULTS.items():
+    for variable in roots.ROOTS:
+        name = f"${variable}"
         if text == name or text.startswith(f"{name}/"):
-            return (os.environ.get(variable) or default) + text[len(name):]
+            return roots.root(variable) + text[len(name):]
     package, sep, rest = text.partition(":")
     if sep and package.isidentifier() and "/" in rest and not rest.startswith("/"):
         import importlib.util

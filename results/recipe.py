@@ -25,6 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from results.roots import root
 from results.run_record import run_subdir
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -241,10 +242,13 @@ def register_resolvers() -> None:
 
     - ``${run_subdir:<experiment>,<attention>,<selection>,<seed>,<variant>}``: the run-directory layout of
       `results.run_record.run_subdir`, so Hydra places runs exactly where the planner and the aggregator look;
-    - ``${gpu_mixed_precision:}``: "bf16-mixed" on a GPU that computes in bfloat16 (Ampere and newer), else "16-mixed".
+    - ``${gpu_mixed_precision:}``: "bf16-mixed" on a GPU that computes in bfloat16 (Ampere and newer), else "16-mixed";
+    - ``${data_root:}``, ``${runs_root:}``: `DATA_DIR` and `RUNS_DIR`, else their defaults (`results.roots`).
     """
     OmegaConf.register_new_resolver("run_subdir", run_subdir, replace=True)
     OmegaConf.register_new_resolver("gpu_mixed_precision", _gpu_mixed_precision, replace=True)
+    OmegaConf.register_new_resolver("data_root", lambda: root("DATA_DIR"), replace=True)
+    OmegaConf.register_new_resolver("runs_root", lambda: root("RUNS_DIR"), replace=True)
 
 
 def _gpu_mixed_precision() -> str:

@@ -14,10 +14,10 @@ and where to put the file by hand.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from results.roots import data_root
 from tasks.common.download import ChecksumError, Source, verify_record
 from tasks.common.download import fetch as fetch_source
 from tasks.d4rl.environments import env_family, gymnasium_id, make_env
@@ -129,7 +129,7 @@ def prepare(root: Path, names: tuple[str, ...], check_only: bool = False) -> dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.d4rl.download", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR") or "data"), help="the DATA_DIR root"
+        "--data-dir", type=Path, default=data_root(), help="the DATA_DIR root"
     )
     parser.add_argument("--datasets", nargs="+", choices=PAPER_DATASETS, default=list(PAPER_DATASETS))
     parser.add_argument("--check", action="store_true", help="only check what is on disk")

@@ -33,6 +33,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from results.roots import data_root
 from tasks.imagenet.layout import ImageFolderError, TruncatedLoadingError, load_layout
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    data_dir = Path(os.environ.get("DATA_DIR", "data"))
+    data_dir = data_root()
     parser.add_argument("--root", type=Path, default=data_dir / "imagenet", help="default: $DATA_DIR/imagenet")
     parser.add_argument("--devkit", type=Path, default=None,
                         help=f"{DEVKIT_ARCHIVE} or its unpacked folder (default: <root>/{DEVKIT_ARCHIVE})")

@@ -29,6 +29,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from results.roots import data_root
 from tasks.common.download import ChecksumError, DownloadError, Source, fetch
 from tasks.lra import datasets as lra
 
@@ -214,7 +215,7 @@ def prepare(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.lra.download", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("DATA_DIR", "data")), help="the DATA_DIR root"
+        "--data-dir", type=Path, default=data_root(), help="the DATA_DIR root"
     )
     parser.add_argument("--tasks", nargs="+", choices=lra.TASKS, default=list(lra.TASKS))
     parser.add_argument("--check", action="store_true", help="only validate the layout")

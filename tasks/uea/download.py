@@ -25,6 +25,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from results.roots import data_root
 from tasks.common.download import HEADERS, TIMEOUT_S, ChecksumError, Source, fetch, record_hash, verify_record
 from tasks.uea.datasets import KNOWN_DATASETS, PAPER_DATASETS, aeon_bundled_data_dir, split_file
 
@@ -38,7 +39,7 @@ SPLITS = ("TRAIN", "TEST")
 
 def default_uea_dir() -> Path:
     """`$DATA_DIR/uea`, with DATA_DIR defaulting to `data` as in `conf/paths`."""
-    return Path(os.environ.get("DATA_DIR", "data")) / "uea"
+    return data_root() / "uea"
 
 
 def has_files(root: Path, name: str) -> bool:

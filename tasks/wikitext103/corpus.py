@@ -13,10 +13,11 @@ byte offset of the first bad byte, and the fix.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from results.roots import data_root
 
 SPLITS = ("train", "valid", "test")
 SOURCES = ("auto", "files", "hf")
@@ -153,7 +154,7 @@ def hf_cached_files(dataset: str) -> dict[str, tuple[Path, ...]] | None:
 
 def data_root_from_env() -> Path:
     """`$DATA_DIR`, defaulting to `data` as in `conf/paths`."""
-    return Path(os.environ.get("DATA_DIR", "data"))
+    return data_root()
 
 
 __all__ = [
