@@ -242,7 +242,7 @@ def register_resolvers() -> None:
 
     - ``${run_subdir:<experiment>,<attention>,<selection>,<seed>,<variant>}``: the run-directory layout of
       `results.run_record.run_subdir`, so Hydra places runs exactly where the planner and the aggregator look;
-    - ``${gpu_mixed_precision:}``: "bf16-mixed" on a GPU that computes in bfloat16 (Ampere and newer), else "16-mixed";
+    - ``${gpu_mixed_precision:}``: "bf16-mixed", or "16-mixed" on a GPU that cannot compute in bfloat16;
     - ``${data_root:}``, ``${runs_root:}``: `DATA_DIR` and `RUNS_DIR`, else their defaults (`results.roots`).
     """
     OmegaConf.register_new_resolver("run_subdir", run_subdir, replace=True)
@@ -252,9 +252,11 @@ def register_resolvers() -> None:
 
 
 def _gpu_mixed_precision() -> str:
+    """bf16-mixed, unless the GPU in sight cannot compute in bfloat16 (before Ampere). A machine without a GPU (a
+    login node planning a cluster's runs) answers bf16-mixed too, so the plan names the variant the jobs will run."""
     import torch
 
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    return "16-mixed" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16-mixed"
 
 
 @lru_cache(maxsize=256)
