@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from flowformer.compile import compile_model
 from results.atomic_io import write_json_atomic
 from results.portable_paths import local_paths
 from results.recipe import register_resolvers
@@ -86,6 +87,8 @@ def evaluate(run_dir: str | Path, *, ckpt: str = "best", split: str = "test", ov
         datamodule.setup("fit")
         model = instantiate(cfg.model, **datamodule.model_dims(), _convert_="all")
         module = instantiate(cfg.module, model=model, **datamodule.module_dims())
+        if cfg.get("compile"):
+            compile_model(module.model)
         trainer = instantiate(cfg.trainer, logger=False, callbacks=[], default_root_dir=root,
                               enable_checkpointing=False)
         stage = trainer.test if split == "test" else trainer.validate

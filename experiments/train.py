@@ -30,6 +30,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments.provenance import git_sha, package_versions, utc_now
+from flowformer.compile import compile_model
 from results.atomic_io import write_json_atomic
 from results.portable_paths import PathPortability
 from results.recipe import diff_science, recipe_sha, register_resolvers, science_config
@@ -149,6 +150,8 @@ def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
     datamodule.setup("fit")
     model = instantiate(cfg.model, **datamodule.model_dims(), _convert_="all")
     module = instantiate(cfg.module, model=model, **datamodule.module_dims())
+    if cfg.get("compile"):
+        compile_model(module.model)
     objective = module.objective
 
     loggers = _instantiate_group(cfg.get("logger"))
