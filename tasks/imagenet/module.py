@@ -96,7 +96,7 @@ class ImageNetModule(ClassificationModule):
         return self.lr * self.global_batch / self.reference_batch
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.model, lr=self.scaled_lr())
+        optimizer = self.build_optimizer(self.model, lr=self.scaled_lr())
         scheduler, _ = self.scheduler_factory(optimizer, warmup_epochs=self.warmup_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
