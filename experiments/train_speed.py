@@ -27,7 +27,7 @@ from typing import Any
 from experiments.bench.train_step import QUICK_WORKLOADS, WORKLOADS
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("eager", "compiled")
+MODES = ("eager", "compiled", "matmul")
 ATTENTIONS = ("flow", "softmax")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
@@ -39,8 +39,16 @@ def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every configuration of the run, interleaved: for each workload, eager and compiled of each attention."""
     base = {"device": args.device, "precision": args.precision, "scale": args.scale, "warmup": args.warmup,
             "steps": args.steps, "threads": args.threads}
+    compiled = args.compiled_attentions or args.attentions
+
+    def wanted(attention: str, mode: str) -> bool:
+        if mode == "matmul":  # the linear layers are the same whatever the attention
+            return attention == args.attentions[0]
+        return mode != "compiled" or attention in compiled
+
     return [{**base, "workload": name, "attention": attention, "mode": mode}
-            for name in args.workloads for attention in args.attentions for mode in args.modes]
+            for name in args.workloads for attention in args.attentions for mode in args.modes
+            if wanted(attention, mode)]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -54,7 +62,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workloads", type=lambda text: [w for w in text.split(",") if w],
                         help=f"comma-separated, of {','.join(WORKLOADS)} (default: all)")
     parser.add_argument("--attentions", type=lambda text: text.split(","), default=list(ATTENTIONS))
-    parser.add_argument("--modes", type=lambda text: text.split(","), default=list(MODES))
+    parser.add_argument("--modes", type=lambda text: text.split(","), default=list(MODES),
+                        help="eager, compiled (compile=true) and matmul (the linear layers' matrix products of a step "
+                        "alone: the floor)")
+    parser.add_argument("--compiled-attentions", type=lambda text: text.split(","), default=None,
+                        help="the attentions measured compiled (default: every one of --attentions)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="32-true", choices=PRECISIONS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
@@ -124,24 +136,28 @@ def markdown(results: dict[str, Any]) -> str:
         f" threads; load average {_load(results['load_average_at_start'])} at the start, "
         f"{_load(results['load_average_at_end'])} at the end.",
         "",
-        "Steps per second of one optimiser step (forward, backward, clipping, update) on a synthetic batch of the "
-        "workload's shapes; the median of the timed steps. Peak memory: "
+        "Milliseconds per optimiser step (forward, backward, clipping, update) on a synthetic batch of the "
+        "workload's shapes, the median of the timed steps; ratios of steps per second (> 1: the first is faster). "
+        "Linear matmuls alone: the forward and both backward products of every linear layer at the step's shapes, "
+        "the floor the rest of a step adds to. Peak memory: "
         + ("`torch.cuda.max_memory_allocated`." if machine.get("gpu") else "the process's resident set.")
         + " Compiled: `compile=true` (flowformer/compile.py); its warm-up (compiling) is listed apart.",
         "",
-        "| workload | batch | attention | eager steps/s | compiled steps/s | compiled / eager | eager MiB | "
-        "compiled MiB | compile warm-up s | flow / softmax (eager) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | batch | attention | eager ms/step | compiled ms/step | linear matmuls alone ms/step | "
+        "compiled / eager speed | eager MiB | compiled MiB | compile warm-up s | flow / softmax speed (eager) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     found = {(r["workload"], r["attention"], r["mode"]): r for r in results["records"]}
+    attentions = list(dict.fromkeys(r["attention"] for r in results["records"]))
     for name in results["workloads"]:
-        for attention in sorted({r["attention"] for r in results["records"]}):
+        matmul = found.get((name, attentions[0], "matmul")) if attentions else None
+        for attention in attentions:
             eager, compiled = found.get((name, attention, "eager")), found.get((name, attention, "compiled"))
             softmax = found.get((name, "softmax", "eager"))
             if eager is None and compiled is None:
                 continue
-            row = [name, str((eager or compiled).get("batch", "")), attention, _rate(eager), _rate(compiled),
-                   _ratio(compiled, eager, "steps_per_s"), _mib(eager), _mib(compiled),
+            row = [name, str((eager or compiled).get("batch", "")), attention, _ms(eager), _ms(compiled),
+                   _ms(matmul), _ratio(compiled, eager, "steps_per_s"), _mib(eager), _mib(compiled),
                    f"{compiled['warmup_s']:.1f}" if compiled and "warmup_s" in compiled else "—",
                    _ratio(eager, softmax, "steps_per_s") if attention == "flow" else ""]
             lines.append("| " + " | ".join(row) + " |")
@@ -158,10 +174,10 @@ def _load(values: Any) -> str:
     return "/".join(f"{v:.2f}" for v in values) if values else "?"
 
 
-def _rate(record: dict[str, Any] | None) -> str:
+def _ms(record: dict[str, Any] | None) -> str:
     if record is None:
         return "—"
-    return "fail" if "error" in record else f"{record['steps_per_s']:.3g}"
+    return "fail" if "error" in record else f"{record['step_ms']:.3g}"
 
 
 def _mib(record: dict[str, Any] | None) -> str:

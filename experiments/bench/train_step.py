@@ -223,6 +223,36 @@ def train_step_function(workload: Workload, model: Any, optimizer: Any, cfg: Any
     return step
 
 
+def linear_products_function(workload: Workload, model: Any, batch: dict[str, Any], precision: str,
+                             device: str) -> Callable[[dict[str, Any]], None]:
+    """The matrix products of the model's linear layers alone, at the shapes one training step gives them: per
+    layer the forward product and the two of the backward (input and weight gradients), in the step's matmul
+    dtype. The floor that everything else in a step adds to."""
+    import torch
+
+    shapes: list[tuple[int, int, int]] = []  # (rows, in, out) per linear layer call
+
+    def record(module: Any, inputs: tuple, _output: Any) -> None:
+        shapes.append((inputs[0].numel() // inputs[0].shape[-1], module.in_features, module.out_features))
+
+    hooks = [module.register_forward_hook(record) for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    with torch.no_grad():
+        loss_function(workload)(model, batch)
+    for hook in hooks:
+        hook.remove()
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision, torch.float32)
+    operands = [(torch.randn(rows, n_in, device=device, dtype=dtype), torch.randn(n_out, n_in, device=device, dtype=dtype),
+                 torch.randn(rows, n_out, device=device, dtype=dtype)) for rows, n_in, n_out in shapes]
+
+    def products(_batch: dict[str, Any]) -> None:
+        for x, weight, grad in operands:
+            torch.mm(x, weight.t())
+            torch.mm(grad, weight)
+            torch.mm(grad.t(), x)
+
+    return products
+
+
 def measure(config: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in this process; returns its record (see the module docstring)."""
     import torch
@@ -235,10 +265,13 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(config["threads"])
     model, optimizer, cfg = build(workload, config["attention"], config["scale"], device)
     model.train()
+    batch = make_batch(workload, config["scale"], device)
     if config["mode"] == "compiled":
         compile_model(model)
-    step = train_step_function(workload, model, optimizer, cfg, config["precision"], device)
-    batch = make_batch(workload, config["scale"], device)
+    if config["mode"] == "matmul":
+        step = linear_products_function(workload, model, batch, config["precision"], device)
+    else:
+        step = train_step_function(workload, model, optimizer, cfg, config["precision"], device)
 
     def sync() -> None:
         if device == "cuda":
