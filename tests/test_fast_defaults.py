@@ -60,3 +60,41 @@ def test_on_an_accelerator_a_non_finite_loss_is_caught_without_a_sync_per_step()
     # before any checkpoint (and at the next logging step) the device's note is read, naming the first bad step
     with pytest.raises(NonFiniteLossError, match=r"first at global step 2 .*resume=true"):
         module.on_save_checkpoint({})
+
+
+def test_loaders_pin_memory_only_for_a_cuda_device():
+    from tasks.common.datamodule import TaskDataModule
+
+    datamodule = TaskDataModule()
+    assert not datamodule.pin_memory(True)  # no trainer yet
+    for device, pinned in (("cpu", False), ("cuda", True)):
+        datamodule.trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device(device)))
+        assert datamodule.pin_memory(True) is pinned and not datamodule.pin_memory(False)
+
+
+def test_vision_models_go_channels_last_on_a_gpu_only():
+    from tasks.imagenet.module import ImageNetModule
+
+    def module_on(device: str) -> ImageNetModule:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 2, stride=2), torch.nn.Flatten(), torch.nn.Linear(64, 3))
+        module = ImageNetModule(model, functools.partial(torch.optim.SGD, lr=0.1), OBJECTIVE, 3, None, lr=0.1,
+                                warmup_epochs=0, batch_size=2, image_size=8, top_k=(1,))
+        module._trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device(device)))
+        module.setup("fit")
+        return module
+
+    channels_last = torch.channels_last
+    assert module_on("cuda").model[0].weight.is_contiguous(memory_format=channels_last)
+    cpu_weight = module_on("cpu").model[0].weight
+    assert cpu_weight.is_contiguous() and not cpu_weight.is_contiguous(memory_format=channels_last)
+
+
+def test_the_gpu_trainer_lets_cudnn_pick_kernels_outside_the_recipe():
+    from omegaconf import OmegaConf
+
+    from results.recipe import science_config
+    from tests.helpers import compose_config
+
+    gpu = compose_config(["experiment=imagenet/hierarchical", "trainer=gpu", "trainer.precision=bf16-mixed"])
+    assert gpu.trainer.benchmark is True
+    assert "trainer.benchmark" not in science_config(OmegaConf.to_container(gpu, resolve=True))
