@@ -98,3 +98,12 @@ def test_the_gpu_trainer_lets_cudnn_pick_kernels_outside_the_recipe():
     gpu = compose_config(["experiment=imagenet/hierarchical", "trainer=gpu", "trainer.precision=bf16-mixed"])
     assert gpu.trainer.benchmark is True
     assert "trainer.benchmark" not in science_config(OmegaConf.to_container(gpu, resolve=True))
+
+
+def test_under_mixed_precision_with_clipping_the_optimiser_is_not_fused():
+    # Lightning refuses to clip gradients that a fused optimiser would unscale itself
+    module = ClassificationModule(torch.nn.Linear(2, 3), functools.partial(torch.optim.AdamW, lr=0.1), OBJECTIVE, 3)
+    for clip, precision, fused in ((None, "bf16-mixed", True), (1.0, "32-true", True), (1.0, "bf16-mixed", False)):
+        module._trainer = types.SimpleNamespace(gradient_clip_val=clip, precision=precision)
+        optimizer = module.build_optimizer(module.parameters())
+        assert bool(optimizer.defaults.get("fused")) is fused and bool(optimizer.defaults.get("foreach")) is not fused

@@ -24,11 +24,12 @@ from tasks.common.objective import Objective
 FUSED_DEVICES = ("cpu", "cuda")
 
 
-def fast_optimizer_options(factory: Callable[..., Any], device: torch.device) -> dict[str, bool]:
+def fast_optimizer_options(factory: Callable[..., Any], device: torch.device, fused: bool = True) -> dict[str, bool]:
     """Keyword arguments that pick the fastest implementation of the same update on `device`: the fused kernel
-    where the optimiser has one (Adam, AdamW, SGD, Adagrad: one pass over each tensor, on CPUs too), else the
-    multi-tensor form (`foreach`, e.g. RAdam). {} where the config already chooses (`fused` or `foreach` set) or the
-    factory takes neither. Implementations differ only in float rounding, so the choice is no part of the recipe.
+    where the optimiser has one (Adam, AdamW, SGD, Adagrad: one pass over each tensor, on CPUs too) and `fused` allows
+    it, else the multi-tensor form (`foreach`, e.g. RAdam). {} where the config already chooses (`fused` or `foreach`
+    set) or the factory takes neither. Implementations differ only in float rounding, so the choice is no part of the
+    recipe.
 
     `factory` is the optimiser partial (`module.optimizer`): an optimiser class, or a factory such as timm's
     `create_optimizer_v2`, which passes `foreach` on and `fused` to the optimiser it builds."""
@@ -38,11 +39,11 @@ def fast_optimizer_options(factory: Callable[..., Any], device: torch.device) ->
     target = getattr(factory, "func", factory)
     if isinstance(target, type) and issubclass(target, torch.optim.Optimizer):
         accepted = inspect.signature(target).parameters
-        fused = "fused" in accepted
+        has_fused = "fused" in accepted
     else:  # timm: opt="adam"/"adamw" builds torch's own class, which has a fused kernel
         accepted = inspect.signature(target).parameters
-        fused = str(keywords.get("opt", "")).lower() in ("adam", "adamw")
-    if fused and device.type in FUSED_DEVICES:
+        has_fused = str(keywords.get("opt", "")).lower() in ("adam", "adamw")
+    if fused and has_fused and device.type in FUSED_DEVICES:
         return {"fused": True}
     return {"foreach": True} if "foreach" in accepted else {}
 
@@ -150,8 +151,14 @@ class TaskModule(L.LightningModule):
         self.history = list(checkpoint.get(self.HISTORY_KEY, []))
 
     def build_optimizer(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
-        """`module.optimizer` completed with `params`, `kwargs` and the fastest implementation on this device."""
-        return self.optimizer_factory(params, **kwargs, **fast_optimizer_options(self.optimizer_factory, self.device))
+        """`module.optimizer` completed with `params`, `kwargs` and the fastest implementation on this device.
+        Lightning clips gradients under mixed precision only where the optimiser does not unscale them itself, as
+        fused optimisers do: there the multi-tensor form runs instead."""
+        trainer = self._trainer
+        clipping = bool(trainer is not None and trainer.gradient_clip_val)
+        mixed = trainer is not None and "mixed" in str(trainer.precision)
+        options = fast_optimizer_options(self.optimizer_factory, self.device, fused=not (clipping and mixed))
+        return self.optimizer_factory(params, **kwargs, **options)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.build_optimizer(self.parameters())
