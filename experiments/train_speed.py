@@ -56,7 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help=f"the paper's models and shapes at small batches, workloads {','.join(QUICK_WORKLOADS)}, "
-                        "few steps; tag <tag>_quick")
+                        "few steps, flow alone compiled; tag <tag>_quick")
     parser.add_argument("--tiny", action="store_true",
                         help="toy widths and shapes: every code path in seconds (the test suite's check)")
     parser.add_argument("--workloads", type=lambda text: [w for w in text.split(",") if w],
@@ -80,6 +80,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = argv
     args.scale = "tiny" if args.tiny else "quick" if args.quick else "paper"
+    if args.quick and args.compiled_attentions is None:
+        args.compiled_attentions = ["flow"]  # compiling costs tens of seconds per model on a CPU
     args.workloads = args.workloads or (list(QUICK_WORKLOADS) if args.quick else list(WORKLOADS))
     unknown = sorted(set(args.workloads) - set(WORKLOADS)) + sorted(set(args.modes) - set(MODES))
     if unknown:

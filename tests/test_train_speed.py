@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_train_speed_compiles_the_chosen_attentions_and_times_the_matmuls_once():
-    args = train_speed.parse_args(["--quick", "--compiled-attentions", "flow"])
+    args = train_speed.parse_args(["--quick"])
     configs = {(c["workload"], c["attention"], c["mode"]) for c in train_speed.configurations(args)}
     assert ("uea", "flow", "compiled") in configs and ("uea", "softmax", "compiled") not in configs
     assert ("uea", "flow", "matmul") in configs and ("uea", "softmax", "matmul") not in configs

@@ -55,14 +55,20 @@ def run_training(tree: Path, run_dir: Path, epochs: int, extra: list[str]) -> di
     command = [sys.executable, "-m", "experiments.train", "experiment=uea/JapaneseVowels", "seed=0",
                f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}", f"paths.runs_dir={run_dir.parent}", *extra]
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    load_before = os.getloadavg()
+    load_before, children_before = os.getloadavg(), os.times()
     meter = CpuMeter()
     started = time.perf_counter()
     completed = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
+    # the meter counts the training process among the "others" (it is a child of this one): take its CPU time out
+    children = os.times()
+    run_cpu = (children.children_user + children.children_system
+               - children_before.children_user - children_before.children_system)
+    busy = meter.background()
+    others = None if busy is None else round(max(0.0, busy - run_cpu / (wall * (os.cpu_count() or 1))), 3)
     result: dict[str, Any] = {"command": " ".join(shlex.quote(a) for a in command[1:]), "wall_s": round(wall, 2),
-                              "load_before": load_before, "load_after": os.getloadavg(),
-                              "others_cpu_share": meter.background()}
+                              "cpu_s": round(run_cpu, 1), "load_before": load_before, "load_after": os.getloadavg(),
+                              "others_cpu_share": others}
     if completed.returncode != 0:
         return {**result, "error": completed.stderr[-2000:]}
     record = json.loads((run_dir / "metrics.json").read_text())
