@@ -179,7 +179,10 @@ def _load(values: Any) -> str:
 def _ms(record: dict[str, Any] | None) -> str:
     if record is None:
         return "—"
-    return "fail" if "error" in record else f"{record['step_ms']:.3g}"
+    if "error" in record:
+        return "fail"
+    value = record["step_ms"]
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
 def _mib(record: dict[str, Any] | None) -> str:
