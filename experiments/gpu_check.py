@@ -40,15 +40,17 @@ def stages(device: str, out: Path) -> list[dict[str, Any]]:
         tests = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "--runslow", *GPU_TESTS]
         bench = [python, "-m", "experiments.bench", "--device", "cuda", "--dtypes", "bfloat16,float32",
                  "--lengths", "1024,4096,16384,65536", "--variants", ",".join(ATTENTION_VARIANTS), "--rounds", "1",
-                 "--repeats", "5", "--min-repeats", "3", "--min-time", "0.2", "--time-budget", "2",
+                 "--repeats", "3", "--min-repeats", "2", "--min-time", "0.1", "--time-budget", "2",
                  "--quiet-budget", "0", "--out", str(out), "--tag", "gpu_check_attention", "--no-figure"]
         speed = [python, "-m", "experiments.train_speed", "--device", "cuda", "--precision", "bf16-mixed",
                  "--workloads", ",".join(DOMAINS), "--attentions", "flow,softmax", "--compiled-attentions", "flow",
-                 "--modes", "eager,compiled,matmul", "--timeout", "150", "--out", str(out),
+                 "--modes", "eager,compiled,matmul", "--timeout", "150", "--warmup", "3", "--steps", "8",
+                 "--out", str(out),
                  "--tag", "gpu_check_train_speed"]
-        return [{"name": "gpu tests", "command": tests, "limit": 120},
-                {"name": "attention benchmark (bf16, fp32)", "command": bench, "limit": 180},
-                {"name": "train_speed (bf16)", "command": speed, "limit": 170}]
+        # 8 minutes in all; compiling five models takes most of train_speed's share
+        return [{"name": "gpu tests", "command": tests, "limit": 90},
+                {"name": "attention benchmark (bf16, fp32)", "command": bench, "limit": 150},
+                {"name": "train_speed (bf16)", "command": speed, "limit": 240}]
     tests = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_flow_gpu.py"]
     bench = [python, "-m", "experiments.bench", "--device", "cpu", "--dtypes", "float32", "--lengths", "256",
              "--variants", "flow,flow_official", "--modes", "backward", "--rounds", "1", "--repeats", "2",
