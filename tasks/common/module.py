@@ -154,9 +154,8 @@ class TaskModule(L.LightningModule):
         """`module.optimizer` completed with `params`, `kwargs` and the fastest implementation on this device.
         Lightning clips gradients under mixed precision only where the optimiser does not unscale them itself, as
         fused optimisers do: there the multi-tensor form runs instead."""
-        trainer = self._trainer
-        clipping = bool(trainer is not None and trainer.gradient_clip_val)
-        mixed = trainer is not None and "mixed" in str(trainer.precision)
+        clipping = bool(getattr(self._trainer, "gradient_clip_val", None))
+        mixed = "mixed" in str(getattr(self._trainer, "precision", ""))
         options = fast_optimizer_options(self.optimizer_factory, self.device, fused=not (clipping and mixed))
         return self.optimizer_factory(params, **kwargs, **options)
 
