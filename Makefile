@@ -12,12 +12,13 @@ VARIANT ?=
 SOURCE ?=
 WANDB_PROJECT ?=
 ARGS ?=
+DEVICE ?= cuda
 
 .DEFAULT_GOAL := help
 # every table with a manifest (experiments/manifests/<table>.yaml) has a reproduce-<table> target
 TABLES := $(basename $(notdir $(wildcard experiments/manifests/*.yaml)))
 REPRODUCE := $(addprefix reproduce-,$(TABLES))
-.PHONY: help install lock test test-all test-distributed demo tables bench bench-gpu clean data-uea data-lra data-wikitext103 data-d4rl data-imagenet listops $(REPRODUCE)
+.PHONY: help install lock test test-all test-distributed demo tables bench bench-gpu gpu-check train-speed clean data-uea data-lra data-wikitext103 data-d4rl data-imagenet listops $(REPRODUCE)
 
 help: ## list the targets
 	@grep -hE '^[^#[:space:]].*:.*## ' $(MAKEFILE_LIST) | sed 's/^$$(REPRODUCE): reproduce-%:/reproduce-<table>:/' \
@@ -62,6 +63,12 @@ bench-gpu: ## on a CUDA GPU: the gpu tests, then the benchmark in bf16 and in fp
 	$(PY) -m pytest -m gpu tests/test_flow_gpu.py tests/test_attention_autocast.py
 	$(PY) -m experiments.bench --device cuda --dtypes bfloat16 --tag efficiency_cuda_bf16 $(ARGS)
 	$(PY) -m experiments.bench --device cuda --dtypes float32 --tag efficiency_cuda_fp32 $(ARGS)
+
+gpu-check: ## on one GPU, at most 8 minutes: the gpu tests, the attention benchmark (bf16, fp32, 1K-64K), train_speed of every domain in bf16 (eager, compiled); writes results/bench/gpu_check.md. DEVICE=cpu: a small version on the CPU, into experiments/runs/gpu_check (the test suite runs it)
+	$(PY) -m experiments.gpu_check --device $(DEVICE) $(ARGS)
+
+train-speed: ## steps/s and peak memory of each domain's paper model, eager and compiled, flow and softmax (results/bench/train_speed.md); ARGS=--quick fits a few minutes on a CPU
+	$(PY) -m experiments.train_speed $(ARGS)
 
 data-uea: ## download and check the paper's 10 UEA datasets into DATA_DIR/uea (bundled ones are copied from aeon)
 	$(PY) -m tasks.uea.download $(ARGS)

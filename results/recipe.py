@@ -37,6 +37,7 @@ NON_SCIENCE: tuple[tuple[str, str], ...] = (
     ("logger.*", "what is logged where (CSV, W&B)"),
     ("resume", "how the run starts: a resumed run ends with the weights and metrics of an uninterrupted one"),
     ("overwrite", "how the run starts: a finished run in the folder is moved aside first"),
+    ("compile", "torch.compile: the same function up to float rounding (random ops draw as in eager mode)"),
     ("variant", "the name of a variant; its identity is what it changes, compared key by key"),
     ("non_science", "this list's additions from the task config"),
     ("callbacks.rich_progress_bar*", "the progress bar"),

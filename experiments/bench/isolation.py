@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from experiments.bench.measure import measure
@@ -25,10 +26,10 @@ PRELOAD = ["torch", "flowformer.attention", "flowformer.attention.reference", "e
 METHODS = ("forkserver", "spawn")
 
 
-def _child(config: dict[str, Any], connection) -> None:
+def _child(target: Callable[[dict[str, Any]], dict[str, Any]], config: dict[str, Any], connection) -> None:
     """The body of a child process: measure, and send the record (or the error) back."""
     try:
-        reply = {"record": measure(config)}
+        reply = {"record": target(config)}
     except BaseException as error:  # noqa: BLE001  (reported to the runner, which records it)
         reply = {"error": f"{type(error).__name__}: {error}"[:500]}
     connection.send(reply)
@@ -36,21 +37,25 @@ def _child(config: dict[str, Any], connection) -> None:
 
 
 class Isolation:
-    """Runs `measure(config)` in a fresh child process per call; `run` returns the record, or one with `error`."""
+    """Runs `target(config)` (default: `measure`) in a fresh child process per call; `run` returns the record, or
+    one with `error`. `target` must be a module-level function (the child imports it); `preload` lists the modules
+    the fork server imports once."""
 
-    def __init__(self, method: str = "forkserver") -> None:
+    def __init__(self, method: str = "forkserver", target: Callable[[dict[str, Any]], dict[str, Any]] = measure,
+                 preload: list[str] = PRELOAD) -> None:
         if method not in METHODS:
             raise ValueError(f"isolation must be one of {METHODS}, got {method!r}")
         # the fork server (or each spawned interpreter) takes the environment as it is when it starts
         os.environ.update(WORKER_ENV)
+        self.target = target
         self.context = multiprocessing.get_context(method)
         if method == "forkserver":
-            self.context.set_forkserver_preload(PRELOAD)
+            self.context.set_forkserver_preload(preload)
 
     def run(self, config: dict[str, Any], timeout: float) -> dict[str, Any]:
         start = time.perf_counter()
         receiver, sender = self.context.Pipe(duplex=False)
-        process = self.context.Process(target=_child, args=(config, sender), daemon=True)
+        process = self.context.Process(target=_child, args=(self.target, config, sender), daemon=True)
         process.start()
         sender.close()
         reply = None

@@ -20,6 +20,9 @@ COMPARISONS = (
     ("flow_batched", "flow_official"),
     ("flow_blocked", "flow_official"),
     ("flow_causal", "flow_causal_materialised"),
+    ("flow_compiled", "flow_official"),
+    ("flow_compiled", "flow_blocked"),
+    ("flow_causal_compiled", "flow_causal"),
     ("flow", "softmax"),
     ("flow_causal", "softmax_causal"),
     ("flow", "softmax_flash"),
@@ -223,7 +226,8 @@ def render_figure(results: dict[str, Any], path: Path) -> None:
     hues = {"flow": 0, "flow_blocked": 13, "flow_batched": 12, "flow_official": 1, "flow_causal": 6,
             "flow_causal_materialised": 7, "softmax": 4, "softmax_causal": 5, "softmax_flash": 14,
             "softmax_flash_causal": 15, "linear": 8, "linear_causal": 9, "performer": 2, "performer_causal": 3,
-            "cosformer": 10, "cosformer_causal": 11, "reformer": 16}
+            "cosformer": 10, "cosformer_causal": 11, "reformer": 16, "flow_compiled": 18,
+            "flow_causal_compiled": 19}
 
     def style(variant: str) -> dict[str, Any]:
         # ours: solid and thick; the official formulations: dashed; other baselines: dotted; GEMM-only: grey

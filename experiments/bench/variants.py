@@ -41,6 +41,14 @@ VARIANTS: dict[str, Variant] = {
         "Flow-Attention, non-causal (ours, backend='batched'; 'auto' on a GPU and for CPU inference at 1024-8192 keys)",
         False, flops=noncausal_matmul_flops,
     ),
+    "flow_compiled": Variant(
+        "Flow-Attention, non-causal, under torch.compile (ours: 'auto' runs 'batched' there; compiled once per shape, "
+        "before timing)", False, flops=noncausal_matmul_flops,
+    ),
+    "flow_causal_compiled": Variant(
+        "Flow-Attention, causal, under torch.compile (ours: the chunked passes as custom ops)", True,
+        flops=causal_matmul_flops,
+    ),
     "flow_official": Variant(
         "official non-causal maths as plain einsum (baseline)", False, flops=noncausal_matmul_flops
     ),
@@ -103,6 +111,8 @@ def chunked_causal_matmuls(q, k, v, chunk: int):
 
 def build_op(name: str, chunk: int | None, head_dim: int, n_heads: int) -> Callable:
     """The callable `op(q, k, v) -> out` of a variant."""
+    import torch
+
     from flowformer.attention import build_attention, flow_attention
     from flowformer.attention.flow import DEFAULT_CHUNK_SIZE
     from flowformer.attention.reference import official_causal_flow, official_noncausal_flow
@@ -118,6 +128,11 @@ def build_op(name: str, chunk: int | None, head_dim: int, n_heads: int) -> Calla
         return lambda q, k, v: chunked_causal_matmuls(q, k, v, chunk or DEFAULT_CHUNK_SIZE)
     if name.startswith("softmax_flash"):
         return _flash_attention(causal)
+    if name.endswith("_compiled"):
+        from flowformer.compile import configure_compiler
+
+        configure_compiler()
+        return torch.compile(lambda q, k, v: flow_attention(q, k, v, causal=causal, chunk_size=chunk), dynamic=False)
     if name.startswith("flow"):
         backend = name.removeprefix("flow_") if name in ("flow_blocked", "flow_batched") else "auto"
         return lambda q, k, v: flow_attention(q, k, v, causal=causal, chunk_size=chunk, backend=backend)

@@ -51,6 +51,12 @@ class TaskDataModule(L.LightningDataModule):
     def module_dims(self) -> dict[str, Any]:
         return {}
 
+    def pin_memory(self, requested: bool) -> bool:
+        """Whether loaders pin their batches: when `data.pin_memory` asks for it and the batches go to a CUDA device
+        (page-locked batches copy to it asynchronously); never for training on a CPU, where it only costs a copy."""
+        device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
+        return bool(requested) and device is not None and device.type == "cuda"
+
     def evaluation_loader(self, dataset: Dataset, *, batch_size: int, seed: int, **kwargs: Any) -> StatefulDataLoader:
         """A validation or test loader in dataset order that, under DDP, gives this process its share of the split
         with no sample repeated (`tasks.common.sampling.evaluation_loader`)."""

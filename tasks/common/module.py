@@ -3,12 +3,14 @@
 A domain's module subclasses `TaskModule` and implements `step(batch, stage)`: compute the loss, log its metrics
 as `<stage>/<name>`, return the loss. Everything else is here:
 - the optimiser and scheduler are Hydra partials (`_partial_: true`) completed with the parameters;
-- a non-finite training loss stops the run with the step and the fix, leaving the last checkpoint as it was;
+- a non-finite training loss stops the run with the step and the fix, leaving the last checkpoint as it was (on an
+  accelerator it is checked without a host synchronisation per step: at logging steps and before any checkpoint);
 - `history` holds every evaluation's logged `val/*` metrics (the monitored value and the primary value among them),
   with its epoch and step; it travels in checkpoints, so a resumed run reports what an uninterrupted one would.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,6 +19,33 @@ import torch
 from torch import Tensor, nn
 
 from tasks.common.objective import Objective
+
+# where torch's fused optimiser kernels run
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fast_optimizer_options(factory: Callable[..., Any], device: torch.device, fused: bool = True) -> dict[str, bool]:
+    """Keyword arguments that pick the fastest implementation of the same update on `device`: the fused kernel
+    where the optimiser has one (Adam, AdamW, SGD, Adagrad: one pass over each tensor, on CPUs too) and `fused` allows
+    it, else the multi-tensor form (`foreach`, e.g. RAdam). {} where the config already chooses (`fused` or `foreach`
+    set) or the factory takes neither. Implementations differ only in float rounding, so the choice is no part of the
+    recipe.
+
+    `factory` is the optimiser partial (`module.optimizer`): an optimiser class, or a factory such as timm's
+    `create_optimizer_v2`, which passes `foreach` on and `fused` to the optimiser it builds."""
+    keywords = getattr(factory, "keywords", None) or {}
+    if "fused" in keywords or "foreach" in keywords:
+        return {}
+    target = getattr(factory, "func", factory)
+    if isinstance(target, type) and issubclass(target, torch.optim.Optimizer):
+        accepted = inspect.signature(target).parameters
+        has_fused = "fused" in accepted
+    else:  # timm: opt="adam"/"adamw" builds torch's own class, which has a fused kernel
+        accepted = inspect.signature(target).parameters
+        has_fused = str(keywords.get("opt", "")).lower() in ("adam", "adamw")
+    if fused and has_fused and device.type in FUSED_DEVICES:
+        return {"fused": True}
+    return {"foreach": True} if "foreach" in accepted else {}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,6 +79,8 @@ class TaskModule(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.objective = Objective.from_config(objective)
         self.history: list[dict[str, float]] = []
+        self._first_bad_step: Tensor | None = None  # see _watch_loss
+        self._steps_seen: Tensor | None = None
 
     def step(self, batch: Any, stage: str) -> Tensor:
         """Loss of `batch` in `stage` ("train", "val" or "test"), after logging the stage's metrics."""
@@ -57,14 +88,41 @@ class TaskModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.step(batch, "train")
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"the training loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}, "
-                f"batch {batch_idx}). The run stopped; the last checkpoint is kept unchanged. Lower the learning rate "
-                "(module.optimizer.lr), enable or tighten gradient clipping (trainer.gradient_clip_val), or check the "
-                "data for NaN/Inf; then rerun the same command with resume=true to continue from the last checkpoint."
-            )
+        if loss.device.type == "cpu":
+            if not torch.isfinite(loss):
+                raise self._non_finite(loss.item(), f"at global step {self.global_step} (epoch {self.current_epoch}, "
+                                                    f"batch {batch_idx})")
+        else:
+            self._watch_loss(loss)
         return loss
+
+    def _watch_loss(self, loss: Tensor) -> None:
+        """On an accelerator, note the first non-finite loss on the device, where reading it back at every step
+        would make the host wait for the device; `_check_losses` reads the note before every checkpoint and at
+        every logging step."""
+        step = self.global_step
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self._steps_seen = torch.full((), step, dtype=torch.int64, device=loss.device)
+        bad = ~torch.isfinite(loss.detach())
+        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), self._steps_seen, self._first_bad_step)
+        self._steps_seen += 1
+        if step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._check_losses()
+
+    def _check_losses(self) -> None:
+        if self._first_bad_step is not None and int(self._first_bad_step) >= 0:
+            raise self._non_finite(float("nan"), f"first at global step {int(self._first_bad_step)} (found at "
+                                                 f"step {self.global_step}, epoch {self.current_epoch})")
+
+    @staticmethod
+    def _non_finite(value: float, where: str) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"the training loss is {value} {where}. The run stopped; the last checkpoint is kept unchanged. Lower the "
+            "learning rate (module.optimizer.lr), enable or tighten gradient clipping (trainer.gradient_clip_val), or "
+            "check the data for NaN/Inf; then rerun the same command with resume=true to continue from the last "
+            "checkpoint."
+        )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.step(batch, "val")
@@ -86,13 +144,23 @@ class TaskModule(L.LightningModule):
         self.history.append({"epoch": self.current_epoch, "step": self.global_step, **logged})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_losses()  # a checkpoint never holds weights trained on a non-finite loss
         checkpoint[self.HISTORY_KEY] = list(self.history)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get(self.HISTORY_KEY, []))
 
+    def build_optimizer(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """`module.optimizer` completed with `params`, `kwargs` and the fastest implementation on this device.
+        Lightning clips gradients under mixed precision only where the optimiser does not unscale them itself, as
+        fused optimisers do: there the multi-tensor form runs instead."""
+        clipping = bool(getattr(self._trainer, "gradient_clip_val", None))
+        mixed = "mixed" in str(getattr(self._trainer, "precision", ""))
+        options = fast_optimizer_options(self.optimizer_factory, self.device, fused=not (clipping and mixed))
+        return self.optimizer_factory(params, **kwargs, **options)
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.build_optimizer(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

@@ -86,7 +86,7 @@ class D4RLDataModule(TaskDataModule):
         max_timestep: int = 1000,
         batch_size: int = 64,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool = True,
         seed: int = 0,
         reward_check: bool = True,
     ) -> None:
@@ -99,7 +99,7 @@ class D4RLDataModule(TaskDataModule):
         self.minari_root = minari_root
         self.context_length, self.padding = int(context_length), padding
         self.return_scale, self.max_timestep = float(return_scale), int(max_timestep)
-        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
+        self.batch_size, self.num_workers, self.pin_batches = int(batch_size), int(num_workers), bool(pin_memory)
         self.seed, self.reward_check = int(seed), bool(reward_check)
         self.evaluation_config = dict(evaluation)
         self.windows: WindowDataset | None = None
@@ -268,7 +268,7 @@ class D4RLDataModule(TaskDataModule):
             drop_last=len(windows) >= self.batch_size,
             collate_fn=already_batched,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory(self.pin_batches),
             persistent_workers=self.num_workers > 0,
         )
 

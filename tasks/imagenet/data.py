@@ -213,7 +213,7 @@ class ImageFolderDataModule(TaskDataModule):
         self.dataset, self.root = dataset, Path(data_dir) / dataset
         self.image_size, self.batch_size = int(image_size), int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers, self.pin_memory, self.seed = int(num_workers), bool(pin_memory), int(seed)
+        self.num_workers, self.pin_batches, self.seed = int(num_workers), bool(pin_memory), int(seed)
         self.selection, self.holdout_per_class = selection, int(holdout_per_class)
         self.check_images, self.corrupt_images = check_level(check_images), corrupt_images
         self.cache_dir = cache_dir
@@ -301,9 +301,12 @@ class ImageFolderDataModule(TaskDataModule):
         return {"num_classes": self.num_classes}
 
     def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
-        """Mix training batches on the device (Mixup/CutMix with smoothed soft targets (B, K)); others pass."""
+        """Mix training batches on the device (Mixup/CutMix with smoothed soft targets (B, K)); others pass. On a
+        CUDA device the images go channels-last, the layout of the model's convolutions there (`ImageNetModule`)."""
         if self.mixer is not None and self.trainer is not None and self.trainer.training:
             batch["x"], batch["target"] = self.mixer(batch["x"], batch["target"])
+        if batch["x"].is_cuda:
+            batch["x"] = batch["x"].contiguous(memory_format=torch.channels_last)
         return batch
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> Any:
@@ -317,7 +320,7 @@ class ImageFolderDataModule(TaskDataModule):
             # Mixup pairs images within a batch; the official loader drops the short last one too
             "drop_last": drop_last,
             "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "pin_memory": self.pin_memory(self.pin_batches),
             "persistent_workers": self.num_workers > 0,
         }
 

@@ -164,7 +164,7 @@ class LRADataModule(TaskDataModule):
         holdout_fraction: float = 0.1,
         pad_to: str = "longest",
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool = True,
         text_source: str = "auto",
         cache: bool = True,
     ) -> None:
@@ -183,7 +183,7 @@ class LRADataModule(TaskDataModule):
             raise ValueError(f"data.max_len for {dataset} is fixed by the 32x32 images at 1024, got {self.max_len}")
         self.selection, self.seed, self.split_seed = selection, int(seed), int(split_seed)
         self.holdout_fraction, self.pad_to = float(holdout_fraction), pad_to
-        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.num_workers, self.pin_batches = int(num_workers), bool(pin_memory)
         self.text_source, self.cache = text_source, bool(cache)
         self.vocab_size: int | None = None
         self.splits: dict[str, Dataset] = {}
@@ -286,7 +286,8 @@ class LRADataModule(TaskDataModule):
         # evaluation loaders take each example once, also under DDP
         make = partial(seeded_loader, shuffle=True) if shuffle else self.evaluation_loader
         return make(dataset, batch_size=batch_size, seed=self.seed, collate_fn=self._collate(),
-                    num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                    num_workers=self.num_workers, pin_memory=self.pin_memory(self.pin_batches),
+                    persistent_workers=self.num_workers > 0,
                     **kwargs)
 
     def train_dataloader(self) -> DataLoader:

@@ -373,6 +373,7 @@ class UEADataModule(TaskDataModule):
         data_dir: str,
         batch_size: int = 16,
         num_workers: int = 0,
+        pin_memory: bool = True,
         selection: str = "best_test",
         val_fraction: float = 0.2,
         seed: int = 0,
@@ -389,6 +390,7 @@ class UEADataModule(TaskDataModule):
         self.data_dir = Path(data_dir).expanduser()
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.pin_batches = bool(pin_memory)
         self.selection = selection
         self.val_fraction = val_fraction
         self.seed = seed
@@ -542,7 +544,8 @@ class UEADataModule(TaskDataModule):
         # drop_last=False as in the official code; evaluation loaders take each series once, also under DDP
         make = partial(seeded_loader, shuffle=True) if shuffle else self.evaluation_loader
         return make(dataset, batch_size=self.batch_size, seed=self.seed, drop_last=False,
-                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                    num_workers=self.num_workers, pin_memory=self.pin_memory(self.pin_batches),
+                    persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._split("train"), shuffle=True)

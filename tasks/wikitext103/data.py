@@ -71,7 +71,7 @@ class WikiTextDataModule(TaskDataModule):
         selection: str = "holdout_val",
         seed: int = 0,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool = True,
         run_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
@@ -91,7 +91,7 @@ class WikiTextDataModule(TaskDataModule):
         self.val_context_window = int(val_context_window)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size or batch_size)
         self.selection, self.seed = selection, int(seed)
-        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.num_workers, self.pin_batches = int(num_workers), bool(pin_memory)
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.corpus: TokenizedCorpus | None = None
 
@@ -167,7 +167,8 @@ class WikiTextDataModule(TaskDataModule):
         return [self._eval_loader(self.windows(split, self.context_window)) for split in EVAL_SPLITS]
 
     def _loader_options(self) -> dict[str, Any]:
-        return {"collate_fn": collate_windows, "num_workers": self.num_workers, "pin_memory": self.pin_memory,
+        return {"collate_fn": collate_windows, "num_workers": self.num_workers,
+                "pin_memory": self.pin_memory(self.pin_batches),
                 "persistent_workers": self.num_workers > 0}
 
     def _eval_loader(self, dataset: Dataset) -> StatefulDataLoader:

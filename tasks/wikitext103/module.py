@@ -47,6 +47,8 @@ from tasks.wikitext103.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy
 from tasks.wikitext103.windows import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
+# the batch key of the scored tokens, counted on the host (`LanguageModelModule.on_before_batch_transfer`)
+SCORED = "scored_tokens"
 # fairseq's --max-tokens in the paper's command (4 samples of 512): the default scale of a micro-batch's loss
 DEFAULT_MICRO_BATCH_TOKENS = 2048
 
@@ -60,11 +62,10 @@ class SplitScore(nn.Module):
         self.sums.set_dtype(torch.float64)  # 10^8 summed losses need more than fp32's 7 digits
         self.seconds = 0.0
 
-    def update(self, nll: Tensor, tokens: Tensor, seconds: float) -> None:
-        """Add a batch: its summed NLL and scored tokens (scalar tensors) and the seconds the model took."""
+    def update(self, nll: Tensor, tokens: Tensor) -> None:
+        """Add a batch: its summed NLL and scored tokens (scalar tensors). The evaluation's time goes to `seconds`."""
         self.sums["nll"].update(nll.double())
         self.sums["tokens"].update(tokens.double())
-        self.seconds += seconds
 
     def metrics(self) -> dict[str, float]:
         """loss (nats/token), ppl, tokens and tokens_per_s, then a reset for the next evaluation."""
@@ -75,6 +76,14 @@ class SplitScore(nn.Module):
         ppl = math.exp(loss) if loss < 700 else math.inf  # a diverged model reports inf, not an OverflowError
         return {"loss": loss, "ppl": ppl, "tokens": sums["tokens"],
                 "tokens_per_s": sums["tokens"] / seconds if seconds > 0 else 0.0}
+
+
+def scored_tokens(batch: dict[str, Any], count: Tensor | None = None) -> int:
+    """The scored tokens of a batch: the host's count where the batch carries it, else `count` (or the targets)
+    read back from the device."""
+    if SCORED in batch:
+        return int(batch[SCORED])
+    return int(count if count is not None else (batch["target"] != IGNORE_INDEX).sum())
 
 
 class LanguageModelModule(TaskModule):
@@ -115,7 +124,8 @@ class LanguageModelModule(TaskModule):
         self._group_tokens = 0  # scored tokens of the micro-batches accumulated since the last optimiser step
         self.scores = nn.ModuleDict({name: SplitScore() for name in ("val", *self.eval_splits)})
         self._train_tokens, self._train_seconds = 0, 0.0
-        self._batch_started = 0.0
+        self._batch_started: float | None = None
+        self._scoring: tuple[str, float] | None = None  # the split being evaluated and when its first batch came
 
     # ------------------------------------------------------------------------------------------------ the loss
     def nll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -124,11 +134,16 @@ class LanguageModelModule(TaskModule):
         return linear_cross_entropy(hidden, self.model.output_weight, batch["target"],
                                     chunk_tokens=self.loss_chunk_tokens)
 
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        # counted on the host, before the batch moves to the device: reading the count back from a GPU would make
+        # the host wait for the GPU at every step
+        return {**batch, SCORED: int((batch["target"] != IGNORE_INDEX).sum())}
+
     def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         """Training: the summed NLL over `micro_batch_tokens` (see the module docstring), after logging the mean
         `train/loss`. Otherwise the mean NLL per scored token."""
         nll, count = self.nll(batch)
-        tokens = int(count)
+        tokens = scored_tokens(batch, count)
         mean = nll / max(tokens, 1)
         if stage != "train":
             return mean
@@ -153,16 +168,30 @@ class LanguageModelModule(TaskModule):
                 parameter.grad.mul_(assumed / accumulated)
 
     # ---------------------------------------------------------------------------------------------- training
+    def _train_clock(self, running: bool) -> float:
+        """Add the time since the clock last (re)started to the training time; restart it or stop it. Returns the
+        training time so far. The clock reads the host's time without waiting for the GPU: the host runs at most a
+        queue of kernels ahead of it, so over many batches the rate is the GPU's."""
+        now = time.perf_counter()
+        if self._batch_started is not None:
+            self._train_seconds += now - self._batch_started
+        self._batch_started = now if running else None
+        return self._train_seconds
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._batch_started = time.perf_counter()
+        self._train_clock(running=True)
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._synchronize()
-        self._train_seconds += time.perf_counter() - self._batch_started
-        self._train_tokens += int((batch["target"] != IGNORE_INDEX).sum())
+        self._train_tokens += scored_tokens(batch)
         # the mean since the start of this fit (evaluations excluded), steadier than one batch's rate
-        self.log("train/tokens_per_s", self._train_tokens / max(self._train_seconds, 1e-9), on_step=True,
+        self.log("train/tokens_per_s", self._train_tokens / max(self._train_clock(running=True), 1e-9), on_step=True,
                  on_epoch=False, prog_bar=True)
+
+    def on_validation_start(self) -> None:
+        self._train_clock(running=False)
+
+    def on_train_epoch_end(self) -> None:
+        self._train_clock(running=False)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -170,10 +199,21 @@ class LanguageModelModule(TaskModule):
 
     # -------------------------------------------------------------------------------------------- evaluation
     def _score(self, batch: dict[str, Tensor], name: str) -> None:
-        started = time.perf_counter()
+        if self._scoring is None or self._scoring[0] != name:  # the first batch of this split's evaluation
+            self._score_clock(None)
+            self._scoring = (name, time.perf_counter())
         nll, count = self.nll(batch)
+        self.scores[name].update(nll, count)
+
+    def _score_clock(self, name: str | None) -> None:
+        """Stop the running evaluation clock (that of split `name` only, when given) and add its time to its split:
+        one wait for the GPU per split's evaluation, not one per batch."""
+        if self._scoring is None or name not in (None, self._scoring[0]):
+            return
         self._synchronize()
-        self.scores[name].update(nll, count, time.perf_counter() - started)
+        running, started = self._scoring
+        self.scores[running].seconds += time.perf_counter() - started
+        self._scoring = None
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._score(batch, "val")
@@ -191,6 +231,7 @@ class LanguageModelModule(TaskModule):
             self._score(batch, self.eval_splits[dataloader_idx])
 
     def _log_split(self, name: str) -> None:
+        self._score_clock(name)
         for key, value in self.scores[name].metrics().items():
             # fp64, so that metrics.json keeps every digit of sums over 10^5 tokens (Lightning keeps the dtype)
             self.log(f"{name}/{key}", torch.tensor(value, dtype=torch.float64), sync_dist=False,
@@ -206,7 +247,7 @@ class LanguageModelModule(TaskModule):
 
     # ------------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.build_optimizer(self.parameters())
         peak = optimizer.param_groups[0]["lr"]
         schedule = InverseSqrtSchedule(peak, self.warmup_updates, self.warmup_init_lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -10,7 +10,8 @@ formulation, in `flowformer/attention/reference.py`). Two deliberate departures,
 
 Paths: non-causal attention runs "blocked" (`noncausal.py`, the CPU form) or "batched" (`batched.py`, the GPU
 form); causal attention runs chunked (`causal.py`), with a hand-written backward (`causal_backward.py`) and, for
-CPU inference, in cache-sized segments.
+CPU inference, in cache-sized segments. Under `torch.compile` the hand-written passes run as custom ops (`ops.py`):
+one node of the compiled graph each, with the same code inside.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from flowformer.attention.flow import causal as chunked
-from flowformer.attention.flow import causal_backward
+from flowformer.attention.flow import causal_backward, ops
 from flowformer.attention.flow.batched import batched_flow
 from flowformer.attention.flow.chunks import EXP_PREFIX_MAX_CLAMP, needs_grad
 from flowformer.attention.flow.features import prepare, real_token_weights
@@ -64,8 +65,8 @@ def flow_attention(
             "blocked": cache-sized blocks of rows with a hand-written backward, flows in fp32 (the CPU form).
             "batched": a few large GEMMs over the whole sequence under autograd, in the input dtype with the flows
                 and sums in fp32 (the GPU form).
-            "auto" (default): "batched" on a GPU; on a CPU "blocked", except for fp32 inference (no autograd) at
-                1024-8192 keys, where "batched" measured faster.
+            "auto" (default): "batched" on a GPU and under torch.compile; otherwise on a CPU "blocked", except for
+                fp32 inference (no autograd) at 1024-8192 keys, where "batched" measured faster.
             The causal path has one chunked form (flows in fp32) whatever the backend.
     Returns:
         (B, H, L, dv), in the dtype of q (under autocast, in the autocast dtype: like a matmul, the op casts its
@@ -109,7 +110,8 @@ def apply_flow_attention(
             out = batched_flow(x, options)
         else:
             x = prepare((q, k, v), masks, options.kernel, dtype=compute_dtype(q), mapped=False)
-            out = BlockedFlow.apply(x.q, x.k, x.v, x.q_real, x.k_real, options)
+            blocked = ops.blocked_flow if torch.compiler.is_compiling() else BlockedFlow.apply
+            out = blocked(x.q, x.k, x.v, x.q_real, x.k_real, options)
         if query_padding_mask is not None:
             out = out * real_token_weights(query_padding_mask, out)
     return out.to(q.dtype)
@@ -126,7 +128,8 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, masks: tuple, options: FlowOptions)
     clamp = options.clamp
     exp_softmax = not options.competition or (clamp is not None and clamp <= EXP_PREFIX_MAX_CLAMP)
     if needs_grad(x.q, x.k, x.v) and exp_softmax:
-        return causal_backward.CausalFlow.apply(x.q, x.k, x.v, x.q_real, x.k_real, options)
+        causal = ops.causal_flow if torch.compiler.is_compiling() else causal_backward.CausalFlow.apply
+        return causal(x.q, x.k, x.v, x.q_real, x.k_real, options)
     # inference keeps nothing for a backward; the logcumsumexp form of the prefix softmax is left to autograd
     return chunked.causal_pass(x, options).out
 
@@ -148,12 +151,15 @@ def resolve_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
 
     "auto" picks by device, length and whether autograd records the call. On a GPU the official formulation's shape,
     a few large kernels over the whole sequence, ran the forward faster than the blocked passes at every length
-    measured, in fp32 and bf16 (results/bench/efficiency_cuda_*.md), and "batched" has that shape. On a CPU,
-    "blocked" for training, and "batched" for fp32 (or fp64) inference at `AUTO_BATCHED_INFERENCE_KEYS_CPU` keys.
+    measured, in fp32 and bf16 (results/bench/efficiency_cuda_*.md), and "batched" has that shape. Under
+    `torch.compile`, "batched" everywhere: the compiler fuses its elementwise work, which the blocked passes cannot
+    offer it (they are one opaque op), and on a CPU it trained faster than the blocked op at every length measured
+    (`make bench ARGS=--variants=flow_blocked,flow_compiled`). Otherwise on a CPU, "blocked" for training, and "batched" for fp32 (or fp64)
+    inference at `AUTO_BATCHED_INFERENCE_KEYS_CPU` keys.
     """
     if backend != "auto":
         return backend
-    if k.is_cuda:
+    if k.is_cuda or torch.compiler.is_compiling():
         return "batched"
     shortest, longest = AUTO_BATCHED_INFERENCE_KEYS_CPU
     # half-precision inputs stay blocked on a CPU, which computes their flows in fp32 (and has slow half GEMMs)

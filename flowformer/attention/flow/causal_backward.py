@@ -32,19 +32,30 @@ class CausalFlow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_real, k_real, options: FlowOptions):
-        result = causal.causal_pass(FlowInputs(q, k, v, q_real, k_real), options, for_backward=True)
+        out, saved = causal_forward(q, k, v, q_real, k_real, options)
         ctx.options = options
-        ctx.length = q.shape[-2]
         # like torch.exp, the backward reads the output: modifying it in place before backward is an error
-        ctx.save_for_backward(*result.saved)
-        return result.out
+        ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False):
-            grads = _backward(CausalSaved(*ctx.saved_tensors), ctx.options, grad_out, ctx.length)
-        return (*grads, None, None, None)
+        return (*causal_backward(ctx.saved_tensors, ctx.options, grad_out), None, None, None)
+
+
+def causal_forward(q: Tensor, k: Tensor, v: Tensor, q_real: Tensor | None, k_real: Tensor | None,
+                   options: FlowOptions) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    """The forward of `CausalFlow`: (out (B, H, L, dv), the fields of `CausalSaved` that `causal_backward` reads,
+    None where an option is off)."""
+    result = causal.causal_pass(FlowInputs(q, k, v, q_real, k_real), options, for_backward=True)
+    return result.out, tuple(result.saved)
+
+
+def causal_backward(saved: tuple[Tensor | None, ...], options: FlowOptions, grad_out: Tensor):
+    """Gradients of q, k and v (B, H, L, ·) from what `causal_forward` saved."""
+    with torch.autocast(grad_out.device.type, enabled=False):
+        return _backward(CausalSaved(*saved), options, grad_out, grad_out.shape[-2])
 
 
 def _backward(t: CausalSaved, options: FlowOptions, grad_out: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -68,7 +68,8 @@ class _Sources(NamedTuple):
 
 
 class BlockedFlow(torch.autograd.Function):
-    """apply(q_raw, k_raw, v, q_real, k_real, options) -> (B, H, L, dv).
+    """apply(q_raw, k_raw, v, q_real, k_real, options) -> (B, H, L, dv): `blocked_forward` with the hand-written
+    `blocked_backward`.
 
     q_raw, k_raw: (B, H, L|S, d) before the feature map; v: (B, H, S, dv), padding zeroed; q_real, k_real: (B, 1,
     N, 1) real-token weights or None; options: `FlowOptions`. Computes in the dtype of its inputs.
@@ -76,82 +77,95 @@ class BlockedFlow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_raw, k_raw, v, q_real, k_real, options: FlowOptions):
-        q_blocks, k_blocks = row_blocks(q_raw), row_blocks(k_raw)
-        q, k = torch.empty_like(q_raw), torch.empty_like(k_raw)
-        tokens = FlowInputs(q_raw, k_raw, v, q_real, k_real, mapped=False)
-        n_sinks, n_sources = tokens.n_sinks(), tokens.n_sources()
-        key_is_pad = None if k_real is None else k_real.transpose(-2, -1) == 0  # (B,1,1,S)
-        competition, allocation, eps = options.competition, options.allocation, options.eps
-
-        # passes over k, then q: φ(k), a = Σ φ(k) + ε; φ(q), (1) I_i = <q_i+ε, a>, s_i = 1/I_i; the sums Σ_i q_i
-        # (allocation) and Σ_i s_i q_i (competition)
-        k_total = 0.0
-        for rows in k_blocks:
-            k_total = k_total + map_rows(k_raw, rows, options.kernel, k_real, out=k[..., rows, :]).sum(-2, keepdim=True)
-        k_total = k_total + eps
-        k_shift = eps * k_total.sum(-1, keepdim=True)
-        scales, q_stats = [], 0.0
-        for rows in q_blocks:
-            block = map_rows(q_raw, rows, options.kernel, q_real, out=q[..., rows, :])
-            scale = torch.reciprocal_((k_total @ block.transpose(-2, -1)).add_(k_shift))
-            scales.append(scale)
-            weights = ([torch.ones_like(scale)] if allocation else []) + ([scale] if competition else [])
-            if weights:
-                q_stats = q_stats + torch.cat(weights, -2) @ block
-        sink_scale = join(scales)
-
-        # pass over k and v, then the competition softmax over keys (or heads)
-        keys_softmax = competition and options.competition_over == "keys"
-        clamp = options.clamp
-        streamed = not keys_softmax or (clamp is not None and clamp <= EXP_PREFIX_MAX_CLAMP)
-        sink_sums = q_stats + eps if (allocation or competition) else None  # rows: Σ q + ε (allocation), Σ s q + ε
-        keys = _Keys(k, v, k_blocks, key_is_pad, n_sources)
-        sources = _source_pass(keys, sink_sums, options, streamed)
-        kv, weights = sources.kv, sources.weights
-        if keys_softmax:
-            kv, weights = _normalise_competition(keys, sources, options, streamed)
-
-        # pass over q: (2)+(3) Î_i = <q_i+ε, Σ_j o_j k_j + ε> and the allocation gate; (4) out_i = α_i/I_i q_i kv,
-        # each block's product written straight into the output (bmm on (B·H, n, ·) views: no copy)
-        gate_terms = None
-        if allocation:
-            k_weighted = sources.ok_sum + eps
-            gate_terms = (k_weighted, eps * k_weighted.sum(-1, keepdim=True), n_sinks / n_sources)
-        batch_heads, dim, dim_v = q.shape[0] * q.shape[1], q.shape[-1], v.shape[-1]
-        out = q.new_empty(q.shape[:-1] + (dim_v,))
-        out_rows, kv_3d, gates = out.view(batch_heads, -1, dim_v), kv.reshape(batch_heads, dim, dim_v), []
-        for rows in q_blocks:
-            block = q[..., rows, :]
-            target = out_rows[:, rows]
-            torch.bmm(block.reshape(batch_heads, -1, dim), kv_3d, out=target)
-            scale = sink_scale[..., rows]
-            if allocation:
-                weighted, shift, ratio = gate_terms
-                gate = torch.sigmoid_((weighted @ block.transpose(-2, -1)).add_(shift).mul_(ratio))
-                gates.append(gate)
-                scale = gate * scale
-            target.mul_(scale.reshape(batch_heads, -1, 1))
-
-        saved = _Saved(k_total, sink_scale, sink_scale, kv, n_sources)
-        if competition:
-            q_weighted = sink_sums[..., -1:, :]
-            saved = saved._replace(q_weighted=q_weighted, conserved_source=sources.conserved_source,
-                                   competition_weights=weights)
-        if allocation:
-            gate = join(gates)
-            saved = saved._replace(row_scale=gate * sink_scale, q_total=sink_sums[..., :1, :],
-                                   source_scale=sources.source_scale, k_weighted=gate_terms[0], gate=gate,
-                                   ratio=gate_terms[2])
+        out, saved = blocked_forward(q_raw, k_raw, v, q_real, k_real, options)
         ctx.options = options
-        ctx.save_for_backward(q, k, v, *saved)
+        ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False):
-            grad_q, grad_k, grad_v = _backward(ctx.saved_tensors, ctx.options, grad_out.contiguous())
+        grad_q, grad_k, grad_v = blocked_backward(ctx.saved_tensors, ctx.options, grad_out)
         return grad_q, grad_k, grad_v, None, None, None
+
+
+def blocked_forward(q_raw: Tensor, k_raw: Tensor, v: Tensor, q_real: Tensor | None, k_real: Tensor | None,
+                    options: FlowOptions) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    """The forward of `BlockedFlow`: (out (B, H, L, dv), what `blocked_backward` reads: φ(q), φ(k), v, then the
+    fields of `_Saved`, None where an option is off)."""
+    q_blocks, k_blocks = row_blocks(q_raw), row_blocks(k_raw)
+    q, k = torch.empty_like(q_raw), torch.empty_like(k_raw)
+    tokens = FlowInputs(q_raw, k_raw, v, q_real, k_real, mapped=False)
+    n_sinks, n_sources = tokens.n_sinks(), tokens.n_sources()
+    key_is_pad = None if k_real is None else k_real.transpose(-2, -1) == 0  # (B,1,1,S)
+    competition, allocation, eps = options.competition, options.allocation, options.eps
+
+    # passes over k, then q: φ(k), a = Σ φ(k) + ε; φ(q), (1) I_i = <q_i+ε, a>, s_i = 1/I_i; the sums Σ_i q_i
+    # (allocation) and Σ_i s_i q_i (competition)
+    k_total = 0.0
+    for rows in k_blocks:
+        k_total = k_total + map_rows(k_raw, rows, options.kernel, k_real, out=k[..., rows, :]).sum(-2, keepdim=True)
+    k_total = k_total + eps
+    k_shift = eps * k_total.sum(-1, keepdim=True)
+    scales, q_stats = [], 0.0
+    for rows in q_blocks:
+        block = map_rows(q_raw, rows, options.kernel, q_real, out=q[..., rows, :])
+        scale = torch.reciprocal_((k_total @ block.transpose(-2, -1)).add_(k_shift))
+        scales.append(scale)
+        weights = ([torch.ones_like(scale)] if allocation else []) + ([scale] if competition else [])
+        if weights:
+            q_stats = q_stats + torch.cat(weights, -2) @ block
+    sink_scale = join(scales)
+
+    # pass over k and v, then the competition softmax over keys (or heads)
+    keys_softmax = competition and options.competition_over == "keys"
+    clamp = options.clamp
+    streamed = not keys_softmax or (clamp is not None and clamp <= EXP_PREFIX_MAX_CLAMP)
+    sink_sums = q_stats + eps if (allocation or competition) else None  # rows: Σ q + ε (allocation), Σ s q + ε
+    keys = _Keys(k, v, k_blocks, key_is_pad, n_sources)
+    sources = _source_pass(keys, sink_sums, options, streamed)
+    kv, weights = sources.kv, sources.weights
+    if keys_softmax:
+        kv, weights = _normalise_competition(keys, sources, options, streamed)
+
+    # pass over q: (2)+(3) Î_i = <q_i+ε, Σ_j o_j k_j + ε> and the allocation gate; (4) out_i = α_i/I_i q_i kv,
+    # each block's product written straight into the output (bmm on (B·H, n, ·) views: no copy)
+    gate_terms = None
+    if allocation:
+        k_weighted = sources.ok_sum + eps
+        gate_terms = (k_weighted, eps * k_weighted.sum(-1, keepdim=True), n_sinks / n_sources)
+    batch_heads, dim, dim_v = q.shape[0] * q.shape[1], q.shape[-1], v.shape[-1]
+    out = q.new_empty(q.shape[:-1] + (dim_v,))
+    out_rows, kv_3d, gates = out.view(batch_heads, -1, dim_v), kv.reshape(batch_heads, dim, dim_v), []
+    for rows in q_blocks:
+        block = q[..., rows, :]
+        target = out_rows[:, rows]
+        torch.bmm(block.reshape(batch_heads, -1, dim), kv_3d, out=target)
+        scale = sink_scale[..., rows]
+        if allocation:
+            weighted, shift, ratio = gate_terms
+            gate = torch.sigmoid_((weighted @ block.transpose(-2, -1)).add_(shift).mul_(ratio))
+            gates.append(gate)
+            scale = gate * scale
+        target.mul_(scale.reshape(batch_heads, -1, 1))
+
+    saved = _Saved(k_total, sink_scale, sink_scale, kv, n_sources)
+    if competition:
+        q_weighted = sink_sums[..., -1:, :]
+        saved = saved._replace(q_weighted=q_weighted, conserved_source=sources.conserved_source,
+                               competition_weights=weights)
+    if allocation:
+        gate = join(gates)
+        saved = saved._replace(row_scale=gate * sink_scale, q_total=sink_sums[..., :1, :],
+                               source_scale=sources.source_scale, k_weighted=gate_terms[0], gate=gate,
+                               ratio=gate_terms[2])
+    return out, (q, k, v, *saved)
+
+
+def blocked_backward(saved: tuple[Tensor | None, ...], options: FlowOptions, grad_out: Tensor):
+    """Gradients of q_raw, k_raw and v from what `blocked_forward` saved (see `_backward`)."""
+    with torch.autocast(grad_out.device.type, enabled=False):
+        return _backward(saved, options, grad_out.contiguous())
 
 
 def _source_pass(keys: _Keys, sink_sums: Tensor | None, options: FlowOptions, streamed: bool) -> _Sources:
