@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -84,6 +85,11 @@ def scored_tokens(batch: dict[str, Any], count: Tensor | None = None) -> int:
     if SCORED in batch:
         return int(batch[SCORED])
     return int(count if count is not None else (batch["target"] != IGNORE_INDEX).sum())
+
+
+# Lightning notes that this module's on_before_batch_transfer runs although a datamodule is attached: that is the intent
+# (the datamodule defines no such hook)
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 class LanguageModelModule(TaskModule):
