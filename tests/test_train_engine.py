@@ -24,10 +24,13 @@ from tests.helpers import HARNESS, TINY_UEA, compose_config, write_tiny_uea
 
 
 def tiny_config(tmp_path: Path, *extra: str):
+    """The tiny UEA run; last.ckpt after every epoch (not at most once a minute), so that kills land where tests
+    expect them."""
     write_tiny_uea(tmp_path / "data")
     return compose_config(
         ["experiment=uea/base", "data.dataset=Tiny", f"paths.data_dir={tmp_path / 'data'}", *TINY_UEA,
-         "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=1", HARNESS, *extra]
+         "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=1", "callbacks.last_checkpoint.min_interval_s=0",
+         HARNESS, *extra]
     )
 
 
@@ -137,6 +140,21 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     again = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(full[key], again[key]) for key in full)
+
+
+def test_short_epochs_write_last_ckpt_at_most_once_a_minute_and_after_the_last_epoch(tmp_path):
+    # the shipped default: epoch 0 writes (step 2), epochs 1-2 come within the minute and do not; the kill at the
+    # start of epoch 3 leaves step 2's checkpoint, from which the resumed run still ends as the uninterrupted one
+    default = "callbacks.last_checkpoint.min_interval_s=60"
+    uninterrupted = run(tmp_path, "full", default)
+    last = tmp_path / "full" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 8  # the last epoch always writes
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(tmp_path, "resumed", default, "+callbacks.kill._target_=tests.helpers.InterruptAtEpoch",
+            "+callbacks.kill.epoch=3")
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    resumed = run(tmp_path, "resumed", default, "resume=true")
+    assert resumed["history"] == uninterrupted["history"] and resumed["metrics"] == uninterrupted["metrics"]
 
 
 def test_nan_loss_stops_names_the_step_and_keeps_the_last_checkpoint(tmp_path):

@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from flowformer.attention.registry import build_attention, split_attention_config
+from flowformer.dropout import Dropout
 
 
 class MultiHeadAttention(nn.Module):
@@ -46,7 +47,7 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = None if self.shares_qk else nn.Linear(d_model, inner, bias=bias)
         self.v_proj = nn.Linear(d_model, inner, bias=bias)
         self.out_proj = nn.Linear(inner, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def _split_heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flowformer.dropout import Dropout
 from flowformer.nn.blocks import CausalDecoderBlock
 
 TOKENS_PER_STEP = 3  # return-to-go, state, action
@@ -84,7 +85,7 @@ class DecisionTransformer(nn.Module):
         self.state_embedding = nn.Linear(state_dim, d_model)
         self.action_embedding = nn.Linear(act_dim, d_model)
         self.embedding_norm = nn.LayerNorm(d_model, eps=ln_eps)
-        self.embedding_dropout = nn.Dropout(dropout)
+        self.embedding_dropout = Dropout(dropout)
         attention = with_attention_defaults(attention, attention_defaults)
         self.blocks = nn.ModuleList(
             CausalDecoderBlock(

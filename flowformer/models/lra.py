@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flowformer.dropout import Dropout
 from flowformer.nn.blocks import Encoder, FeedForward
 from flowformer.nn.embeddings import LearnedPositionalEncoding
 
@@ -118,7 +119,7 @@ class LRAEncoder(nn.Module):
             self.positions = LearnedPositionalEncoding(table_len, d_model, init_scale=0.02, init="normal")
         else:
             raise ValueError(f"model.pos_emb must be 'sinusoidal' or 'learned', got {pos_emb!r}")
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.encoder = Encoder(
             n_layers,
             final_norm=True,

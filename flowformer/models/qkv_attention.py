@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from flowformer.attention.registry import build_attention, split_attention_config
+from flowformer.dropout import Dropout
 
 
 class QkvAttention(nn.Module):
@@ -69,7 +70,7 @@ class QkvAttention(nn.Module):
         parts = 2 if self.shares_qk else 3
         self.qkv = nn.Linear(dim, parts * dim, bias=qkv_bias, device=device, dtype=dtype)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, device=device, dtype=dtype)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = Dropout(proj_drop)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, **unused: Any) -> Tensor:
         """x: (B, N, C) -> (B, N, C). `attn_mask` must be None (a linear attention takes no dense mask);

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from flowformer.attention import FlowAttention, MultiHeadAttention, flow_attention_prefill, flow_attention_step
 from flowformer.attention.baselines import SoftmaxAttention
+from flowformer.dropout import Dropout
 from flowformer.nn.blocks import make_activation
 from flowformer.nn.embeddings import FairseqSinusoidalPositions
 
@@ -88,8 +89,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(d_model, n_heads, attention, dropout=dropout)
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(
-            nn.Linear(d_model, d_ff), make_activation(activation), nn.Dropout(activation_dropout),
-            nn.Linear(d_ff, d_model), nn.Dropout(dropout),
+            nn.Linear(d_model, d_ff), make_activation(activation), Dropout(activation_dropout),
+            nn.Linear(d_ff, d_model), Dropout(dropout),
         )
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
@@ -163,7 +164,7 @@ class TransformerLM(nn.Module):
         self.embed_tokens = nn.Embedding(vocab_size, d_model, padding_idx=padding_idx)
         self.embed_scale = math.sqrt(d_model) if scale_embeddings else 1.0
         self.embed_positions = FairseqSinusoidalPositions(d_model, padding_idx)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.layers = nn.ModuleList(
             DecoderLayer(d_model, n_heads, d_ff, attention, dropout, activation, activation_dropout)
             for _ in range(n_layers)

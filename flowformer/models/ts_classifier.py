@@ -8,6 +8,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowformer.dropout import Dropout
 from flowformer.nn.blocks import Encoder
 from flowformer.nn.embeddings import LearnedPositionalEncoding
 
@@ -39,7 +40,7 @@ class TimeSeriesClassifier(nn.Module):
         self.max_len, self.d_model = max_len, d_model
         self.input_proj = nn.Linear(feat_dim, d_model)
         self.positions = LearnedPositionalEncoding(max_len, d_model, init_scale=pos_init_scale, init="uniform")
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.encoder = Encoder(
             n_layers,
             final_norm=True,
@@ -51,7 +52,7 @@ class TimeSeriesClassifier(nn.Module):
             norm_first=norm_first,
             activation=activation,
         )
-        self.head_dropout = nn.Dropout(dropout)
+        self.head_dropout = Dropout(dropout)
         self.classifier = nn.Linear(max_len * d_model, num_classes)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:

@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from flowformer.attention.layer import MultiHeadAttention
+from flowformer.dropout import Dropout
 
 ACTIVATIONS = {
     "gelu": nn.GELU,
@@ -51,9 +52,9 @@ class FeedForward(nn.Sequential):
         super().__init__(
             nn.Linear(d_model, d_ff),
             make_activation(activation),
-            nn.Dropout(dropout) if inner_dropout else nn.Identity(),
+            Dropout(dropout) if inner_dropout else nn.Identity(),
             nn.Linear(d_ff, d_model),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
 
 
@@ -84,7 +85,7 @@ class EncoderBlock(nn.Module):
         self.attention = MultiHeadAttention(d_model, n_heads, attention, d_head=d_head)
         self.norm1 = nn.LayerNorm(d_model, eps=ln_eps)
         self.norm2 = nn.LayerNorm(d_model, eps=ln_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.ffn = FeedForward(d_model, d_ff, dropout, activation, inner_dropout=ffn_inner_dropout)
 
     def _attend(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:

@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -99,12 +100,33 @@ class LastCheckpoint(ModelCheckpoint):
     from it skips that evaluation: its history would lack one entry. So the checkpoint is written again once the
     evaluation is over, at the point where Lightning itself saves after one: the end of the evaluation inside an
     epoch, the end of the training epoch after an epoch-end evaluation.
+
+    With `every_n_epochs`, an epoch's save is skipped while the last one is under `min_interval_s` old, except after
+    the last epoch (or when the run stops): short epochs (a UEA epoch takes seconds) would otherwise spend a noticeable
+    share of the run writing checkpoints, and a killed run resumes from at most that many seconds back. Rank 0's clock decides
+    for every process, since all of them take part in a save.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, min_interval_s: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.min_interval_s = float(min_interval_s)
         self._saved_step: int | None = None
         self._resave_at_epoch_end = False
+        self._epoch_save_time: float | None = None
+
+    def _epoch_save_is_due(self, trainer: L.Trainer) -> bool:
+        """Whether this epoch's end may write last.ckpt (Lightning's own `every_n_epochs` rule still applies)."""
+        epochs = self._every_n_epochs
+        if not self.min_interval_s or not epochs or (trainer.current_epoch + 1) % epochs:
+            return True
+        now = time.monotonic()
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        due = (self._epoch_save_time is None or now - self._epoch_save_time >= self.min_interval_s or last_epoch
+               or trainer.should_stop)
+        due = trainer.strategy.broadcast(due, src=0)
+        if due:
+            self._epoch_save_time = now
+        return due
 
     def _save(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.format_checkpoint_name({}))
@@ -126,7 +148,8 @@ class LastCheckpoint(ModelCheckpoint):
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
+        if self._epoch_save_is_due(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
         if self._resave_at_epoch_end:
             self._resave_at_epoch_end = False
             self._save(trainer)
