@@ -102,9 +102,9 @@ class LastCheckpoint(ModelCheckpoint):
     epoch, the end of the training epoch after an epoch-end evaluation.
 
     With `every_n_epochs`, an epoch's save is skipped while the last one is under `min_interval_s` old, except after
-    the last epoch (or when the run stops): short epochs (a UEA epoch takes seconds) would otherwise spend a noticeable
-    share of the run writing checkpoints, and a killed run resumes from at most that many seconds back. Rank 0's clock decides
-    for every process, since all of them take part in a save.
+    the last epoch (or when the run stops): short epochs (a UEA epoch takes seconds) would otherwise spend a
+    noticeable share of the run writing checkpoints, and a killed run resumes from at most that many seconds back.
+    Rank 0's clock decides for every process, since all of them take part in a save.
     """
 
     def __init__(self, *args: Any, min_interval_s: float = 0.0, **kwargs: Any) -> None:
