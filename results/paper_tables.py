@@ -78,11 +78,6 @@ class PaperTable:
     def std(self, row: str, model: str | None) -> float | None:
         return _to_float(self.std_texts.get((row, model), "")) if model else None
 
-    @property
-    def numeric_rows(self) -> list[str]:
-        """Rows that hold at least one number (drops ImageNet's 'complexity')."""
-        return [r for r in self.rows if any(self.value(r, m) is not None for m in self.models)]
-
     def average_check(self, model: str) -> AverageCheck | None:
         """Compare the printed average of ``model`` with the mean of its per-row values (None: no average row)."""
         avg = self.spec.average_row

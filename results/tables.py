@@ -165,9 +165,6 @@ class TableResult:
     def spec(self):
         return self.paper.spec
 
-    def section(self, key: str) -> Section | None:
-        return next((s for s in self.sections if s.key == key), None)
-
     def scored_rows(self, section: Section) -> list[str]:
         """Rows whose values are compared with the paper's (not the descriptive ones, such as model size)."""
         return [r for r in section.rows if r not in self.spec.descriptive_rows]

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from results.run_record import PREEMPTED_MARKER
+from results.run_record import PREEMPTED_MARKER, last_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class PreemptionCheckpoint(L.Callback):
         if not stop:
             return
         run_dir = Path(trainer.default_root_dir)
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(last_checkpoint(run_dir))
         signum = self.received or self.signals[0]
         if trainer.is_global_zero:
             (run_dir / PREEMPTED_MARKER).write_text(f"{signal.Signals(signum).name} at step {trainer.global_step}\n")
