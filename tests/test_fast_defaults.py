@@ -62,6 +62,18 @@ def test_on_an_accelerator_a_non_finite_loss_is_caught_without_a_sync_per_step()
         module.on_save_checkpoint({})
 
 
+def test_the_first_non_finite_loss_is_named_by_its_optimiser_step_under_gradient_accumulation():
+    module = ClassificationModule(torch.nn.Linear(2, 3), functools.partial(torch.optim.SGD, lr=0.1), OBJECTIVE, 3)
+    trainer = types.SimpleNamespace(log_every_n_steps=10, global_step=0, current_epoch=0)
+    module._trainer = trainer
+    # two micro-batches per optimiser step: the fifth loss belongs to global step 2
+    for micro_batch, value in enumerate([1.0, 2.0, 3.0, 4.0, float("nan"), 5.0]):
+        trainer.global_step = micro_batch // 2
+        module._watch_loss(torch.tensor(value))
+    with pytest.raises(NonFiniteLossError, match=r"first at global step 2 "):
+        module.on_save_checkpoint({})
+
+
 def test_loaders_pin_memory_only_for_a_cuda_device():
     from tasks.common.datamodule import TaskDataModule
 

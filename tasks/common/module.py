@@ -37,11 +37,10 @@ def fast_optimizer_options(factory: Callable[..., Any], device: torch.device, fu
     if "fused" in keywords or "foreach" in keywords:
         return {}
     target = getattr(factory, "func", factory)
+    accepted = inspect.signature(target).parameters
     if isinstance(target, type) and issubclass(target, torch.optim.Optimizer):
-        accepted = inspect.signature(target).parameters
         has_fused = "fused" in accepted
     else:  # timm: opt="adam"/"adamw" builds torch's own class, which has a fused kernel
-        accepted = inspect.signature(target).parameters
         has_fused = str(keywords.get("opt", "")).lower() in ("adam", "adamw")
     if fused and has_fused and device.type in FUSED_DEVICES:
         return {"fused": True}
@@ -80,7 +79,6 @@ class TaskModule(L.LightningModule):
         self.objective = Objective.from_config(objective)
         self.history: list[dict[str, float]] = []
         self._first_bad_step: Tensor | None = None  # see _watch_loss
-        self._steps_seen: Tensor | None = None
 
     def step(self, batch: Any, stage: str) -> Tensor:
         """Loss of `batch` in `stage` ("train", "val" or "test"), after logging the stage's metrics."""
@@ -100,13 +98,11 @@ class TaskModule(L.LightningModule):
         """On an accelerator, note the first non-finite loss on the device, where reading it back at every step
         would make the host wait for the device; `_check_losses` reads the note before every checkpoint and at
         every logging step."""
-        step = self.global_step
+        step = self.global_step  # a Python int: the note needs no copy to the device
         if self._first_bad_step is None:
             self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
-            self._steps_seen = torch.full((), step, dtype=torch.int64, device=loss.device)
         bad = ~torch.isfinite(loss.detach())
-        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), self._steps_seen, self._first_bad_step)
-        self._steps_seen += 1
+        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), step, self._first_bad_step)
         if step % max(1, self.trainer.log_every_n_steps) == 0:
             self._check_losses()
 
