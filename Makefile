@@ -60,7 +60,7 @@ bench: ## the attention efficiency benchmark (JSON, Markdown table and figure in
 	$(PY) -m experiments.bench $(ARGS)
 
 bench-gpu: ## on a CUDA GPU: the gpu tests, then the benchmark in bf16 and in fp32 (both flow backends, FlashAttention)
-	$(PY) -m pytest -m gpu tests/test_flow_gpu.py tests/test_attention_autocast.py
+	$(PY) -m pytest -m gpu tests
 	$(PY) -m experiments.bench --device cuda --dtypes bfloat16 --tag efficiency_cuda_bf16 $(ARGS)
 	$(PY) -m experiments.bench --device cuda --dtypes float32 --tag efficiency_cuda_fp32 $(ARGS)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_TESTS = ("tests/test_flow_gpu.py", "tests/test_attention_autocast.py")  # the files with `gpu` tests
+GPU_TESTS = ("tests",)  # every test marked `gpu` (selected by -m gpu), wherever it is
 ATTENTION_VARIANTS = ("flow", "flow_blocked", "flow_official", "flow_causal", "flow_causal_materialised", "softmax",
                       "softmax_causal", "softmax_flash", "softmax_flash_causal", "matmul")
 DOMAINS = ("uea", "lra_text", "imagenet", "wikitext103", "d4rl")
