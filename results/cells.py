@@ -18,7 +18,7 @@ from pathlib import Path
 from results.manifest import ExperimentEntry, Manifest
 from results.naming import domain_of
 from results.recipe import CONF_DIR, DEBUG_KEYS, CellRecipe, KeyDiff, RecipeCheck, cell_recipe
-from results.records import Problem, Record, metric_value
+from results.records import Problem, Record, config_value, metric_value
 
 RECIPE = ""  # the variant of a record that is its cell's recipe
 
@@ -118,9 +118,7 @@ def identity_mismatch(record: Record) -> str | None:
     config = record.data.get("config") or {}
     wrong = []
     for field_name, dotted in IDENTITY_KEYS.items():
-        node: object = config
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
+        _, node = config_value(config, dotted)
         if node != record.data.get(field_name) and not (field_name == "variant" and node is None):
             wrong.append(f"`{field_name}` is {record.data.get(field_name)!r} but the config's `{dotted}` is {node!r}")
     return "; ".join(wrong) or None

@@ -117,6 +117,16 @@ def layout_mismatch(record: Record, root: Path) -> str | None:
     return None
 
 
+def config_value(config: Any, dotted: str) -> tuple[bool, Any]:
+    """(found, value) of the dotted key ``a.b.c`` in a nested config; (False, None) where any part is missing."""
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
 def metric_value(data: dict[str, Any], metric: str) -> float | None:
     """Read the value named by a manifest ``metric`` from a record.
 

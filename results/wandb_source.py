@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from results.records import Problem, Record
+from results.records import Problem, Record, config_value
 from results.run_record import validate_record
 
 
@@ -51,15 +51,6 @@ def nested(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _get(config: dict[str, Any], dotted: str) -> tuple[bool, Any]:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
 def _run_path(run: Any, project: str) -> str:
     path = getattr(run, "path", None)
     if isinstance(path, (list, tuple)) and path:
@@ -77,7 +68,7 @@ def run_to_metrics(run: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def from_config(field: str, key: str) -> None:
-        found, value = _get(config, key)
+        found, value = config_value(config, key)
         if found:
             out[field] = value
 
