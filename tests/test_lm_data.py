@@ -215,9 +215,9 @@ def test_datamodule_rejects_bad_settings(bad):
 def test_real_wikitext103_has_fairseqs_sizes():
     """On the real corpus: the known token counts and fairseq's 267,744-entry dictionary (slow the first time: it
     tokenises 103 M tokens into the cache)."""
-    from tasks.wikitext103.corpus import data_root_from_env
+    from results.roots import data_root
 
-    module = WikiTextDataModule("wikitext-103", data_root_from_env())
+    module = WikiTextDataModule("wikitext-103", data_root())
     status = module.data_status()
     if not status.available:
         pytest.skip(f"WikiText-103 is not on disk ({status.detail})")

@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from results.roots import data_root
-
 SPLITS = ("train", "valid", "test")
 SOURCES = ("auto", "files", "hf")
 FETCH_COMMAND = "make data-wikitext103"
@@ -152,12 +150,7 @@ def hf_cached_files(dataset: str) -> dict[str, tuple[Path, ...]] | None:
     return None
 
 
-def data_root_from_env() -> Path:
-    """`$DATA_DIR`, defaulting to `data` as in `conf/paths`."""
-    return data_root()
-
-
 __all__ = [
     "FETCH_COMMAND", "HF_CONFIGS", "HF_REPO", "HF_SPLITS", "SOURCES", "SPLITS", "CorpusEncodingError", "CorpusSource",
-    "MissingSplitError", "data_root_from_env", "find_source", "first_invalid_utf8", "hf_cached_files", "split_file",
+    "MissingSplitError", "find_source", "first_invalid_utf8", "hf_cached_files", "split_file",
 ]

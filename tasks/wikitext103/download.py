@@ -23,6 +23,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from results.roots import data_root
 from tasks.common.download import ChecksumError, Source, fetch
 from tasks.wikitext103.cache import cache_dir_of, load_or_build
 from tasks.wikitext103.corpus import (
@@ -30,7 +31,6 @@ from tasks.wikitext103.corpus import (
     HF_REPO,
     SPLITS,
     MissingSplitError,
-    data_root_from_env,
     find_source,
     split_file,
 )
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="data root (default $DATA_DIR, else data/)")
     parser.add_argument("--check", action="store_true", help="only check and tokenise what is on disk")
     args = parser.parse_args(argv)
-    data_dir = args.data_dir or data_root_from_env()
+    data_dir = args.data_dir or data_root()
     try:
         print(prepare(args.dataset, data_dir, args.check))
     except (MissingSplitError, ValueError) as error:

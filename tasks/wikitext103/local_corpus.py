@@ -21,7 +21,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from tasks.wikitext103.corpus import data_root_from_env, split_file
+from results.roots import data_root
+from tasks.wikitext103.corpus import split_file
 
 TOKEN = re.compile(r"\w+|[^\w\s]")
 EVERY = 20  # one module in EVERY goes to valid, the next to test
@@ -89,7 +90,7 @@ def build(out: Path, min_count: int = 3, root: Path | None = None) -> dict[str, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.wikitext103.local_corpus", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=data_root_from_env() / "pydoc-text",
+    parser.add_argument("--out", type=Path, default=data_root() / "pydoc-text",
                         help="corpus folder (default $DATA_DIR/pydoc-text); train with data.dataset=<its name>")
     parser.add_argument("--min-count", type=int, default=3, help="rarer training words become <unk>")
     args = parser.parse_args(argv)
