@@ -15,7 +15,6 @@ a test, such as D4RL's episode log).
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from experiments.build import build_task
 from results.atomic_io import write_json_atomic
 from results.portable_paths import local_paths
 from results.recipe import register_resolvers
-from results.run_record import CHECKPOINT_DIR, METRICS_FILE
+from results.run_record import CHECKPOINT_DIR, METRICS_FILE, complete_record
 
 log = logging.getLogger("flowformer.evaluate")
 # Lightning warns that a checkpoint's callbacks are not there to restore: an evaluation restores weights only
@@ -44,9 +43,9 @@ SPLITS = ("test", "val")
 
 def run_config(run_dir: Path) -> DictConfig:
     """The resolved config a run recorded, its paths as this machine has them."""
-    metrics = run_dir / METRICS_FILE
-    if metrics.is_file():
-        return OmegaConf.create(local_paths(json.loads(metrics.read_text(encoding="utf-8"))["config"]))
+    record = complete_record(run_dir)
+    if record is not None:
+        return OmegaConf.create(local_paths(record["config"]))
     hydra_config = run_dir / ".hydra" / "config.yaml"
     if hydra_config.is_file():
         return OmegaConf.load(hydra_config)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import os
 import shlex
 import subprocess
@@ -48,7 +47,7 @@ from results.manifest import MANIFEST_DIR, ExperimentEntry, Manifest, ManifestEr
 from results.recipe import CellRecipe, cell_recipe, diff_science, recipe_overrides, register_resolvers, variant_label
 from results.records import read_metrics_file
 from results.roots import data_root, runs_root
-from results.run_record import METRICS_FILE, RECIPE_FILE, last_checkpoint, run_dir_of
+from results.run_record import METRICS_FILE, RECIPE_FILE, last_checkpoint, run_dir_of, started_science
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 register_resolvers()
@@ -145,9 +144,9 @@ def cell_state(run_dir: Path, recipe: CellRecipe, identity: tuple) -> tuple[str,
 
 def _partial(run_dir: Path, recipe: CellRecipe, why: str) -> tuple[str, str]:
     """A started run: resumable when it started with the cell's recipe (its recipe.json), else off-recipe."""
-    started = run_dir / RECIPE_FILE
-    if started.is_file():
-        diffs = diff_science(json.loads(started.read_text(encoding="utf-8"))["science"], recipe.recipe)
+    started = started_science(run_dir)
+    if started is not None:
+        diffs = diff_science(started, recipe.recipe)
         if diffs:
             return "off-recipe", f"started with another recipe ({RECIPE_FILE}): " + "; ".join(str(d) for d in diffs)
     return "partial", f"{why}; resuming from {last_checkpoint(run_dir)}"

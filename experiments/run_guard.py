@@ -12,7 +12,6 @@ Under DDP every process runs these checks with the same config; only rank 0 writ
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -23,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 
 from results.atomic_io import write_json_atomic
 from results.recipe import diff_science, recipe_sha
-from results.run_record import PREEMPTED_MARKER, RECIPE_FILE, complete_record, move_aside
+from results.run_record import PREEMPTED_MARKER, RECIPE_FILE, complete_record, move_aside, started_science
 
 log = logging.getLogger("flowformer.train")
 
@@ -63,9 +62,8 @@ def guard_finished_run(cfg: DictConfig, run_dir: Path, started_at: str) -> None:
 
 def check_recipe_file(run_dir: Path, science: dict[str, Any], resume: bool) -> None:
     """Write recipe.json for a new run; on resume, refuse when the run started with another recipe."""
-    path = run_dir / RECIPE_FILE
-    if resume and path.is_file():
-        started = json.loads(path.read_text(encoding="utf-8"))["science"]
+    started = started_science(run_dir) if resume else None
+    if started is not None:
         diffs = diff_science(science, started)
         if diffs:
             raise RecipeChangedError(
@@ -76,7 +74,7 @@ def check_recipe_file(run_dir: Path, science: dict[str, Any], resume: bool) -> N
             )
         return
     if _is_global_zero():
-        write_json_atomic(path, {"recipe_sha": recipe_sha(science), "science": science})
+        write_json_atomic(run_dir / RECIPE_FILE, {"recipe_sha": recipe_sha(science), "science": science})
 
 
 def resume_if_preempted(cfg: DictConfig, run_dir: Path) -> None:

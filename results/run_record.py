@@ -180,6 +180,12 @@ def last_checkpoint(run_dir: str | Path) -> Path:
 
 
 
+def started_science(run_dir: str | Path) -> dict[str, Any] | None:
+    """The science config the run in `run_dir` started with (its recipe.json), None where it has none."""
+    path = Path(run_dir) / RECIPE_FILE
+    return json.loads(path.read_text(encoding="utf-8"))["science"] if path.is_file() else None
+
+
 def complete_record(run_dir: str | Path) -> dict[str, Any] | None:
     """The record of the finished run in `run_dir` (a valid metrics.json whose status is complete), else None."""
     path = Path(run_dir) / METRICS_FILE
