@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,19 @@ from typing import Any
 import torch
 from torch import nn
 
-# The sources whose code runs inside the flow custom ops: a cached graph holds the shapes and strides of their
-# outputs, so a change to them must not reuse graphs compiled before it.
-_OP_SOURCES = ("ops.py", "noncausal.py", "causal.py", "causal_backward.py", "chunks.py", "features.py", "options.py")
+# The package whose code runs inside the flow custom ops: a cached graph holds the shapes and strides of their
+# outputs, so a change to it must not reuse graphs compiled before it. The whole package is hashed, so that a new
+# module the ops come to import is covered without a list to keep.
+_OP_PACKAGE = Path(__file__).resolve().parent / "attention" / "flow"
 
 
+@functools.cache
 def op_source_tag() -> str:
-    """A short hash of the flow ops' source, added to torch.compile's cache key."""
-    folder = Path(__file__).resolve().parent / "attention" / "flow"
+    """A short hash of the flow ops' source, added to torch.compile's cache key (read once per process)."""
     digest = hashlib.sha256()
-    for name in _OP_SOURCES:
-        digest.update((folder / name).read_bytes())
+    for path in sorted(_OP_PACKAGE.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     return f"flowformer-{digest.hexdigest()[:12]}"
 
 
