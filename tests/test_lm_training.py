@@ -16,7 +16,7 @@ from experiments.train import train
 from flowformer.models.transformer_lm import TransformerLM
 from tasks.wikitext103.data import WikiTextDataModule
 from tasks.wikitext103.module import LanguageModelModule
-from tasks.wikitext103.windows import ContextWindows, TokenStream, collate_windows
+from tasks.wikitext103.windows import IGNORE_INDEX, SCORED_TOKENS, ContextWindows, TokenStream, collate_windows
 from tests.fixtures.wikitext103 import write_corpus, write_markov_corpus
 from tests.helpers import compose_config
 
@@ -69,6 +69,18 @@ def test_a_short_accumulation_group_is_normalised_by_its_own_tokens():
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
+def test_a_batch_carries_its_count_of_scored_targets_as_a_host_int():
+    ragged = [{"input": np.arange(5), "target": np.array([IGNORE_INDEX, IGNORE_INDEX, 7, 8, 9])},
+              {"input": np.arange(3), "target": np.array([IGNORE_INDEX, 4, 5])}]
+    batch = collate_windows(ragged)
+    assert batch[SCORED_TOKENS] == int((batch["target"] != IGNORE_INDEX).sum()) == 5
+    assert type(batch[SCORED_TOKENS]) is int  # stays on the host: no read-back from the device at each step
+
+
+def _same(one, other) -> bool:  # batch values: tensors, and the host's count of scored tokens (an int)
+    return torch.equal(one, other) if isinstance(one, torch.Tensor) else type(one) is type(other) and one == other
+
+
 def test_loaders_with_two_workers_give_the_batches_of_none(tmp_path):
     """The task's default num_workers=2 (fixtures use 0): the same batches, in the same order, every epoch."""
     write_corpus(tmp_path, "tiny-wiki")
@@ -91,7 +103,7 @@ def test_loaders_with_two_workers_give_the_batches_of_none(tmp_path):
     for name in serial:
         assert len(serial[name]) == len(parallel[name]) > 1, name
         for one, other in zip(serial[name], parallel[name]):
-            assert one.keys() == other.keys() and all(torch.equal(one[key], other[key]) for key in one), name
+            assert one.keys() == other.keys() and all(_same(one[key], other[key]) for key in one), name
     assert not all(torch.equal(a["input"], b["input"]) for a, b in zip(serial["train epoch 0"], serial["train epoch 1"]))
 
 

@@ -1,7 +1,8 @@
 """The language-modelling LightningModule: token-level cross-entropy, exact perplexity, tokens per second.
 
 Batches are the dicts of `tasks.wikitext103.windows.collate_windows`: `input` (B, L), `target` (B, L) with
-IGNORE_INDEX on unscored positions, and `padding_mask` (B, L) when the batch is ragged.
+IGNORE_INDEX on unscored positions, `padding_mask` (B, L) when the batch is ragged, and the number of scored targets
+counted on the host.
 
 Metrics (loss in nats per token; perplexity = exp(loss), which equals fairseq's 2 ** (loss in bits)):
 - training: `train/loss` (the mean over the batch's tokens), `train/tokens_per_s`;
@@ -31,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -45,11 +45,9 @@ from tasks.common.module import TaskModule
 from tasks.common.objective import Objective
 from tasks.common.schedules import InverseSqrtSchedule
 from tasks.wikitext103.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy
-from tasks.wikitext103.windows import IGNORE_INDEX
+from tasks.wikitext103.windows import IGNORE_INDEX, SCORED_TOKENS
 
 log = logging.getLogger(__name__)
-# the batch key of the scored tokens, counted on the host (`LanguageModelModule.on_before_batch_transfer`)
-SCORED = "scored_tokens"
 # fairseq's --max-tokens in the paper's command (4 samples of 512): the default scale of a micro-batch's loss
 DEFAULT_MICRO_BATCH_TOKENS = 2048
 
@@ -82,14 +80,9 @@ class SplitScore(nn.Module):
 def scored_tokens(batch: dict[str, Any], count: Tensor | None = None) -> int:
     """The scored tokens of a batch: the host's count where the batch carries it, else `count` (or the targets)
     read back from the device."""
-    if SCORED in batch:
-        return int(batch[SCORED])
+    if SCORED_TOKENS in batch:
+        return int(batch[SCORED_TOKENS])
     return int(count if count is not None else (batch["target"] != IGNORE_INDEX).sum())
-
-
-# Lightning notes that this module's on_before_batch_transfer runs although a datamodule is attached: that is the intent
-# (the datamodule defines no such hook)
-warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 class LanguageModelModule(TaskModule):
@@ -139,11 +132,6 @@ class LanguageModelModule(TaskModule):
         hidden = self.model(batch["input"], padding_mask=batch.get("padding_mask"))
         return linear_cross_entropy(hidden, self.model.output_weight, batch["target"],
                                     chunk_tokens=self.loss_chunk_tokens)
-
-    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        # counted on the host, before the batch moves to the device: reading the count back from a GPU would make
-        # the host wait for the GPU at every step
-        return {**batch, SCORED: int((batch["target"] != IGNORE_INDEX).sum())}
 
     def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         """Training: the summed NLL over `micro_batch_tokens` (see the module docstring), after logging the mean

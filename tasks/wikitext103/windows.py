@@ -25,6 +25,7 @@ from tasks.wikitext103.cache import TOKEN_DTYPE
 from tasks.wikitext103.dictionary import EOS, PAD
 
 IGNORE_INDEX = -100  # targets that are not scored: context positions and padding
+SCORED_TOKENS = "scored_tokens"  # the batch key of the number of scored targets (see collate_windows)
 
 
 class TokenStream:
@@ -90,8 +91,9 @@ class ContextWindows(Dataset):
         return {"input": self.stream.inputs(first, end), "target": target}
 
 
-def collate_windows(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Right-pad a list of windows: input (B, L) int64 (`<pad>`), target (B, L) int64 (IGNORE_INDEX).
+def collate_windows(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor | int]:
+    """Right-pad a list of windows: input (B, L) int64 (`<pad>`), target (B, L) int64 (IGNORE_INDEX), and the number
+    of scored targets as a Python int under `SCORED_TOKENS`.
 
     `padding_mask` (B, L) bool (True = padding) is added only when lengths differ (the last window of a split), so
     the common batch runs the attention without a mask. Causal attention never lets padding on the right reach a
@@ -104,11 +106,14 @@ def collate_windows(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tenso
         n = len(item["input"])
         inputs[row, :n] = torch.from_numpy(item["input"])
         targets[row, :n] = torch.from_numpy(item["target"])
-    batch = {"input": inputs, "target": targets}
+    # counted here, on the host and in the loader's workers: reading the count back from a GPU would make the host
+    # wait for the GPU at every step
+    scored = sum(int(np.count_nonzero(item["target"] != IGNORE_INDEX)) for item in items)
+    batch = {"input": inputs, "target": targets, SCORED_TOKENS: scored}
     lengths = [len(item["input"]) for item in items]
     if min(lengths) != length:
         batch["padding_mask"] = torch.arange(length)[None, :] >= torch.tensor(lengths)[:, None]
     return batch
 
 
-__all__ = ["IGNORE_INDEX", "ContextWindows", "TokenStream", "collate_windows"]
+__all__ = ["IGNORE_INDEX", "SCORED_TOKENS", "ContextWindows", "TokenStream", "collate_windows"]
