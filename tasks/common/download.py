@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from results.atomic_io import write_text_atomic
+
 BLOCK = 1 << 20  # bytes read at a time when hashing
 # bytes read at a time from the network: a connection that breaks loses the block being read, the rest stays in the part
 NETWORK_BLOCK = 1 << 16
@@ -89,10 +91,8 @@ def record_hash(path: Path, sha256: str | None = None) -> str:
     """Write `<path>.sha256` (computing the hash unless given) and return the hash."""
     path = Path(path)
     sha256 = sha256 or digests(path)["sha256"]
-    record = record_path(path)
-    temporary = record.with_name(record.name + ".tmp")
-    temporary.write_text(f"{sha256}  {path.name}\n", encoding="utf-8")
-    os.replace(temporary, record)
+    # atomically, through a temporary file of its own: the processes of a DDP run may all record the same file
+    write_text_atomic(record_path(path), f"{sha256}  {path.name}\n")
     return sha256
 
 

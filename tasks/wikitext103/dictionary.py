@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from results.atomic_io import write_text_atomic
+from tasks.common.download import read_record, record_hash, record_path
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
@@ -30,7 +31,6 @@ EOS_WORD = SPECIALS[EOS]
 PADDING_FACTOR = 8
 # in a run directory: the dictionary the run was trained with, and its sha256 in `sha256sum`'s format
 RUN_DICTIONARY = "dict.txt"
-RUN_DICTIONARY_SHA256 = "dict.txt.sha256"
 
 
 class DictionaryFormatError(ValueError):
@@ -112,7 +112,7 @@ def save_to_run(dictionary: Dictionary, run_dir: Path) -> Path:
     it); each file atomically, so processes of one DDP run may all write it. Returns the dict.txt path."""
     path = Path(run_dir) / RUN_DICTIONARY
     write_text_atomic(path, dictionary.to_text())
-    write_text_atomic(path.with_name(RUN_DICTIONARY_SHA256), f"{dictionary.sha256}  {RUN_DICTIONARY}\n")
+    record_hash(path, dictionary.sha256)
     return path
 
 
@@ -126,12 +126,11 @@ def load_from_run(run_dir: Path) -> Dictionary:
     if not path.is_file():
         raise FileNotFoundError(f"no dictionary at {path}")
     dictionary = Dictionary.load(path)
-    checksum = path.with_name(RUN_DICTIONARY_SHA256)
-    if checksum.is_file():
-        recorded = checksum.read_text(encoding="utf-8").split()[0]
+    recorded = read_record(path)
+    if recorded is not None:
         if recorded != dictionary.sha256:
             raise RunDictionaryError(
-                f"{path} (sha256 {dictionary.sha256[:12]}...) is not the dictionary {checksum.name} records "
+                f"{path} (sha256 {dictionary.sha256[:12]}...) is not the dictionary {record_path(path).name} records "
                 f"({recorded[:12]}...): it was edited or replaced after training. Copy the training data's "
                 f"<data_dir>/<dataset>/cache/dict.txt back into {path.parent}"
             )
@@ -139,6 +138,6 @@ def load_from_run(run_dir: Path) -> Dictionary:
 
 
 __all__ = [
-    "BOS", "EOS", "EOS_WORD", "PAD", "RUN_DICTIONARY", "RUN_DICTIONARY_SHA256", "SPECIALS", "UNK", "Dictionary",
+    "BOS", "EOS", "EOS_WORD", "PAD", "RUN_DICTIONARY", "SPECIALS", "UNK", "Dictionary",
     "DictionaryFormatError", "RunDictionaryError", "load_from_run", "save_to_run",
 ]
