@@ -20,11 +20,10 @@ import torch
 from torch import Tensor
 
 from flowformer.attention.flow import causal as chunked
-from flowformer.attention.flow import causal_backward, ops
+from flowformer.attention.flow import ops
 from flowformer.attention.flow.batched import batched_flow
 from flowformer.attention.flow.chunks import EXP_PREFIX_MAX_CLAMP, needs_grad
 from flowformer.attention.flow.features import prepare, real_token_weights
-from flowformer.attention.flow.noncausal import BlockedFlow
 from flowformer.attention.flow.options import FlowOptions
 from flowformer.attention.precision import autocast_inputs
 
@@ -110,8 +109,7 @@ def apply_flow_attention(
             out = batched_flow(x, options)
         else:
             x = prepare((q, k, v), masks, options.kernel, dtype=compute_dtype(q), mapped=False)
-            blocked = ops.blocked_flow if torch.compiler.is_compiling() else BlockedFlow.apply
-            out = blocked(x.q, x.k, x.v, x.q_real, x.k_real, options)
+            out = ops.blocked_flow(x.q, x.k, x.v, x.q_real, x.k_real, options)
         if query_padding_mask is not None:
             out = out * real_token_weights(query_padding_mask, out)
     return out.to(q.dtype)
@@ -128,8 +126,7 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, masks: tuple, options: FlowOptions)
     clamp = options.clamp
     exp_softmax = not options.competition or (clamp is not None and clamp <= EXP_PREFIX_MAX_CLAMP)
     if needs_grad(x.q, x.k, x.v) and exp_softmax:
-        causal = ops.causal_flow if torch.compiler.is_compiling() else causal_backward.CausalFlow.apply
-        return causal(x.q, x.k, x.v, x.q_real, x.k_real, options)
+        return ops.causal_flow(x.q, x.k, x.v, x.q_real, x.k_real, options)
     # inference keeps nothing for a backward; the logcumsumexp form of the prefix softmax is left to autograd
     return chunked.causal_pass(x, options).out
 

@@ -3,8 +3,9 @@
 Dynamo cannot trace the blocked and chunked passes (they write into slices of preallocated tensors, in loops sized by
 the cache), so every attention call would break a compiled model's graph in pieces. As custom ops, each pass is one
 opaque node of the graph, forward and backward, and keeps its hand-written backward; the compiler fuses what lies
-around it (projections, feature map, padding, residuals, norms). Eager execution calls the autograd Functions
-(`BlockedFlow`, `CausalFlow`) directly; both run the same forward and backward code.
+around it (projections, feature map, padding, residuals, norms). Outside the compiler, calling `blocked_flow` or
+`causal_flow` runs the autograd Functions (`BlockedFlow`, `CausalFlow`) directly; both run the same forward and
+backward code.
 
 A forward op returns the output and then what its backward reads. Custom ops may not return a tensor that aliases
 an input or another output, so saved views and inputs are returned as copies, and a field an option leaves out as an
@@ -18,24 +19,23 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from flowformer.attention.flow.causal_backward import causal_backward, causal_forward
-from flowformer.attention.flow.noncausal import blocked_backward, blocked_forward
+from flowformer.attention.flow.causal_backward import CausalFlow, causal_backward, causal_forward
+from flowformer.attention.flow.noncausal import BlockedFlow, blocked_backward, blocked_forward
 from flowformer.attention.flow.options import FlowOptions
 
+# the `FlowOptions` fields an op takes, as the schema types them (the backend is the op itself)
 _OPTIONS = "bool competition, bool allocation, float? clamp, float eps, str kernel, str competition_over, int? chunk_size"
+_OPTION_NAMES = tuple(argument.split()[-1] for argument in _OPTIONS.split(", "))
 _FORWARD_SCHEMA = f"(Tensor q, Tensor k, Tensor v, Tensor? q_real, Tensor? k_real, {_OPTIONS}) -> Tensor[]"
 _BACKWARD_SCHEMA = f"(Tensor grad_out, Tensor[] saved, {_OPTIONS}) -> Tensor[]"
 
 
 def _option_args(options: FlowOptions) -> tuple:
-    return (options.competition, options.allocation, options.clamp, options.eps, options.kernel,
-            options.competition_over, options.chunk_size)
+    return tuple(getattr(options, name) for name in _OPTION_NAMES)
 
 
 def _options(args: Sequence) -> FlowOptions:
-    competition, allocation, clamp, eps, kernel, competition_over, chunk_size = args
-    return FlowOptions(competition=competition, allocation=allocation, clamp=clamp, eps=eps, kernel=kernel,
-                       competition_over=competition_over, chunk_size=chunk_size, backend="blocked")
+    return FlowOptions(**dict(zip(_OPTION_NAMES, args, strict=True)), backend="blocked")
 
 
 def _storage(tensor: Tensor) -> int:
@@ -64,9 +64,11 @@ def _unpack(saved: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
 
 class _FlowOp:
     """One hand-written pass as a pair of custom ops, `flowformer::<name>` and `flowformer::<name>_backward`,
-    differentiable through the second. Calling it returns the (B, H, L, dv) output."""
+    differentiable through the second. Calling it returns the (B, H, L, dv) output: through the ops while
+    `torch.compile` traces, else through the pass's autograd Function `eager` (the same forward and backward)."""
 
-    def __init__(self, name: str, forward: Callable, backward: Callable) -> None:
+    def __init__(self, name: str, forward: Callable, backward: Callable, eager: type[torch.autograd.Function]) -> None:
+        self.eager = eager
         def forward_impl(q, k, v, q_real, k_real, *options):
             out, saved = forward(q, k, v, q_real, k_real, _options(options))
             return _pack(out, saved, (q, k, v, q_real, k_real))
@@ -95,8 +97,10 @@ class _FlowOp:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, q_real: Tensor | None, k_real: Tensor | None,
                  options: FlowOptions) -> Tensor:
+        if not torch.compiler.is_compiling():
+            return self.eager.apply(q, k, v, q_real, k_real, options)
         return self.forward(q, k, v, q_real, k_real, *_option_args(options))[0]
 
 
-blocked_flow = _FlowOp("flow_blocked", blocked_forward, blocked_backward)
-causal_flow = _FlowOp("flow_causal", causal_forward, causal_backward)
+blocked_flow = _FlowOp("flow_blocked", blocked_forward, blocked_backward, BlockedFlow)
+causal_flow = _FlowOp("flow_causal", causal_forward, causal_backward, CausalFlow)
