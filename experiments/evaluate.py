@@ -28,9 +28,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments.build import build_task
 from results.atomic_io import write_json_atomic
-from results.portable_paths import local_paths
 from results.recipe import register_resolvers
-from results.run_record import CHECKPOINT_DIR, METRICS_FILE, complete_record
+from results.run_record import CHECKPOINT_DIR, METRICS_FILE, recorded_config
 
 log = logging.getLogger("flowformer.evaluate")
 # Lightning warns that a checkpoint's callbacks are not there to restore: an evaluation restores weights only
@@ -43,12 +42,9 @@ SPLITS = ("test", "val")
 
 def run_config(run_dir: Path) -> DictConfig:
     """The resolved config a run recorded, its paths as this machine has them."""
-    record = complete_record(run_dir)
-    if record is not None:
-        return OmegaConf.create(local_paths(record["config"]))
-    hydra_config = run_dir / ".hydra" / "config.yaml"
-    if hydra_config.is_file():
-        return OmegaConf.load(hydra_config)
+    recorded = recorded_config(run_dir)
+    if recorded is not None:
+        return recorded[0]
     raise SystemExit(f"{run_dir} holds neither {METRICS_FILE} nor .hydra/config.yaml: pass the run directory of a "
                      f"training (experiments/runs/<experiment>/<attention>/<selection>/seed<seed>). {USAGE}")
 

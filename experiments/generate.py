@@ -24,7 +24,6 @@ cache. The continuation is printed with `</s>` as line breaks.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -35,9 +34,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from results.portable_paths import local_paths
 from results.recipe import register_resolvers
-from results.run_record import CHECKPOINT_DIR, METRICS_FILE
+from results.run_record import CHECKPOINT_DIR, METRICS_FILE, recorded_config
 from tasks.wikitext103.cache import cache_dir_of
 from tasks.wikitext103.data import model_dims_of
 from tasks.wikitext103.dictionary import BOS, EOS, PAD, RUN_DICTIONARY, Dictionary, RunDictionaryError, load_from_run
@@ -92,13 +90,9 @@ def parse_args(argv: list[str]) -> GenerateConfig:
 
 def run_config(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
     """The run's resolved config and data record: from metrics.json when the run finished, else from .hydra/."""
-    metrics = run_dir / METRICS_FILE
-    if metrics.is_file():
-        record = local_paths(json.loads(metrics.read_text()))  # paths as this machine has them
-        return OmegaConf.create(record["config"]), record.get("data", {})
-    hydra_config = run_dir / ".hydra" / "config.yaml"
-    if hydra_config.is_file():
-        return OmegaConf.load(hydra_config), {}
+    recorded = recorded_config(run_dir)
+    if recorded is not None:
+        return recorded
     raise SystemExit(f"{run_dir} holds neither {METRICS_FILE} nor .hydra/config.yaml; pass the run directory of a "
                      "training (experiments/runs/wikitext103/...)")
 

@@ -196,6 +196,21 @@ def complete_record(run_dir: str | Path) -> dict[str, Any] | None:
     return data if validate_record(data) == ("", []) else None
 
 
+def recorded_config(run_dir: str | Path) -> tuple[Any, dict[str, Any]] | None:
+    """(config, data record) of the run in `run_dir`, as an OmegaConf DictConfig with its paths as this machine has
+    them: from metrics.json when the run finished, else Hydra's `.hydra/config.yaml` (and no data record); None where
+    the folder holds neither."""
+    from omegaconf import OmegaConf
+
+    from results.portable_paths import local_paths
+
+    record = complete_record(run_dir)
+    if record is not None:
+        return OmegaConf.create(local_paths(record["config"])), local_paths(record.get("data") or {})
+    hydra_config = Path(run_dir) / ".hydra" / "config.yaml"
+    return (OmegaConf.load(hydra_config), {}) if hydra_config.is_file() else None
+
+
 def move_aside(run_dir: str | Path, stamp: str, keep: tuple[str, ...] = ()) -> Path:
     """Move everything in `run_dir` except the names in `keep` into `<run_dir>/.replaced/<stamp>/`; return it.
 

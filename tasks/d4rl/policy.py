@@ -3,17 +3,15 @@ loaded from one of our run directories."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from results.run_record import CHECKPOINT_DIR, METRICS_FILE
+from results.run_record import CHECKPOINT_DIR, METRICS_FILE, recorded_config
 from tasks.d4rl.module import POLICY_KEY
 from tasks.d4rl.rollout import EpisodeHistories
 from tasks.d4rl.windows import Conditioning
@@ -48,15 +46,6 @@ class TrainedPolicy:
     checkpoint: Path
 
 
-def _run_config(run_dir: Path) -> DictConfig | None:
-    """The run's config: Hydra's copy (also for an unfinished run), else the one metrics.json records."""
-    if (run_dir / ".hydra" / "config.yaml").is_file():
-        return OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    if (run_dir / METRICS_FILE).is_file():
-        return OmegaConf.create(json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))["config"])
-    return None
-
-
 def load_trained_policy(run_dir: str | Path, device: str = "cpu") -> TrainedPolicy:
     """The model of `<run_dir>/checkpoints/best.ckpt` (else last.ckpt), rebuilt from the run's config."""
     run_dir = Path(run_dir)
@@ -64,8 +53,8 @@ def load_trained_policy(run_dir: str | Path, device: str = "cpu") -> TrainedPoli
         (run_dir / CHECKPOINT_DIR / name for name in CHECKPOINT_ORDER if (run_dir / CHECKPOINT_DIR / name).is_file()),
         None,
     )
-    config = _run_config(run_dir)
-    if checkpoint_path is None or config is None:
+    recorded = recorded_config(run_dir)
+    if checkpoint_path is None or recorded is None:
         raise FileNotFoundError(
             f"{run_dir} is not a Decision Transformer run directory: it needs {CHECKPOINT_DIR}/best.ckpt or "
             f"last.ckpt, and .hydra/config.yaml or {METRICS_FILE} (train one with `python -m experiments.train "
@@ -75,7 +64,7 @@ def load_trained_policy(run_dir: str | Path, device: str = "cpu") -> TrainedPoli
     if POLICY_KEY not in checkpoint:
         raise ValueError(f"{checkpoint_path} holds no {POLICY_KEY!r} entry: it was not written by a D4RL run")
     policy = checkpoint[POLICY_KEY]
-    model = instantiate(config.model, **policy["model_dims"], _convert_="all")
+    model = instantiate(recorded[0].model, **policy["model_dims"], _convert_="all")
     weights = {
         key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items() if key.startswith("model.")
     }
