@@ -57,10 +57,22 @@ class TaskDataModule(L.LightningDataModule):
         device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
         return bool(requested) and device is not None and device.type == "cuda"
 
+    def process_share(self) -> tuple[int, int]:
+        """(number of processes, this one's rank): what a loader shares a split out by; (1, 0) before a trainer."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def evaluation_loader(self, dataset: Dataset, *, batch_size: int, seed: int, **kwargs: Any) -> StatefulDataLoader:
         """A validation or test loader in dataset order that, under DDP, gives this process its share of the split
         with no sample repeated (`tasks.common.sampling.evaluation_loader`)."""
-        trainer = self.trainer
-        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        world_size, rank = self.process_share()
         return sampling.evaluation_loader(dataset, batch_size=batch_size, seed=seed, world_size=world_size, rank=rank,
                                           **kwargs)
+
+    def loader(self, dataset: Dataset, *, shuffle: bool, batch_size: int, seed: int,
+               **kwargs: Any) -> StatefulDataLoader:
+        """The training loader (`shuffle`: a new order every epoch, `tasks.common.sampling.seeded_loader`) or an
+        evaluation loader (`evaluation_loader`); `kwargs` go to the loader."""
+        if shuffle:
+            return sampling.seeded_loader(dataset, batch_size=batch_size, seed=seed, shuffle=True, **kwargs)
+        return self.evaluation_loader(dataset, batch_size=batch_size, seed=seed, **kwargs)

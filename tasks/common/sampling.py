@@ -96,15 +96,17 @@ class EpochSeededSampler(Sampler[int]):
 
 
 def seeded_loader(
-    dataset: Dataset, *, batch_size: int, seed: int, shuffle: bool, **kwargs: Any
+    dataset: Dataset, *, batch_size: int, seed: int, shuffle: bool, sampler: Sampler | None = None, **kwargs: Any
 ) -> StatefulDataLoader:
     """A resumable loader whose order and worker seeds depend only on `seed` (and the epoch, when shuffled).
 
-    Shuffled loaders use `EpochSeededSampler`. Every loader gets its own generator, so creating an iterator never
-    draws on the global RNG: the sanity check of a resumed run then cannot shift the dropout masks that follow
-    (see tasks.common.callbacks.RngStateCheckpoint).
+    Shuffled loaders use `EpochSeededSampler`, unless `sampler` gives the order (a process's share under DDP, DeiT's
+    repeated augmentation). Every loader gets its own generator, so creating an iterator never draws on the global
+    RNG: the sanity check of a resumed run then cannot shift the dropout masks that follow (see
+    tasks.common.callbacks.RngStateCheckpoint).
     """
-    sampler = EpochSeededSampler(len(dataset), seed) if shuffle else None
+    if sampler is None and shuffle:
+        sampler = EpochSeededSampler(len(dataset), seed)
     return StatefulDataLoader(
         dataset, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kwargs
     )
@@ -115,8 +117,7 @@ def evaluation_loader(dataset: Dataset, *, batch_size: int, seed: int, world_siz
     """An evaluation loader in dataset order; with `world_size` > 1 this process's share: samples rank, rank +
     world_size, ..., none repeated (Lightning's default distributed sampler pads the shares with repeats, which a
     metric would count twice). Pass the trainer's `world_size` and `global_rank`."""
-    if world_size == 1:
-        return seeded_loader(dataset, batch_size=batch_size, seed=seed, shuffle=False, **kwargs)
-    sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                              generator=torch.Generator().manual_seed(seed), **kwargs)
+    sampler = None
+    if world_size > 1:
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return seeded_loader(dataset, batch_size=batch_size, seed=seed, shuffle=False, sampler=sampler, **kwargs)

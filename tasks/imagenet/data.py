@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -312,8 +311,8 @@ class ImageFolderDataModule(TaskDataModule):
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> Any:
         self.splits[split].skip_log = self._skip_log()
         # evaluation loaders take each image once, also under DDP
-        make = partial(seeded_loader, shuffle=True) if shuffle else self.evaluation_loader
-        return make(self.splits[split], batch_size=batch_size, seed=self.seed, **self._loader_options(drop_last=shuffle))
+        return self.loader(self.splits[split], shuffle=shuffle, batch_size=batch_size, seed=self.seed,
+                           **self._loader_options(drop_last=shuffle))
 
     def _loader_options(self, drop_last: bool) -> dict[str, Any]:
         return {
@@ -326,17 +325,13 @@ class ImageFolderDataModule(TaskDataModule):
 
     def _repeated_aug_loader(self) -> StatefulDataLoader:
         """The training loader in DeiT's repeated-augmentation order, this process's share under DDP."""
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        replicas, rank = self.process_share()
         self.splits["train"].skip_log = self._skip_log()
         sampler = RepeatedAugmentationSampler(
             len(self.splits["train"]), self.seed, replicas, rank, repeats=self.repeated_aug_repeats
         )
-        # its own generator, as `seeded_loader` gives every loader: worker seeds never draw on the global RNG
-        return StatefulDataLoader(
-            self.splits["train"], batch_size=self.batch_size, sampler=sampler,
-            generator=torch.Generator().manual_seed(self.seed), **self._loader_options(drop_last=True),
-        )
+        return seeded_loader(self.splits["train"], batch_size=self.batch_size, seed=self.seed, shuffle=True,
+                             sampler=sampler, **self._loader_options(drop_last=True))
 
     def train_dataloader(self) -> Any:
         if self.repeated_aug:

@@ -22,7 +22,6 @@ D devices with `trainer.accumulate_grad_batches=A` matches them when batch_size 
 from __future__ import annotations
 
 import logging
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from results.run_record import checked_selection, validates_on_test
 from tasks.common.datamodule import DataStatus, TaskDataModule
-from tasks.common.sampling import seeded_loader
 from tasks.lra import datasets as lra
 from tasks.lra.tokenize import BYTE_VOCAB_SIZE, PAD_ID, bytes_to_ids
 
@@ -284,11 +282,9 @@ class LRADataModule(TaskDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, **kwargs: Any) -> DataLoader:
         # evaluation loaders take each example once, also under DDP
-        make = partial(seeded_loader, shuffle=True) if shuffle else self.evaluation_loader
-        return make(dataset, batch_size=batch_size, seed=self.seed, collate_fn=self._collate(),
-                    num_workers=self.num_workers, pin_memory=self.pin_memory(self.pin_batches),
-                    persistent_workers=self.num_workers > 0,
-                    **kwargs)
+        return self.loader(dataset, shuffle=shuffle, batch_size=batch_size, seed=self.seed, collate_fn=self._collate(),
+                           num_workers=self.num_workers, pin_memory=self.pin_memory(self.pin_batches),
+                           persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         train = self.splits["train"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import logging
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from results.run_record import checked_selection, validates_on_test
 from tasks.common.datamodule import DataStatus, TaskDataModule
-from tasks.common.sampling import seeded_loader
 from tasks.uea.datasets import (
     KNOWN_DATASETS,
     aeon_bundled_data_dir,
@@ -542,10 +540,9 @@ class UEADataModule(TaskDataModule):
 
     def _loader(self, dataset: UEACaseDataset, shuffle: bool = False) -> DataLoader:
         # drop_last=False as in the official code; evaluation loaders take each series once, also under DDP
-        make = partial(seeded_loader, shuffle=True) if shuffle else self.evaluation_loader
-        return make(dataset, batch_size=self.batch_size, seed=self.seed, drop_last=False,
-                    num_workers=self.num_workers, pin_memory=self.pin_memory(self.pin_batches),
-                    persistent_workers=self.num_workers > 0)
+        return self.loader(dataset, shuffle=shuffle, batch_size=self.batch_size, seed=self.seed, drop_last=False,
+                           num_workers=self.num_workers, pin_memory=self.pin_memory(self.pin_batches),
+                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._split("train"), shuffle=True)
