@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import site
 import sysconfig
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,19 @@ class PathPortability:
 
     def rewrite(self, value: Any) -> Any:
         """`value` (nested dicts, lists and strings, as in a record) with every path string rewritten."""
-        if isinstance(value, str):
-            return self.path(value)
-        if isinstance(value, Mapping):
-            return {key: self.rewrite(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
-            return [self.rewrite(item) for item in value]
-        return value
+        return map_strings(value, self.path)
+
+
+def map_strings(value: Any, function: Callable[[str], str]) -> Any:
+    """`value` (nested dicts, lists and strings, as in a record) with `function` applied to every string; tuples
+    come back as lists, as JSON holds them."""
+    if isinstance(value, str):
+        return function(value)
+    if isinstance(value, Mapping):
+        return {key: map_strings(item, function) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [map_strings(item, function) for item in value]
+    return value
 
 
 def absolute_paths(value: Any, where: str = "record") -> list[str]:
@@ -95,10 +101,4 @@ def local_path(text: str) -> str:
 
 def local_paths(value: Any) -> Any:
     """`value` (nested dicts, lists and strings, as in a record) with every portable path made local."""
-    if isinstance(value, str):
-        return local_path(value)
-    if isinstance(value, Mapping):
-        return {key: local_paths(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [local_paths(item) for item in value]
-    return value
+    return map_strings(value, local_path)
