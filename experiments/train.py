@@ -29,7 +29,7 @@ from experiments.provenance import git_sha, package_versions, utc_now
 from experiments.run_guard import check_recipe_file, guard_finished_run, resume_if_preempted
 from results.portable_paths import PathPortability
 from results.recipe import recipe_sha, register_resolvers, science_config
-from results.run_record import PREEMPTED_MARKER, RunRecord, last_checkpoint, write_record
+from results.run_record import PREEMPTED_MARKER, WANDB_SUMMARY_FIELDS, RunRecord, last_checkpoint, write_record
 from tasks.common.objective import Objective, select_result
 
 log = logging.getLogger("flowformer.train")
@@ -156,9 +156,9 @@ def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
         # W&B runs carry the same result, so `make tables SOURCE=wandb` aggregates them like local runs
         for logger in loggers:
             if isinstance(logger, WandbLogger):
+                fields = {key: getattr(record, key) for key in WANDB_SUMMARY_FIELDS}
                 logger.experiment.summary.update({"primary_metric": primary_metric, "primary_value": primary_value,
-                                                  "variant": record.variant, "recipe_sha": record.recipe_sha,
-                                                  "world_size": record.world_size, **metrics})
+                                                  **fields, **metrics})
         log.info(
             "%s | %s | %s: %s = %.4g  (metrics.json in %s)",
             cfg.experiment_name, cfg.model.attention.name, cfg.selection, primary_metric, primary_value, run_dir,

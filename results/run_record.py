@@ -43,6 +43,9 @@ LAST_CHECKPOINT = "last.ckpt"
 REPLACED_DIR = ".replaced"
 # The science part of the config a run started with (experiments/run_guard.py): a resume must match it
 RECIPE_FILE = "recipe.json"
+# record fields that experiments.train also puts in a W&B run's summary, beside the metrics (results/wandb_source.py
+# reads them back)
+WANDB_SUMMARY_FIELDS = ("variant", "recipe_sha", "world_size")
 # Left by a run the cluster stopped (tasks/common/callbacks.py PreemptionCheckpoint): the next start resumes it
 PREEMPTED_MARKER = ".preempted"
 

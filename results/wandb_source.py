@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from results.records import Problem, Record, config_value
-from results.run_record import validate_record
+from results.run_record import WANDB_SUMMARY_FIELDS, validate_record
 
 
 def _unwrap(value: Any) -> Any:
@@ -88,7 +88,8 @@ def run_to_metrics(run: Any) -> dict[str, Any]:
     if value is not None:
         out["primary_value"] = value
     out["metrics"] = {k: v for k, v in summary.items()
-                      if not k.startswith("_") and k != "world_size" and isinstance(v, (int, float)) and not isinstance(v, bool)
+                      if not k.startswith("_") and k not in WANDB_SUMMARY_FIELDS and isinstance(v, (int, float))
+                      and not isinstance(v, bool)
                       and math.isfinite(v)}
     out["git_sha"] = getattr(run, "commit", None) or config.get("git_sha")
     out["versions"] = config.get("versions") if isinstance(config.get("versions"), dict) else {}
@@ -97,7 +98,7 @@ def run_to_metrics(run: Any) -> dict[str, Any]:
     state = getattr(run, "state", None)
     out["status"] = "complete" if state == "finished" else str(state)
     out["config"] = config
-    for key in ("variant", "recipe_sha", "world_size"):  # what experiments.train puts in the summary
+    for key in WANDB_SUMMARY_FIELDS:
         if summary.get(key) is not None:
             out[key] = summary[key]
     return out
