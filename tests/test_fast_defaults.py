@@ -4,7 +4,10 @@ the same update, and no host synchronisation per step on an accelerator."""
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +122,42 @@ def test_under_mixed_precision_with_clipping_the_optimiser_is_not_fused():
         module._trainer = types.SimpleNamespace(gradient_clip_val=clip, precision=precision)
         optimizer = module.build_optimizer(module.parameters())
         assert bool(optimizer.defaults.get("fused")) is fused and bool(optimizer.defaults.get("foreach")) is not fused
+
+
+MAPPED_BLOCKS = """
+import ctypes, sys, torch
+if sys.argv[1] == "keep":
+    from tasks.common.host_memory import keep_freed_host_memory
+    assert keep_freed_host_memory()
+class MallInfo(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
+                "fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo
+before = libc.mallinfo2().hblks
+block = torch.empty(6 * 1024 * 1024)  # 24 MiB, larger than any block importing torch frees
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings: Linux only")
+def test_cpu_runs_take_large_blocks_from_the_heap_where_freed_memory_is_reused():
+    # glibc maps a block this large on its own and unmaps it when freed (so the next step faults its pages in
+    # again); once `keep_freed_host_memory` has run, it comes from the heap, whose freed memory is kept
+    def mapped_blocks(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", MAPPED_BLOCKS, mode], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        return int(run.stdout.split()[-1])
+
+    assert mapped_blocks("default") == 1
+    assert mapped_blocks("keep") == 0
+
+
+def test_the_module_keeps_freed_host_memory_on_a_cpu_run_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr("tasks.common.module.keep_freed_host_memory", lambda: calls.append(True))
+    module = ClassificationModule(torch.nn.Linear(2, 3), functools.partial(torch.optim.SGD, lr=0.1), OBJECTIVE, 3)
+    for device, expected in (("cuda", []), ("cpu", [True])):
+        module._trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device(device)))
+        module.setup("fit")
+        assert calls == expected

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from tasks.common.host_memory import keep_freed_host_memory
 from tasks.common.objective import Objective
 
 # where torch's fused optimiser kernels run
@@ -79,6 +80,12 @@ class TaskModule(L.LightningModule):
         self.objective = Objective.from_config(objective)
         self.history: list[dict[str, float]] = []
         self._first_bad_step: Tensor | None = None  # see _watch_loss
+
+    def setup(self, stage: str) -> None:
+        # CPU runs reuse freed host memory instead of mapping it afresh at every step (tasks/common/host_memory.py);
+        # a GPU run's host allocator is left as it is
+        if self.trainer.strategy.root_device.type == "cpu":
+            keep_freed_host_memory()
 
     def step(self, batch: Any, stage: str) -> Tensor:
         """Loss of `batch` in `stage` ("train", "val" or "test"), after logging the stage's metrics."""

@@ -108,6 +108,7 @@ class ImageNetModule(ClassificationModule):
         self._ema_step = self.global_step
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         # On a CUDA device, convolution weights channels-last (NHWC): the layout cuDNN's tensor-core kernels take
         # without transposing (the datamodule sends the images so). Done here, before the model moves to the device
         # and DDP wraps it, which keep the layout. The same function up to float rounding; on a CPU nothing changes.
