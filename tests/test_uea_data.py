@@ -86,6 +86,23 @@ def test_batches_have_the_contract_shapes_and_dtypes(japanese_vowels):
     assert isinstance(japanese_vowels.train_dataloader().sampler, EpochSeededSampler)
 
 
+def test_evaluation_batches_change_the_speed_not_the_scores(tmp_path):
+    from flowformer.models import TimeSeriesClassifier
+
+    small, large = (make_dm(tmp_path, "JapaneseVowels", eval_batch_size=size) for size in (None, 64))
+    assert next(iter(small.test_dataloader()))["x"].shape[0] == 4  # default: the training batch
+    assert next(iter(large.val_dataloader()))["x"].shape[0] == next(iter(large.test_dataloader()))["x"].shape[0] == 64
+    assert next(iter(large.train_dataloader()))["x"].shape[0] == 4
+    torch.manual_seed(0)
+    model = TimeSeriesClassifier(**small.model_dims(), d_model=32, n_heads=4, d_ff=64).eval()
+
+    def logits(dm: UEADataModule) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(batch["x"], batch["padding_mask"]) for batch in dm.test_dataloader()])
+
+    torch.testing.assert_close(logits(large), logits(small), rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Preprocessing on fixtures
 # --------------------------------------------------------------------------------------------------------------

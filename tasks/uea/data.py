@@ -357,7 +357,9 @@ class UEACaseDataset(Dataset):
 class UEADataModule(TaskDataModule):
     """One UEA dataset, preprocessed as in the official code (see module docstring).
 
-    Batches are {"x": float32 (B, T, C), "padding_mask": bool (B, T) True = padding, "target": int64 (B,)}.
+    Batches are {"x": float32 (B, T, C), "padding_mask": bool (B, T) True = padding, "target": int64 (B,)}: of
+    `batch_size` series for training, of `eval_batch_size` (default `batch_size`) for validation and test, where each
+    series is scored on its own, so that the batch changes the speed and not the scores.
     `selection="best_test"` (the paper's protocol) validates on the TEST set; `"holdout_val"` and `"final"`
     validate on a seeded stratified `val_fraction` split of TRAIN and fit the normalisation on the rest. The test loader
     is always TEST. `train_file_pattern` picks the training file: "TRAIN" (always, for the paper's results) or
@@ -370,6 +372,7 @@ class UEADataModule(TaskDataModule):
         dataset: str,
         data_dir: str,
         batch_size: int = 16,
+        eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = True,
         selection: str = "best_test",
@@ -387,6 +390,7 @@ class UEADataModule(TaskDataModule):
         self.dataset = dataset
         self.data_dir = Path(data_dir).expanduser()
         self.batch_size = batch_size
+        self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = num_workers
         self.pin_batches = bool(pin_memory)
         self.selection = selection
@@ -540,7 +544,8 @@ class UEADataModule(TaskDataModule):
 
     def _loader(self, dataset: UEACaseDataset, shuffle: bool = False) -> DataLoader:
         # drop_last=False as in the official code; evaluation loaders take each series once, also under DDP
-        return self.loader(dataset, shuffle=shuffle, batch_size=self.batch_size, seed=self.seed, drop_last=False,
+        batch_size = self.batch_size if shuffle else self.eval_batch_size
+        return self.loader(dataset, shuffle=shuffle, batch_size=batch_size, seed=self.seed, drop_last=False,
                            num_workers=self.num_workers, pin_memory=self.pin_memory(self.pin_batches),
                            persistent_workers=self.num_workers > 0)
 
