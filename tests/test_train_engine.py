@@ -75,6 +75,9 @@ def test_holdout_val_reports_test_accuracy_of_the_best_val_checkpoint(tmp_path):
     picked = max(record["history"], key=lambda h: (h["val/acc"], -h["step"]))  # ties: the first
     assert record["tested"] == {"checkpoint": "best", "step": picked["step"], "epoch": best["epoch"]}
     assert best["global_step"] == picked["step"] == record["metrics"]["best/step"]
+    # it is scored, never resumed: the weights and the module's history, not the optimiser's state (last.ckpt has it)
+    assert "optimizer_states" not in best and best["evaluation_history"]
+    assert "optimizer_states" in torch.load(tmp_path / "h" / "checkpoints" / "last.ckpt", weights_only=False)
     assert record["tested"]["step"] != record["timing"]["steps"] or picked is record["history"][-1]
 
 
