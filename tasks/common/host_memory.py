@@ -1,12 +1,13 @@
 """Keep freed host memory inside the process while a run computes on the CPU.
 
 glibc's malloc serves every block above its mmap threshold (128 KiB at first, raised only as far as the largest block
-freed so far) with a fresh `mmap` and returns it to the kernel on `free`. A CPU training step allocates and frees
-tensors of a few MiB by the dozen, so each step maps them again and the kernel zero-fills every page on first touch:
-tens of thousands of page faults a step, and a large share of the time of memory-bound work such as the optimiser's
-update. With the threshold at glibc's ceiling (32 MiB) and the heap never trimmed below what a step used, freed
-blocks are reused as they are, which is what tcmalloc and jemalloc, the allocators recommended for CPU training, do
-by design. The resident memory stays at the run's peak instead of falling between steps.
+freed so far) with a fresh `mmap` and returns it to the kernel on `free`, and it trims free memory off the top of its
+heap. A CPU training step allocates and frees tensors of a few MiB by the dozen, so each step maps them again and the
+kernel zero-fills every page on first touch: thousands of page faults a step, and a large share of the time of
+memory-bound work such as the optimiser's update. With the threshold at glibc's ceiling (32 MiB) and the heap trimmed
+only when more than 1 GiB lies free at its top, freed blocks are reused as they are, which is what tcmalloc and
+jemalloc, the allocators recommended for CPU training, do by design. The resident memory stays at the run's peak
+instead of falling between steps.
 
 Only CPU runs ask for it: on a GPU the tensors live in device memory, and loader workers (forked from the main
 process, which would inherit the setting) are better off returning their image buffers.
