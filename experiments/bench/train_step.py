@@ -182,15 +182,14 @@ def build(workload: Workload, attention: str, scale: str, device: str) -> tuple[
     import torch
     from hydra.utils import instantiate
 
-    from tasks.common.module import fast_optimizer_options
+    from tasks.common.module import fastest_optimizer
 
     cfg = compose(workload, attention, scale)
     torch.manual_seed(0)
     model = instantiate(cfg.model, **model_dims(workload, scale), _convert_="all").to(device)
     factory = instantiate(cfg.module.optimizer)
-    options = fast_optimizer_options(factory, torch.device(device))
     takes_model = getattr(factory, "func", None).__name__ == "create_optimizer_v2"
-    optimizer = factory(model if takes_model else model.parameters(), **options)
+    optimizer = fastest_optimizer(factory, torch.device(device))(model if takes_model else model.parameters())
     return model, optimizer, cfg
 
 

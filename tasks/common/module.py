@@ -10,6 +10,7 @@ as `<stage>/<name>`, return the loss. Everything else is here:
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from tasks.common.fused_radam import FusedRAdam
 from tasks.common.host_memory import keep_freed_host_memory
 from tasks.common.objective import Objective
 
@@ -46,6 +48,21 @@ def fast_optimizer_options(factory: Callable[..., Any], device: torch.device, fu
     if fused and has_fused and device.type in FUSED_DEVICES:
         return {"fused": True}
     return {"foreach": True} if "foreach" in accepted else {}
+
+
+# torch optimisers without a fused kernel, each with a subclass that computes the same update through one
+FUSED_SUBCLASSES: dict[type, type] = {torch.optim.RAdam: FusedRAdam}
+
+
+def fastest_optimizer(factory: Callable[..., Any], device: torch.device, fused: bool = True) -> Callable[..., Any]:
+    """`factory` completed with `fast_optimizer_options`, after replacing an optimiser class that has no fused kernel
+    by its subclass in `FUSED_SUBCLASSES` (same arguments, defaults and state, so the config keeps naming torch's
+    class and checkpoints load in either)."""
+    target = getattr(factory, "func", factory)
+    if target in FUSED_SUBCLASSES:
+        factory = functools.partial(FUSED_SUBCLASSES[target], *getattr(factory, "args", ()),
+                                    **(getattr(factory, "keywords", None) or {}))
+    return functools.partial(factory, **fast_optimizer_options(factory, device, fused))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -159,8 +176,7 @@ class TaskModule(L.LightningModule):
         fused optimisers do: there the multi-tensor form runs instead."""
         clipping = bool(getattr(self._trainer, "gradient_clip_val", None))
         mixed = "mixed" in str(getattr(self._trainer, "precision", ""))
-        options = fast_optimizer_options(self.optimizer_factory, self.device, fused=not (clipping and mixed))
-        return self.optimizer_factory(params, **kwargs, **options)
+        return fastest_optimizer(self.optimizer_factory, self.device, fused=not (clipping and mixed))(params, **kwargs)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.build_optimizer(self.parameters())
