@@ -64,6 +64,8 @@ NON_SCIENCE: tuple[tuple[str, str], ...] = (
     ("trainer.accumulate_grad_batches", "replaced by the global batch (below)"),
     ("data.batch_size", "replaced by the global batch (below)"),
     ("data.eval_batch_size", "evaluation batches: each sample is scored on its own, the same scores up to rounding"),
+    ("data.trim_padding", "batches cut to their longest sequence: the model's function is the same (dropout draws "
+                          "its masks over the shorter batch)"),
     ("trainer.enable_progress_bar", "the progress bar"),
     ("trainer.enable_model_summary", "the printed summary"),
     ("trainer.log_every_n_steps", "logging frequency"),

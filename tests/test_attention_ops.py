@@ -161,6 +161,35 @@ def test_real_positions_equal_unpadded_output(name, causal, length, d):
         )
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_ops_that_declare_padding_invariance_hold_it_at_any_padded_length(name):
+    """`padding_invariant` lets a model cut a batch's trailing padding (the time-series classifier does): the real
+    positions must come out the same with 10 and with 150 padded steps, beyond the lengths where Reformer's chunks
+    agree, which is why Reformer does not declare it."""
+    op = build(name, 8)
+    if not getattr(op, "padding_invariant", False):
+        assert name == "reformer", f"{name}: every op but Reformer ignores padding at any length; declare it"
+        return
+    q, k, v = qkv(190, 8, seed=11)
+    real = 40
+    short, long = (torch.arange(length)[None, :].expand(B, -1) >= real for length in (real + 10, 190))
+    for causal in (False, True):
+        cut = run_or_unsupported(op, q[:, :, : real + 10], k[:, :, : real + 10], v[:, :, : real + 10], causal, short)
+        if cut is None:
+            continue
+        full = call(op, q, k, v, causal, long)
+        torch.testing.assert_close(cut[:, :, :real], full[:, :, :real], atol=_atol(name), rtol=1e-4)
+
+
+def test_the_layer_reads_the_ops_padding_invariance_and_assumes_none_where_an_op_is_silent(monkeypatch):
+    from flowformer.attention import layer
+
+    assert layer.MultiHeadAttention(16, 2, "flow").padding_invariant
+    assert not layer.MultiHeadAttention(16, 2, "reformer").padding_invariant
+    monkeypatch.setattr(layer, "build_attention", lambda *args, **kwargs: torch.nn.Identity())  # a user's own op
+    assert not layer.MultiHeadAttention(16, 2, "flow").padding_invariant
+
+
 @pytest.mark.parametrize("length,d", [(7, 8), (33, 12)])
 @pytest.mark.parametrize("name", NAMES)
 def test_causal_output_ignores_the_future(name, length, d):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flowformer.attention.layer import MultiHeadAttention
+from flowformer.attention.registry import REGISTERED_NAMES
 from flowformer.models import TimeSeriesClassifier
 from flowformer.nn.blocks import CausalDecoderBlock, Encoder, EncoderBlock
 
@@ -70,7 +71,36 @@ def test_time_series_classifier_ignores_padded_steps():
     noisy[:, 7:] = 100.0
     torch.testing.assert_close(model(x, mask), model(noisy, mask))
     with pytest.raises(ValueError, match="max_len=10"):
-        model(torch.randn(1, 9, 3))
+        model(torch.randn(1, 11, 3))
+
+
+@pytest.mark.parametrize("attention", REGISTERED_NAMES)
+def test_a_batch_cut_to_its_longest_series_is_the_padded_batch(attention):
+    """The classifier takes a batch shorter than max_len as padded to it: the same logits and gradients, with the
+    encoder run at the batch's length where every op ignores padding, and at max_len otherwise."""
+    torch.manual_seed(0)
+    model = TimeSeriesClassifier(3, 4, 40, d_model=16, n_heads=2, n_layers=2, d_ff=32, dropout=0.0,
+                                 attention=attention)
+    lengths = torch.tensor([5, 17, 9, 12])
+    mask = torch.arange(40)[None, :] >= lengths[:, None]
+    x = torch.randn(4, 40, 3).masked_fill(mask[..., None], 0.0)
+    encoder_lengths = []
+    model.encoder.register_forward_hook(lambda module, inputs, output: encoder_lengths.append(output.shape[1]))
+
+    def logits_and_gradients(x, mask):
+        model.zero_grad()
+        torch.manual_seed(1)  # Performer and Reformer draw in training mode
+        logits = model(x, mask)
+        logits.square().sum().backward()
+        return logits, [p.grad for p in model.parameters() if p.grad is not None]
+
+    padded = logits_and_gradients(x, mask)
+    cut = logits_and_gradients(x[:, :17], mask[:, :17])
+    torch.testing.assert_close(cut[0], padded[0], rtol=1e-5, atol=1e-6)
+    for expected, actual in zip(padded[1], cut[1], strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
+    assert encoder_lengths == [40, 17 if model.runs_short_batches else 40]
+    assert model.runs_short_batches == (attention != "reformer")
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.2, 1.0])

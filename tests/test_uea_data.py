@@ -77,13 +77,48 @@ def test_japanese_vowels_longest_test_series_keeps_every_step(japanese_vowels):
     np.testing.assert_allclose(test_set.x[longest].numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_batches_have_the_contract_shapes_and_dtypes(japanese_vowels):
-    batch = next(iter(japanese_vowels.train_dataloader()))
+@pytest.mark.parametrize("trim_padding", [True, False])
+def test_batches_have_the_contract_shapes_and_dtypes(tmp_path, trim_padding):
+    dm = make_dm(tmp_path, "JapaneseVowels", trim_padding=trim_padding)
+    batch = next(iter(dm.train_dataloader()))
+    # cut to the batch's longest series, or padded to the longest of both splits
+    length = int(real_lengths(batch["padding_mask"]).max()) if trim_padding else 29
     assert set(batch) == {"x", "padding_mask", "target"}
-    assert batch["x"].dtype == torch.float32 and batch["x"].shape == (4, 29, 12)
-    assert batch["padding_mask"].dtype == torch.bool and batch["padding_mask"].shape == (4, 29)
+    assert batch["x"].dtype == torch.float32 and batch["x"].shape == (4, length, 12)
+    assert batch["padding_mask"].dtype == torch.bool and batch["padding_mask"].shape == (4, length)
     assert batch["target"].dtype == torch.int64 and batch["target"].shape == (4,)
-    assert isinstance(japanese_vowels.train_dataloader().sampler, EpochSeededSampler)
+    assert isinstance(dm.train_dataloader().sampler, EpochSeededSampler)
+
+
+def test_trimmed_batches_hold_the_same_series_and_score_the_same(tmp_path):
+    """With trim_padding, training draws the same series per batch, each batch as long as its longest series;
+    evaluation visits every series once, from the shortest up; and the model scores the test set as it does the
+    batches padded to max_len."""
+    from flowformer.models import TimeSeriesClassifier
+
+    cut, padded = (make_dm(tmp_path, "JapaneseVowels", eval_batch_size=64, trim_padding=trim) for trim in (True, False))
+    for cut_batch, padded_batch in zip(cut.train_dataloader(), padded.train_dataloader(), strict=True):
+        length = cut_batch["x"].shape[1]
+        assert length == int(real_lengths(padded_batch["padding_mask"]).max())
+        torch.testing.assert_close(cut_batch["x"], padded_batch["x"][:, :length], rtol=0, atol=0)
+        assert torch.equal(cut_batch["padding_mask"], padded_batch["padding_mask"][:, :length])
+        assert torch.equal(cut_batch["target"], padded_batch["target"])
+    lengths = torch.cat([real_lengths(batch["padding_mask"]) for batch in cut.test_dataloader()])
+    assert lengths.tolist() == sorted(real_lengths(padded.test_dataloader().dataset.padding_mask).tolist())
+    assert sum(batch["x"].shape[1] * len(batch["target"]) for batch in cut.test_dataloader()) < 0.7 * 370 * 29
+    torch.manual_seed(0)
+    model = TimeSeriesClassifier(**cut.model_dims(), d_model=32, n_heads=4, d_ff=64).eval()
+
+    def scores(dm: UEADataModule) -> dict[int, torch.Tensor]:  # test-set row -> logits
+        order = list(dm.test_dataloader().sampler or range(370))
+        with torch.no_grad():
+            logits = torch.cat([model(batch["x"], batch["padding_mask"]) for batch in dm.test_dataloader()])
+        return dict(zip(order, logits))
+
+    cut_scores, padded_scores = scores(cut), scores(padded)
+    assert sorted(cut_scores) == list(range(370))
+    for row, logits in padded_scores.items():
+        torch.testing.assert_close(cut_scores[row], logits, rtol=1e-5, atol=1e-5)
 
 
 def test_evaluation_batches_change_the_speed_not_the_scores(tmp_path):
@@ -324,6 +359,20 @@ def test_epoch_seeded_sampler_is_a_deterministic_permutation_per_epoch():
     assert list(resumed) == orders[2]
     other_seed = EpochSeededSampler(50, seed=8)
     assert list(other_seed) != orders[0]
+
+
+def test_an_evaluation_order_is_shared_out_without_repeats():
+    from tasks.common.sampling import evaluation_loader
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(10))
+    order = [9, 3, 0, 7, 1, 8, 2, 6, 4, 5]
+    shares = [[int(i) for batch in evaluation_loader(dataset, batch_size=2, seed=0, world_size=3, rank=rank,
+                                                      order=order) for i in batch[0]] for rank in range(3)]
+    assert shares == [order[rank::3] for rank in range(3)]
+    single = [int(i) for batch in evaluation_loader(dataset, batch_size=4, seed=0, order=order) for i in batch[0]]
+    assert single == order
+    with pytest.raises(ValueError, match="every index"):
+        evaluation_loader(dataset, batch_size=2, seed=0, order=order[:-1])
 
 
 def test_epoch_seeded_sampler_leaves_the_global_rng_alone():

@@ -134,11 +134,14 @@ class BaselineAttention(nn.Module):
 
     ``shares_qk`` is True for ops that use one shared query/key tensor (Reformer); the multi-head layer should
     then tie the key projection to the query projection. ``float32_compute`` (default True) runs the op in at least
-    fp32 with autocast off (see the module docstring).
+    fp32 with autocast off (see the module docstring). ``padding_invariant`` (default True) says that the outputs at
+    real positions depend neither on how many padded positions there are nor on what they hold, at every length, so
+    that a model may cut a batch's trailing padding (`MultiHeadAttention.padding_invariant`).
     """
 
     registry_name: str = ""
     shares_qk: bool = False
+    padding_invariant: bool = True
     float32_compute: bool = True
 
     def __init__(self, head_dim: int, n_heads: int) -> None:

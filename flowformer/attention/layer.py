@@ -43,6 +43,9 @@ class MultiHeadAttention(nn.Module):
         self.op = build_attention(name, head_dim=d_head, n_heads=n_heads, **options)
         # Ops that share queries and keys (Reformer's LSH) get no key projection: it would receive no gradient.
         self.shares_qk = bool(getattr(self.op, "shares_qk", False))
+        # Ops whose real positions ignore padding, at any length, say so (`padding_invariant`); a model may then run
+        # a batch cut to its longest sequence. An op that does not say so is taken to depend on the padded length.
+        self.padding_invariant = bool(getattr(self.op, "padding_invariant", False))
         self.q_proj = nn.Linear(d_model, inner, bias=bias)
         self.k_proj = None if self.shares_qk else nn.Linear(d_model, inner, bias=bias)
         self.v_proj = nn.Linear(d_model, inner, bias=bias)

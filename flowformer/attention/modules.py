@@ -15,7 +15,12 @@ class FlowAttention(nn.Module):
     q (B, H, L, d), k (B, H, S, d), v (B, H, S, dv) -> (B, H, L, dv). The keyword options are the fields of
     `FlowOptions` (see `flow_attention`); the module keeps them as `self.options`, which the step mode takes as is
     (`flow_attention_prefill(q, k, v, options=op.options)`).
+
+    Padded sources and sinks take no part in the flows, so outputs at real positions do not depend on the padding
+    (`padding_invariant`, read by `MultiHeadAttention`).
     """
+
+    padding_invariant = True
 
     def __init__(self, head_dim: int, n_heads: int, **options: Any) -> None:
         super().__init__()

@@ -107,6 +107,8 @@ class ReformerAttention(BaselineAttention):
 
     registry_name = "reformer"
     shares_qk = True
+    # the LSH chunks depend on the padded length beyond 2 * bucket_size (see Lengths above)
+    padding_invariant = False
 
     def __init__(
         self,

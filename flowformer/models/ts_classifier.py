@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowformer.attention.layer import MultiHeadAttention
 from flowformer.dropout import Dropout
 from flowformer.nn.blocks import Encoder
 from flowformer.nn.embeddings import LearnedPositionalEncoding
@@ -17,8 +19,12 @@ class TimeSeriesClassifier(nn.Module):
     """Linear input projection ×√D, learned positions, post-LN encoder, then GELU -> dropout -> mask -> flatten ->
     Linear(max_len·D -> classes).
 
-    forward(x (B, T, C), padding_mask (B, T) bool, True = padding) -> logits (B, num_classes).
-    The flatten head fixes the input length: series are padded to `max_len`.
+    forward(x (B, T, C), padding_mask (B, T) bool, True = padding) -> logits (B, num_classes), for T <= max_len.
+    The flatten head reads `max_len` positions; a batch shorter than that is taken as padded to it. Where every
+    attention op ignores padding (`MultiHeadAttention.padding_invariant`), the encoder runs at the batch's own
+    length and the head sees zeros beyond it, as it would at padded positions: the same function as the padded
+    batch, at a fraction of the work when the data cuts each batch to its longest series. Otherwise the batch is
+    padded to `max_len` first.
     """
 
     def __init__(
@@ -54,17 +60,30 @@ class TimeSeriesClassifier(nn.Module):
         )
         self.head_dropout = Dropout(dropout)
         self.classifier = nn.Linear(max_len * d_model, num_classes)
+        self.runs_short_batches = all(
+            module.padding_invariant for module in self.modules() if isinstance(module, MultiHeadAttention))
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         batch, length, _ = x.shape
-        if length != self.max_len:
-            raise ValueError(f"expected series padded to max_len={self.max_len}, got length {length}")
+        if length > self.max_len:
+            raise ValueError(f"expected series of at most max_len={self.max_len} steps, got length {length}")
+        if length < self.max_len and not self.runs_short_batches:
+            x, padding_mask = self._pad_to_max_len(x, padding_mask)
         h = self.dropout(self.positions(self.input_proj(x) * math.sqrt(self.d_model)))
         h = self.encoder(h, padding_mask)
         h = self.head_dropout(F.gelu(h))
         if padding_mask is not None:
             h = h * (~padding_mask)[..., None].to(h.dtype)
+        if h.shape[1] < self.max_len:  # the positions beyond the batch are padding: zeros
+            h = F.pad(h, (0, 0, 0, self.max_len - h.shape[1]))
         return self.classifier(h.reshape(batch, -1))
+
+    def _pad_to_max_len(self, x: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x and its padding mask padded at the end to `max_len` steps (the new steps are padding)."""
+        missing = self.max_len - x.shape[1]
+        if padding_mask is None:
+            padding_mask = x.new_zeros(x.shape[:2], dtype=torch.bool)
+        return F.pad(x, (0, 0, 0, missing)), F.pad(padding_mask, (0, missing), value=True)
 
 
 __all__ = ["TimeSeriesClassifier"]

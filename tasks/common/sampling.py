@@ -12,7 +12,7 @@ exactly once and its denominator is the split's size.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -112,12 +112,27 @@ def seeded_loader(
     )
 
 
+class ShardedOrder(UnrepeatedDistributedSampler):
+    """This process's share of an evaluation that visits the samples in `order`: its entries rank, rank +
+    world_size, ..., none repeated."""
+
+    def __init__(self, dataset: Dataset, order: Sequence[int], world_size: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        if sorted(order) != list(range(len(dataset))):
+            raise ValueError("ShardedOrder: order must hold every index of the dataset once")
+        self.order = list(order)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order[self.rank :: self.num_replicas])
+
+
 def evaluation_loader(dataset: Dataset, *, batch_size: int, seed: int, world_size: int = 1, rank: int = 0,
-                      **kwargs: Any) -> StatefulDataLoader:
-    """An evaluation loader in dataset order; with `world_size` > 1 this process's share: samples rank, rank +
-    world_size, ..., none repeated (Lightning's default distributed sampler pads the shares with repeats, which a
+                      order: Sequence[int] | None = None, **kwargs: Any) -> StatefulDataLoader:
+    """An evaluation loader in dataset order, or in `order` (every index once, e.g. by length, so that batches of
+    similar samples can be cut short); with `world_size` > 1 this process's share: samples rank, rank + world_size,
+    ... of that order, none repeated (Lightning's default distributed sampler pads the shares with repeats, which a
     metric would count twice). Pass the trainer's `world_size` and `global_rank`."""
-    sampler = None
-    if world_size > 1:
-        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    sampler: Sampler[int] | None = None
+    if world_size > 1 or order is not None:
+        sampler = ShardedOrder(dataset, range(len(dataset)) if order is None else order, world_size, rank)
     return seeded_loader(dataset, batch_size=batch_size, seed=seed, shuffle=False, sampler=sampler, **kwargs)

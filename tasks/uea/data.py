@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from results.run_record import checked_selection, validates_on_test
 from tasks.common.datamodule import DataStatus, TaskDataModule
@@ -348,6 +348,23 @@ class UEACaseDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"x": self.x[index], "padding_mask": self.padding_mask[index], "target": self.target[index]}
 
+    def lengths(self) -> torch.Tensor:
+        """(N,) int64: the steps of each case up to its last real one."""
+        real = ~self.padding_mask
+        return torch.where(real.any(1), real.shape[1] - real.flip(1).int().argmax(1), 0)
+
+
+def collate_to_longest(cases: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack cases into a batch and cut the steps that are padding in every case of it (at the end): the batch is
+    as long as its longest series."""
+    batch = default_collate(cases)
+    real_steps = (~batch["padding_mask"]).any(0).nonzero()
+    length = int(real_steps.max()) + 1 if len(real_steps) else 1
+    if length < batch["x"].shape[1]:
+        batch["x"] = batch["x"][:, :length].contiguous()
+        batch["padding_mask"] = batch["padding_mask"][:, :length].contiguous()
+    return batch
+
 
 # --------------------------------------------------------------------------------------------------------------
 # DataModule
@@ -359,7 +376,11 @@ class UEADataModule(TaskDataModule):
 
     Batches are {"x": float32 (B, T, C), "padding_mask": bool (B, T) True = padding, "target": int64 (B,)}: of
     `batch_size` series for training, of `eval_batch_size` (default `batch_size`) for validation and test, where each
-    series is scored on its own, so that the batch changes the speed and not the scores.
+    series is scored on its own, so that the batch changes the speed and not the scores. T is the longest series
+    of both splits (`max_len`), or with `trim_padding` the longest series of the batch, and evaluation then visits
+    the series from the shortest up, so that its batches are short too. The model treats a shorter batch as padded
+    to `max_len` (`TimeSeriesClassifier`): cutting changes the work, not the function; dropout draws its masks over
+    the shorter batch, so a seed's masks are not those of the padded batch.
     `selection="best_test"` (the paper's protocol) validates on the TEST set; `"holdout_val"` and `"final"`
     validate on a seeded stratified `val_fraction` split of TRAIN and fit the normalisation on the rest. The test loader
     is always TEST. `train_file_pattern` picks the training file: "TRAIN" (always, for the paper's results) or
@@ -379,6 +400,7 @@ class UEADataModule(TaskDataModule):
         val_fraction: float = 0.2,
         seed: int = 0,
         train_file_pattern: str = "TRAIN",
+        trim_padding: bool = True,
     ) -> None:
         super().__init__()
         checked_selection(selection)
@@ -397,6 +419,7 @@ class UEADataModule(TaskDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.train_file_pattern = train_file_pattern
+        self.trim_padding = bool(trim_padding)
         # Kept out of data_info (metrics.json) because they grow with the dataset; tests and analyses read them.
         self.feature_mean: np.ndarray | None = None  # (C,)
         self.feature_std: np.ndarray | None = None  # (C,), ddof=1
@@ -544,10 +567,15 @@ class UEADataModule(TaskDataModule):
 
     def _loader(self, dataset: UEACaseDataset, shuffle: bool = False) -> DataLoader:
         # drop_last=False as in the official code; evaluation loaders take each series once, also under DDP
-        batch_size = self.batch_size if shuffle else self.eval_batch_size
-        return self.loader(dataset, shuffle=shuffle, batch_size=batch_size, seed=self.seed, drop_last=False,
-                           num_workers=self.num_workers, pin_memory=self.pin_memory(self.pin_batches),
-                           persistent_workers=self.num_workers > 0)
+        options = {"seed": self.seed, "drop_last": False, "num_workers": self.num_workers,
+                   "pin_memory": self.pin_memory(self.pin_batches), "persistent_workers": self.num_workers > 0}
+        if self.trim_padding:
+            options["collate_fn"] = collate_to_longest
+        if shuffle:
+            return self.loader(dataset, shuffle=True, batch_size=self.batch_size, **options)
+        # trimmed evaluation visits the series from the shortest up, so that every batch is cut
+        order = torch.argsort(dataset.lengths(), stable=True).tolist() if self.trim_padding else None
+        return self.evaluation_loader(dataset, batch_size=self.eval_batch_size, order=order, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._split("train"), shuffle=True)
