@@ -116,13 +116,18 @@ def test_the_gpu_trainer_lets_cudnn_pick_kernels_outside_the_recipe():
     assert "trainer.benchmark" not in science_config(OmegaConf.to_container(gpu, resolve=True))
 
 
-def test_under_mixed_precision_with_clipping_the_optimiser_is_not_fused():
+def test_under_mixed_precision_with_clipping_torchs_fused_optimisers_are_not_used():
     # Lightning refuses to clip gradients that a fused optimiser would unscale itself
     module = ClassificationModule(torch.nn.Linear(2, 3), functools.partial(torch.optim.AdamW, lr=0.1), OBJECTIVE, 3)
     for clip, precision, fused in ((None, "bf16-mixed", True), (1.0, "32-true", True), (1.0, "bf16-mixed", False)):
         module._trainer = types.SimpleNamespace(gradient_clip_val=clip, precision=precision)
         optimizer = module.build_optimizer(module.parameters())
         assert bool(optimizer.defaults.get("fused")) is fused and bool(optimizer.defaults.get("foreach")) is not fused
+    # fused RAdam takes the gradients Lightning unscaled and clipped, like any optimiser: fused under every precision
+    module.optimizer_factory = functools.partial(torch.optim.RAdam, lr=0.1)
+    optimizer = module.build_optimizer(module.parameters())
+    assert type(optimizer).__name__ == "FusedRAdam" and optimizer.defaults["fused"]
+    assert not getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
 MAPPED_BLOCKS = """

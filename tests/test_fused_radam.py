@@ -55,8 +55,8 @@ def assert_same_training(reference, fused, rtol=1e-5, atol=1e-6):
     {"lr": 1e-2},
     {"lr": 1e-2, "weight_decay": 0.1},
     {"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True},
-    {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6, "maximize": True},
-], ids=["plain", "l2", "decoupled", "betas-eps-maximize"])
+    {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.05, "maximize": True},
+], ids=["plain", "l2", "decoupled", "betas-eps-l2-maximize"])
 def test_fused_radam_computes_torch_radam(device, options):
     start, gradients = problem(device)
     reference = train(torch.optim.RAdam, start, gradients, foreach=False, **options)

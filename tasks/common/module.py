@@ -57,11 +57,14 @@ FUSED_SUBCLASSES: dict[type, type] = {torch.optim.RAdam: FusedRAdam}
 def fastest_optimizer(factory: Callable[..., Any], device: torch.device, fused: bool = True) -> Callable[..., Any]:
     """`factory` completed with `fast_optimizer_options`, after replacing an optimiser class that has no fused kernel
     by its subclass in `FUSED_SUBCLASSES` (same arguments, defaults and state, so the config keeps naming torch's
-    class and checkpoints load in either)."""
+    class and checkpoints load in either). `fused=False` rules out torch's own fused kernels, which unscale mixed
+    precision gradients inside the step; the subclasses take the gradients as given, like any optimiser, and stay
+    fused."""
     target = getattr(factory, "func", factory)
     if target in FUSED_SUBCLASSES:
         factory = functools.partial(FUSED_SUBCLASSES[target], *getattr(factory, "args", ()),
                                     **(getattr(factory, "keywords", None) or {}))
+        fused = True
     return functools.partial(factory, **fast_optimizer_options(factory, device, fused))
 
 
@@ -173,7 +176,7 @@ class TaskModule(L.LightningModule):
     def build_optimizer(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """`module.optimizer` completed with `params`, `kwargs` and the fastest implementation on this device.
         Lightning clips gradients under mixed precision only where the optimiser does not unscale them itself, as
-        fused optimisers do: there the multi-tensor form runs instead."""
+        torch's fused optimisers do: there their multi-tensor form runs instead."""
         clipping = bool(getattr(self._trainer, "gradient_clip_val", None))
         mixed = "mixed" in str(getattr(self._trainer, "precision", ""))
         return fastest_optimizer(self.optimizer_factory, self.device, fused=not (clipping and mixed))(params, **kwargs)
