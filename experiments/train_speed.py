@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "versions": package_versions(), "worker_env": WORKER_ENV, "scale": args.scale,
         "load_average_at_start": os.getloadavg(),
         "workloads": {name: {"experiment": WORKLOADS[name].experiment, "shapes": WORKLOADS[name].shapes[args.scale],
-                             "notes": WORKLOADS[name].notes} for name in args.workloads},
+                             "notes": WORKLOADS[name].notes_at(args.scale)} for name in args.workloads},
     }
     records = []
     started = time.time()
@@ -158,7 +158,8 @@ def markdown(results: dict[str, Any]) -> str:
             softmax = found.get((name, "softmax", "eager"))
             if eager is None and compiled is None:
                 continue
-            row = [name, str((eager or compiled).get("batch", "")), attention, _ms(eager), _ms(compiled),
+            batch = (eager or compiled).get("batch", results["workloads"][name].get("shapes", {}).get("batch", ""))
+            row = [name, str(batch), attention, _ms(eager), _ms(compiled),
                    _ms(matmul), _ratio(compiled, eager, "steps_per_s"), _mib(eager), _mib(compiled),
                    f"{compiled['warmup_s']:.1f}" if compiled and "warmup_s" in compiled else "—",
                    _ratio(eager, softmax, "steps_per_s") if attention == "flow" else ""]

@@ -43,6 +43,21 @@ def test_train_speed_report_gives_ratios():
     assert rows[1].split(" | ")[2:5] == ["softmax", "80", "—"]
 
 
+def test_a_failed_configuration_keeps_its_batch_and_each_scale_its_own_notes():
+    from experiments.bench.train_step import WORKLOADS
+
+    results = {
+        "scale": "paper", "command": "c", "git_sha": "abc", "started_at": "now", "machine": {}, "versions": {},
+        "load_average_at_start": None, "load_average_at_end": None,
+        "workloads": {"imagenet": {"notes": "", "shapes": {"batch": 128}}},
+        "records": [{"workload": "imagenet", "attention": "flow", "mode": "eager", "error": "killed by signal 9"}],
+    }
+    report = train_speed.markdown(results)
+    assert "| imagenet | 128 | flow | fail |" in report and "- imagenet flow eager: killed by signal 9" in report
+    assert WORKLOADS["wikitext103"].notes_at("paper") == "" and "WikiText-2" in WORKLOADS["wikitext103"].notes_at("quick")
+    assert WORKLOADS["lra_retrieval"].notes_at("paper") == WORKLOADS["lra_retrieval"].notes_at("tiny") != ""
+
+
 def test_uea_speed_keeps_the_fastest_run_of_each_side_and_checks_the_targets():
     def run(side, wall, accuracy):
         return {"side": side, "wall_s": wall, "accuracy": accuracy, "load_before": (1.0, 1.0, 1.0)}

@@ -38,6 +38,11 @@ class Workload:
     shapes: dict[str, dict[str, Any]]
     notes: str = ""
     overrides: tuple[str, ...] = field(default=())
+    scale_notes: dict[str, str] = field(default_factory=dict)  # what one scale changes, e.g. {"quick": "..."}
+
+    def notes_at(self, scale: str) -> str:
+        """The notes that hold at `scale`: the workload's own, then the scale's."""
+        return " ".join(note for note in (self.notes, self.scale_notes.get(scale, "")) if note)
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -60,7 +65,8 @@ WORKLOADS: dict[str, Workload] = {
         Workload("wikitext103", "wikitext103/transformer_lm", "wikitext103", {"vocab_size": 267744, "padding_idx": 1},
                  {"paper": {"batch": 4, "length": 512}, "quick": {"batch": 1, "length": 512, "vocab_size": 33278},
                   "tiny": {"batch": 2, "length": 32, "vocab_size": 64}},
-                 "quick: WikiText-2's 33,278 words instead of WikiText-103's 267,744 (the output layer's share)"),
+                 scale_notes={"quick": "WikiText-2's 33,278 words instead of WikiText-103's 267,744 (the output "
+                                       "layer's share)"}),
         Workload("d4rl", "d4rl/hopper-medium", "d4rl",
                  {"state_dim": 11, "act_dim": 3, "max_action": 1.0, "context_length": 20, "max_timestep": 1000},
                  {"paper": {"batch": 64}, "quick": {"batch": 64}, "tiny": {"batch": 4}}),
