@@ -348,18 +348,18 @@ class UEACaseDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"x": self.x[index], "padding_mask": self.padding_mask[index], "target": self.target[index]}
 
-    def lengths(self) -> torch.Tensor:
-        """(N,) int64: the steps of each case up to its last real one."""
-        real = ~self.padding_mask
-        return torch.where(real.any(1), real.shape[1] - real.flip(1).int().argmax(1), 0)
+
+def extents(padding_mask: torch.Tensor) -> torch.Tensor:
+    """(N,) int64: the steps of each row of a (N, T) padding mask up to its last real one (0 for padding only)."""
+    real = ~padding_mask
+    return torch.where(real.any(1), real.shape[1] - real.flip(1).int().argmax(1), 0)
 
 
 def collate_to_longest(cases: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack cases into a batch and cut the steps that are padding in every case of it (at the end): the batch is
     as long as its longest series."""
     batch = default_collate(cases)
-    real_steps = (~batch["padding_mask"]).any(0).nonzero()
-    length = int(real_steps.max()) + 1 if len(real_steps) else 1
+    length = max(int(extents(batch["padding_mask"]).max()), 1)
     if length < batch["x"].shape[1]:
         batch["x"] = batch["x"][:, :length].contiguous()
         batch["padding_mask"] = batch["padding_mask"][:, :length].contiguous()
@@ -574,7 +574,7 @@ class UEADataModule(TaskDataModule):
         if shuffle:
             return self.loader(dataset, shuffle=True, batch_size=self.batch_size, **options)
         # trimmed evaluation visits the series from the shortest up, so that every batch is cut
-        order = torch.argsort(dataset.lengths(), stable=True).tolist() if self.trim_padding else None
+        order = torch.argsort(extents(dataset.padding_mask), stable=True).tolist() if self.trim_padding else None
         return self.evaluation_loader(dataset, batch_size=self.eval_batch_size, order=order, **options)
 
     def train_dataloader(self) -> DataLoader:
