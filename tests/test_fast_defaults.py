@@ -166,7 +166,7 @@ def test_cpu_runs_take_large_blocks_from_the_heap_where_freed_memory_is_reused()
 
 def test_the_module_keeps_freed_host_memory_on_a_cpu_run_only(monkeypatch):
     calls = []
-    monkeypatch.setattr("tasks.common.module.keep_freed_host_memory", lambda: calls.append(True))
+    monkeypatch.setattr("tasks.common.host_memory.keep_freed_host_memory", lambda: calls.append(True))
     module = ClassificationModule(torch.nn.Linear(2, 3), functools.partial(torch.optim.SGD, lr=0.1), OBJECTIVE, 3)
     for device, expected in (("cuda", []), ("cpu", [True])):
         module._trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device(device)))

@@ -268,13 +268,12 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
 
     from experiments.bench.measure import MemoryProbe
     from flowformer.compile import compile_model
-    from tasks.common.host_memory import keep_freed_host_memory
+    from tasks.common.host_memory import keep_freed_host_memory_for
 
     device, workload = config["device"], WORKLOADS[config["workload"]]
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
-    if device == "cpu":  # as a CPU training run does (tasks.common.module.TaskModule.setup)
-        keep_freed_host_memory()
+    keep_freed_host_memory_for(device)  # as a training run does (tasks.common.module.TaskModule.setup)
     model, optimizer, cfg = build(workload, config["attention"], config["scale"], device)
     model.train()
     batch = make_batch(workload, config["scale"], device)

@@ -48,4 +48,10 @@ def keep_freed_host_memory() -> bool:
     return kept
 
 
-__all__ = ["keep_freed_host_memory"]
+def keep_freed_host_memory_for(device_type: str) -> bool:
+    """`keep_freed_host_memory` for a run that computes on `device_type` ("cpu", "cuda", ...): only CPU runs ask for
+    it (see the module docstring). Returns whether it is set."""
+    return device_type == "cpu" and keep_freed_host_memory()
+
+
+__all__ = ["keep_freed_host_memory", "keep_freed_host_memory_for"]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from tasks.common.fused_radam import FusedRAdam
-from tasks.common.host_memory import keep_freed_host_memory
+from tasks.common.host_memory import keep_freed_host_memory_for
 from tasks.common.objective import Objective
 
 # where torch's fused optimiser kernels run
@@ -104,8 +104,7 @@ class TaskModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # CPU runs reuse freed host memory instead of mapping it afresh at every step (tasks/common/host_memory.py);
         # a GPU run's host allocator is left as it is
-        if self.trainer.strategy.root_device.type == "cpu":
-            keep_freed_host_memory()
+        keep_freed_host_memory_for(self.trainer.strategy.root_device.type)
 
     def step(self, batch: Any, stage: str) -> Tensor:
         """Loss of `batch` in `stage` ("train", "val" or "test"), after logging the stage's metrics."""
